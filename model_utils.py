@@ -1,0 +1,102 @@
+"""The multi-task data collator and the task-prefix trainer of distilling step-by-step."""
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Seq2SeqTrainer
+
+LABEL_PAD = -100
+
+
+def _pad(sequences: list[list[int]], value: int, pad_to_multiple_of: int | None) -> torch.Tensor:
+    length = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out
+
+
+def collate_view(
+    features: list[dict], pad_token_id: int, input_key: str, label_key: str | None, pad_to_multiple_of: int | None
+) -> dict[str, torch.Tensor]:
+    """One view's batch, padded to its own longest row: labels with -100 so padding never counts in the loss."""
+    input_ids = _pad([f[input_key] for f in features], pad_token_id, pad_to_multiple_of)
+    batch = {"input_ids": input_ids, "attention_mask": (input_ids != pad_token_id).long()}
+    if label_key is not None and label_key in features[0]:
+        batch["labels"] = _pad([f[label_key] for f in features], LABEL_PAD, pad_to_multiple_of)
+    return batch
+
+
+class TaskPrefixDataCollator:
+    """Batches both views of each example: `pred` (predict: input -> label), `expl` (explain: input -> rationale).
+
+    Each view is padded on its own, since labels are a few tokens and rationales up to 256. Rows are
+    pre-tokenised lists of ids, so collation is plain tensor filling.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = tokenizer.pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        batch = {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels", self.pad_to_multiple_of)}
+        if "expl_input_ids" in features[0]:
+            batch["expl"] = collate_view(
+                features, self.pad_token_id, "expl_input_ids", "rationale_labels", self.pad_to_multiple_of
+            )
+        return batch
+
+
+class StandardDataCollator(TaskPrefixDataCollator):
+    """Input -> label only (standard finetuning and standard distillation); same batch shape as task_prefix."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+        return {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels", self.pad_to_multiple_of)}
+
+
+class TaskPrefixTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer whose loss is alpha * label loss + (1 - alpha) * rationale loss, and whose evaluation
+    only generates (greedy), skipping the loss forward pass that accuracy does not need.
+    """
+
+    def __init__(self, *args, alpha: float = 0.5, gen_max_len: int = 64, output_rationale: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = alpha
+        self.gen_max_len = gen_max_len
+        self.output_rationale = output_rationale
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pred_outputs = model(**inputs["pred"])
+        loss = pred_outputs.loss
+        expl_outputs = None
+        if "expl" in inputs:
+            expl_outputs = model(**inputs["expl"])
+            loss = self.alpha * loss + (1.0 - self.alpha) * expl_outputs.loss
+        return (loss, {"pred": pred_outputs, "expl": expl_outputs}) if return_outputs else loss
+
+    def _generate(self, view: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = self.model.generate(
+            input_ids=view["input_ids"],
+            attention_mask=view["attention_mask"],
+            max_new_tokens=self.gen_max_len,
+            num_beams=1,
+            do_sample=False,
+        )
+        # Pad to a fixed width so batches can be concatenated and gathered across processes.
+        width = self.gen_max_len + 1
+        pad = self.processing_class.pad_token_id
+        return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=pad)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            predictions = self._generate(inputs["pred"])
+            if self.output_rationale and "expl" in inputs:
+                predictions = (predictions, self._generate(inputs["expl"]))
+        labels = inputs["pred"]["labels"]
+        width = self.gen_max_len + 1
+        if labels.shape[1] < width:
+            labels = torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=LABEL_PAD)
+        return None, predictions, labels[:, :width]

@@ -1,0 +1,160 @@
+"""Distilling step-by-step: train a T5 student on labels and teacher rationales (Hsieh et al., 2023).
+
+    python run.py --dataset cqa --from_pretrained google/t5-v1_1-base --model_type task_prefix --label_type llm
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data, subsample
+from metrics import METRICS
+from train_utils import OPTIMIZERS, RunError, run_dirs, train_and_evaluate
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within (0, 1], got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", required=True, choices=sorted(DATASETS), help="which dataset of datasets.zip")
+    add("--from_pretrained", default="google/t5-v1_1-base", help="student: hub id or local model directory")
+    add("--model_type", default="task_prefix", choices=["task_prefix", "standard"],
+        help="task_prefix: distilling step-by-step (label + rationale); standard: input -> label only")
+    add("--label_type", default="gt", choices=["gt", "llm"], help="train on ground-truth or teacher labels")
+    add("--llm", default="palm", help="teacher outputs: palm (<data>/<name>/llm/), gpt (<data>/gpt-neox/<name>/), "
+        "none (no rationales), or the name of a folder beside llm/ holding another teacher's chunks")
+    add("--alpha", type=unit_interval, default=0.5, help="weight of the label loss; 1 - alpha weighs rationales")
+    add("--batch_size", type=positive_int, default=64, help="per-device batch size (train and eval)")
+    add("--grad_steps", type=positive_int, default=1, help="gradient accumulation steps")
+    add("--max_input_length", type=positive_int, default=1024, help="input tokens kept (truncation)")
+    add("--eval_steps", type=positive_int, default=250, help="evaluate and checkpoint every N steps")
+    add("--max_steps", type=positive_int, default=10000, help="training steps")
+    add("--lr", type=positive_float, default=5e-5, help="learning rate")
+    add("--optimizer_name", default="AdamW", choices=sorted(OPTIMIZERS), help="optimizer")
+    add("--run", type=int, default=0, help="seed: data subsample, shuffling and dropout")
+    add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
+    add("--gen_max_len", type=positive_int, default=64, help="tokens generated per prediction at evaluation")
+    add("--output_rationale", action="store_true", help="also generate rationales at evaluation and record them")
+    add("--bf16", action="store_true", help="bfloat16 mixed precision")
+    add("--no_log", action="store_true", help="no TensorBoard logs")
+    add("--parallelize", action="store_true", help="split the model across all visible GPUs (models too big for one)")
+    add("--data_dir", default="./datasets", help="the unzipped datasets.zip folder")
+    add("--output_dir", default=".", help="where logs/ and ckpts/ are written")
+    add("--select_on", default="test", choices=["test", "valid"],
+        help="test: report the best test accuracy seen in training (the paper); valid: pick the checkpoint "
+        "by valid accuracy and report its test accuracy")
+    add("--save_total_limit", type=positive_int, default=1,
+        help="checkpoints kept besides the best one (the latest ones)")
+    add("--resume", action="store_true", help="continue this configuration's run from its latest checkpoint")
+    add("--overwrite", action="store_true", help="delete this configuration's earlier logs and checkpoints first")
+    add("--download", action="store_true", help=f"fetch and unpack the paper's datasets.zip into --data_dir if missing")
+    add("--data_url", default=DATA_URL, help="where --download fetches datasets.zip from (URL or local path)")
+    args = parser.parse_args(argv)
+
+    if args.llm == "none" and args.label_type == "llm":
+        parser.error("--label_type llm needs teacher labels: choose --llm palm/gpt/<folder> or --label_type gt")
+    if args.llm == "none" and args.model_type == "task_prefix":
+        parser.error("--model_type task_prefix needs teacher rationales: choose --llm palm/gpt/<folder> "
+                     "or --model_type standard")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other: choose one")
+    if not re.fullmatch(r"[\w.-]+", args.llm):
+        parser.error(f"--llm {args.llm!r}: expected palm, gpt, none or a folder name")
+    if not Path(args.from_pretrained).is_dir() and not HUB_ID.fullmatch(args.from_pretrained):
+        parser.error(f"--from_pretrained {args.from_pretrained!r} is neither a readable directory nor a hub id "
+                     "(such as google/t5-v1_1-base)")
+    return args
+
+
+def load_student(args: argparse.Namespace):
+    """Tokenizer and model from a local directory or the hub; --parallelize spreads the model over GPUs."""
+    import torch
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    placement = {}
+    if args.parallelize:
+        if torch.cuda.device_count() < 2:
+            raise RunError(f"--parallelize needs at least two visible GPUs; {torch.cuda.device_count()} found")
+        placement = {"device_map": "auto"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
+        model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); "
+                       "pass a local directory holding a saved T5 model and tokenizer, or a reachable hub id") from None
+    return tokenizer, model
+
+
+def prepare_splits(args: argparse.Namespace, eos: str):
+    """The paper's data pipeline: load, carve valid, subsample, then swap in teacher labels if asked."""
+    if not Path(args.data_dir).is_dir():
+        fetch_data(args.data_url, Path(args.data_dir), ask=not args.download)
+    splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos)
+    splits["train"] = subsample(splits["train"], args.subsample, seed=args.run)
+    if args.label_type == "llm":
+        score = METRICS[DATASETS[args.dataset].metric]
+        print(f"LLM Train Acc: {score(list(splits['train']['llm_label']), list(splits['train']['label'])):.4f}")
+        print(f"LLM Test Acc: {score(list(splits['test']['llm_label']), list(splits['test']['label'])):.4f}")
+        splits["train"] = splits["train"].remove_columns("label").rename_column("llm_label", "label")
+    if args.llm != "none":
+        for name in splits:
+            splits[name] = splits[name].rename_column("llm_rationale", "rationale")
+    return splits
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from train_utils import tokenize
+
+        ckpt_dir, _ = run_dirs(args)
+        if args.resume and (ckpt_dir / "results.json").is_file():
+            print(f"run already finished: see {ckpt_dir / 'results.json'}")
+            return 0
+        tokenizer, model = load_student(args)
+        splits = prepare_splits(args, tokenizer.eos_token)
+        tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+        record = train_and_evaluate(args, model, tokenizer, tokenized, DATASETS[args.dataset].metric)
+    except (DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if record is not None:
+        print(f"best test accuracy {record['best_test_accuracy']:.4f}; "
+              f"selected ({args.select_on}) test accuracy {record['selected_test_accuracy']:.4f}; "
+              f"results in {ckpt_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

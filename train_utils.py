@@ -1,0 +1,301 @@
+"""Training and evaluation setup: tokenisation, run folders, the trainer, and the per-run record."""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import (
+    PreTrainedTokenizerBase,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+)
+
+from metrics import METRICS
+from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer
+
+MAX_TARGET_LENGTH = 256
+OPTIMIZERS = {"AdamW": "adamw_torch", "Adafactor": "adafactor"}
+RATIONALE_SAMPLES = 5
+
+
+class RunError(Exception):
+    """A problem with the run's folders or flags; its message says what to do."""
+
+
+def effective_batch_size(args: argparse.Namespace) -> int:
+    return args.batch_size * args.grad_steps * int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def config_dir(args: argparse.Namespace) -> str:
+    """The experiment's folder name, as in the paper's code, so sweeps over any flag land side by side."""
+    model_name = Path(args.from_pretrained.rstrip("/")).name
+    parts = [
+        args.dataset, model_name, args.model_type, args.llm, args.subsample, args.label_type, args.alpha,
+        args.max_input_length, effective_batch_size(args), args.optimizer_name, args.lr,
+    ]
+    if args.select_on != "test":
+        parts.append(f"select_{args.select_on}")
+    return "/".join(str(part) for part in parts)
+
+
+def run_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(checkpoint folder, TensorBoard folder) of this run: <out>/ckpts/<config>/<run>, <out>/logs/<config>/<run>."""
+    base = Path(args.output_dir)
+    config = config_dir(args)
+    return base / "ckpts" / config / str(args.run), base / "logs" / config / str(args.run)
+
+
+def prepare_run_dirs(args: argparse.Namespace, is_main: bool) -> tuple[Path, Path]:
+    """Refuse to touch earlier results unless --resume (continue them) or --overwrite (replace them)."""
+    ckpt_dir, log_dir = run_dirs(args)
+    existing = [d for d in (ckpt_dir, log_dir) if d.exists() and any(d.iterdir())]
+    if existing and not (args.resume or args.overwrite):
+        raise RunError(
+            f"results already exist in {existing[0]}; pass --resume to continue that run, --overwrite to replace "
+            "it, or change --run/--output_dir"
+        )
+    if existing and args.overwrite and is_main:
+        for d in existing:
+            shutil.rmtree(d)
+    return ckpt_dir, log_dir
+
+
+def tokenize(
+    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, model_type: str, max_input_length: int
+) -> DatasetDict:
+    """Token ids for both views, computed once; text columns input/label stay for the prediction records."""
+
+    # Standard mode has no explain view, and its input has no task prefix, as in the paper.
+    prefix = "predict: " if model_type == "task_prefix" else ""
+
+    def encode(batch: dict) -> dict:
+        encoded = {
+            "input_ids": tokenizer(
+                [prefix + text for text in batch["input"]], max_length=max_input_length, truncation=True
+            )["input_ids"],
+            "labels": tokenizer(text_target=batch["label"], max_length=MAX_TARGET_LENGTH, truncation=True)[
+                "input_ids"
+            ],
+        }
+        if model_type == "task_prefix":
+            encoded["expl_input_ids"] = tokenizer(
+                [f"explain: {text}" for text in batch["input"]], max_length=max_input_length, truncation=True
+            )["input_ids"]
+            encoded["rationale_labels"] = tokenizer(
+                text_target=batch["rationale"], max_length=MAX_TARGET_LENGTH, truncation=True
+            )["input_ids"]
+        return encoded
+
+    keep = {"input", "label"}
+    tokenized = DatasetDict()
+    for name, split in splits.items():
+        drop = [c for c in split.column_names if c not in keep]
+        tokenized[name] = split.map(encode, batched=True, remove_columns=drop, desc=f"tokenizing {name}")
+    return tokenized
+
+
+class Evaluator:
+    """compute_metrics for the trainer: decodes generations, scores them, and keeps them for the run record."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, metric: str):
+        self.tokenizer = tokenizer
+        self.score = METRICS[metric]
+        self.last: dict[str, list[str]] = {}
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        ids = np.where(ids == LABEL_PAD, self.tokenizer.pad_token_id, ids)
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def __call__(self, eval_pred) -> dict[str, float]:
+        predictions = eval_pred.predictions
+        rationale_ids = None
+        if isinstance(predictions, tuple):
+            predictions, rationale_ids = predictions
+        preds, golds = self.decode(predictions), self.decode(eval_pred.label_ids)
+        self.last = {"pred": preds, "gold": golds}
+        if rationale_ids is not None:
+            self.last["rationale"] = self.decode(rationale_ids)
+        return {"accuracy": self.score(preds, golds)}
+
+
+class RunRecorder(TrainerCallback):
+    """Prints each evaluation plainly and keeps the generations that results.json samples."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self.predictions: dict[int, dict[str, list[str]]] = {}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        for key, accuracy in metrics.items():
+            if key.startswith("eval_") and key.endswith("_accuracy"):
+                split = key[len("eval_") : -len("_accuracy")]
+                if split == "test":
+                    self.predictions[state.global_step] = self.evaluator.last
+                if state.is_world_process_zero:
+                    print(f"step {state.global_step}: {split} accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
+
+
+def evaluations_from_history(log_history: list[dict]) -> list[dict]:
+    """One entry per evaluation step, from the trainer's log history (which a resumed run restores)."""
+    by_step: dict[int, dict] = {}
+    train_loss = math.nan
+    for entry in log_history:
+        if "loss" in entry:
+            train_loss = float(entry["loss"])
+        for key, value in entry.items():
+            if key.startswith("eval_") and key.endswith("_accuracy"):
+                step = entry["step"]
+                by_step.setdefault(step, {"step": step, "train_loss": train_loss})
+                by_step[step][key[len("eval_") :]] = value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def select_evaluation(evaluations: list[dict], select_on: str) -> dict | None:
+    """The evaluation the protocol picks: best test accuracy (paper) or best valid accuracy (--select_on valid)."""
+    key = f"{select_on}_accuracy"
+    scored = [e for e in evaluations if key in e]
+    return max(scored, key=lambda e: e[key]) if scored else None
+
+
+def build_trainer(args, model, tokenizer, tokenized: DatasetDict, metric: str, ckpt_dir: Path, log_dir: Path):
+    """The Seq2SeqTrainer of the paper on today's API (eval_strategy, processing_class, text_target)."""
+    if args.no_log:
+        report_to = "none"
+    else:
+        report_to = "tensorboard"
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
+    training_args = Seq2SeqTrainingArguments(
+        output_dir=str(ckpt_dir),
+        remove_unused_columns=False,
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.eval_steps,
+        save_total_limit=args.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model=f"eval_{args.select_on}_accuracy",
+        greater_is_better=True,
+        logging_strategy="steps",
+        logging_steps=max(1, min(50, args.eval_steps)),
+        learning_rate=args.lr,
+        optim=OPTIMIZERS[args.optimizer_name],
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_steps,
+        predict_with_generate=True,
+        seed=args.run,
+        bf16=args.bf16,
+        report_to=report_to,
+        disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    evaluator = Evaluator(tokenizer, metric)
+    recorder = RunRecorder(evaluator)
+    eval_splits = ("valid", "test") if args.select_on == "valid" else ("test",)
+    collator_class = TaskPrefixDataCollator if args.model_type == "task_prefix" else StandardDataCollator
+    trainer = TaskPrefixTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=tokenized["train"],
+        eval_dataset={split: tokenized[split] for split in eval_splits},
+        data_collator=collator_class(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=evaluator,
+        callbacks=[recorder],
+        alpha=args.alpha,
+        gen_max_len=args.gen_max_len,
+        output_rationale=args.output_rationale,
+    )
+    return trainer, recorder
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def library_versions() -> dict[str, str]:
+    names = ("torch", "transformers", "datasets", "accelerate", "sentencepiece", "numpy")
+    return {"python": platform.python_version(), **{name: version(name) for name in names}}
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict) -> dict:
+    """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run."""
+    evaluations = evaluations_from_history(log_history)
+    for entry in evaluations:
+        generated = recorder.predictions.get(entry["step"], {})
+        if "rationale" in generated:
+            entry["rationale_samples"] = generated["rationale"][:RATIONALE_SAMPLES]
+    selected = select_evaluation(evaluations, args.select_on)
+    test_scores = [e["test_accuracy"] for e in evaluations if "test_accuracy" in e]
+    record = {
+        "config": vars(args),
+        "config_dir": config_dir(args),
+        "effective_batch_size": effective_batch_size(args),
+        "versions": library_versions(),
+        "selection": {
+            "select_on": args.select_on,
+            "protocol": "best test accuracy during training (the paper's protocol)"
+            if args.select_on == "test"
+            else "checkpoint with the best valid accuracy; test accuracy reported at that checkpoint",
+            "step": selected["step"] if selected else None,
+        },
+        "evaluations": evaluations,
+        "best_test_accuracy": max(test_scores, default=None),
+        "selected_test_accuracy": selected.get("test_accuracy") if selected else None,
+        "final_test_accuracy": test_scores[-1] if test_scores else None,
+        **extra,
+    }
+    chosen = recorder.predictions.get(selected["step"]) if selected else None
+    if args.output_rationale and chosen:
+        rows = []
+        for i, (text, gold) in enumerate(zip(test["input"], test["label"])):
+            row = {"input": text, "gold": gold, "pred_label": chosen["pred"][i]}
+            if "rationale" in chosen:
+                row["pred_rationale"] = chosen["rationale"][i]
+            rows.append(json.dumps(row))
+        tmp = ckpt_dir / "predictions.jsonl.tmp"
+        tmp.write_text("\n".join(rows) + "\n")
+        os.replace(tmp, ckpt_dir / "predictions.jsonl")
+    write_json_atomic(ckpt_dir / "results.json", record)
+    return record
+
+
+def train_and_evaluate(args, model, tokenizer, tokenized: DatasetDict, metric: str) -> dict | None:
+    """Train with periodic evaluation and checkpoints; save the selected model; return the run record."""
+    ckpt_dir, log_dir = prepare_run_dirs(args, is_main=int(os.environ.get("RANK", "0")) == 0)
+    trainer, recorder = build_trainer(args, model, tokenizer, tokenized, metric, ckpt_dir, log_dir)
+    resume = args.resume and any(ckpt_dir.glob("checkpoint-*"))
+    start = time.time()
+    output = trainer.train(resume_from_checkpoint=True if resume else None)
+    wall_time = time.time() - start
+    if not trainer.is_world_process_zero():
+        return None
+    trainer.save_model(str(ckpt_dir / "best"))
+    extra = {
+        "wall_time_s": wall_time,
+        "train_examples_per_s": output.metrics.get("train_samples_per_second"),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "best_model_dir": str(ckpt_dir / "best"),
+        "resumed": bool(resume),
+    }
+    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, tokenized["test"], extra)
