@@ -4,6 +4,8 @@ Everything that differs between datasets is data in DATASETS: which files to rea
 (input, label), how the teacher's chain-of-thought text becomes (rationale, label), and the metric.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -15,9 +17,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # `datasets` takes seconds to import; run.py answers flag mistakes before that.
+    from datasets import Dataset, DatasetDict
 
 DATA_URL = "https://storage.googleapis.com/distilling-step-by-step/datasets.zip"
 NLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -30,7 +35,12 @@ class DataError(Exception):
     """A problem with the user's data files; its message says which file and what to do."""
 
 
-def _missing_data_hint(data_dir: Path) -> str:
+def _missing_data_hint(data_dir: Path, name: str | None = None) -> str:
+    if name is not None and not DATASETS[name].from_paper:
+        return (
+            f"write your data as JSON lines with 'input' and 'label' into {data_dir}/{name}/{name}_<split>.json "
+            "(train and test, optionally valid)"
+        )
     return (
         f"download the paper's data ({DATA_URL}), unzip it so that {data_dir}/<dataset>/ exists, "
         f"or point --data_dir at the unzipped 'datasets' folder"
@@ -90,6 +100,17 @@ def parse_anli(output: str) -> tuple[str, str]:
     return rationale, label or BLANK
 
 
+def parse_answer(output: str) -> tuple[str, str]:
+    """Generic rule for custom datasets: `<rationale> So the answer is 42.` (or `The answer is 42.`), up to the
+    first blank line (the end of an exemplar), -> (rationale, '42')."""
+    parts = re.split(r"So the answer is|The answer is", output.split("\n\n")[0].rstrip())
+    if len(parts) != 2:
+        return BLANK, BLANK
+    label = parts[1].strip()
+    label = label[:-1].strip() if label.endswith(".") else label
+    return parts[0].rstrip() or BLANK, label or BLANK
+
+
 # ---- row builders: one JSON line -> {'input', 'label'} ----
 
 
@@ -110,9 +131,21 @@ def _asdiv_row(row: dict, eos: str) -> dict:
     return {"input": row["Body"] + "\n" + row["Question"], "label": row["Answer"].split(" ")[0]}
 
 
+def _custom_row(row: dict, eos: str) -> dict:
+    """A user's row: `input` text, `label` text (a number is taken as its text), optional `rationale` text."""
+    label = row["label"]
+    if not isinstance(row["input"], str) or isinstance(label, bool) or not isinstance(label, (str, int, float)):
+        raise TypeError("'input' must be text and 'label' text or a number")
+    if not isinstance(row.get("rationale", ""), str):
+        raise TypeError("'rationale' must be text")
+    return {"input": row["input"], "label": str(label)}
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """How one dataset of datasets.zip is read. `sources` lists, per split, which folders' files make it up."""
+    """How one dataset is read. `sources` lists, per split, which folders' files make it up; `query` is the teacher's
+    prompt for one row (formatted with its raw fields and input), ending where the exemplars' answers begin;
+    `optional_splits` are read only if their file exists."""
 
     splits: tuple[str, ...]
     fields: tuple[str, ...]
@@ -122,10 +155,13 @@ class DatasetSpec:
     chunks: dict[str, int]
     metric: str = "text"
     sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    query: str = "Q: {input}\nA:"
+    optional_splits: tuple[str, ...] = ()
 
     @property
-    def has_valid(self) -> bool:
-        return "valid" in self.splits
+    def from_paper(self) -> bool:
+        """The paper's datasets.zip holds this dataset with PaLM's outputs (chunk counts per split)."""
+        return bool(self.chunks)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -142,6 +178,7 @@ DATASETS: dict[str, DatasetSpec] = {
         parse_esnli,
         5500,
         {"train": 100, "valid": 2, "test": 2},
+        query="Premise: {premise}\nHypothesis: {hypothesis}\nReasonings:",
     ),
     "anli1": DatasetSpec(
         ("train", "valid", "test"),
@@ -150,6 +187,7 @@ DATASETS: dict[str, DatasetSpec] = {
         parse_anli,
         5000,
         {"train": 4, "valid": 1, "test": 1},
+        query="Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:",
     ),
     "asdiv": DatasetSpec(
         ("train", "test"),
@@ -160,6 +198,11 @@ DATASETS: dict[str, DatasetSpec] = {
         {"train": 3, "test": 1},
         "equation",
         sources={"train": ("svamp", "asdiv"), "test": ("svamp",)},
+    ),
+    # A user's dataset in <data_dir>/custom/ (see README); it has no PaLM outputs, only annotate.py's.
+    "custom": DatasetSpec(
+        ("train", "valid", "test"), ("input", "label"), _custom_row, parse_answer, 1000, {},
+        optional_splits=("valid",),
     ),
 }
 
@@ -181,24 +224,35 @@ def read_json_lines(path: Path) -> list[dict]:
     return rows
 
 
-def _read_rows(data_dir: Path, name: str, split: str, eos: str) -> list[dict]:
+def data_path(data_dir: Path, name: str, split: str) -> Path:
+    return data_dir / name / f"{name}_{split}.json"
+
+
+def split_names(data_dir: Path, name: str) -> tuple[str, ...]:
+    """The dataset's splits in this data folder: an optional split counts only where its file exists."""
     spec = DATASETS[name]
-    path = data_dir / name / f"{name}_{split}.json"
+    return tuple(s for s in spec.splits if s not in spec.optional_splits or data_path(data_dir, name, s).is_file())
+
+
+def read_rows(data_dir: Path, name: str, split: str, eos: str) -> list[dict]:
+    """One file's rows: the raw fields plus the built `input` and `label` (the raw fields fill teacher prompts)."""
+    spec = DATASETS[name]
+    path = data_path(data_dir, name, split)
     if not path.is_file():
-        raise DataError(f"missing data file {path}: {_missing_data_hint(data_dir)}")
+        raise DataError(f"missing data file {path}: {_missing_data_hint(data_dir, name)}")
     rows = []
     for number, row in enumerate(read_json_lines(path), 1):
         missing = [key for key in spec.fields if key not in row]
         if missing:
             raise DataError(f"{path}: row {number} lacks field(s) {', '.join(missing)}; expected {', '.join(spec.fields)}")
         try:
-            rows.append(spec.build_row(row, eos))
+            rows.append({**row, **spec.build_row(row, eos)})
         except (TypeError, IndexError, AttributeError, KeyError) as e:
             raise DataError(f"{path}: row {number} has a malformed field ({e}); expected {', '.join(spec.fields)}") from None
     return rows
 
 
-def _read_json_list(path: Path) -> list[str]:
+def read_json_list(path: Path) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
             outputs = json.load(f)
@@ -209,40 +263,81 @@ def _read_json_list(path: Path) -> list[str]:
     return outputs
 
 
+def chunk_path(data_dir: Path, name: str, folder: str, split: str, index: int) -> Path:
+    return data_dir / name / folder / f"{split}_CoT_{index}.json"
+
+
+def teacher_chunk_count(data_dir: Path, name: str, split: str, llm: str) -> int:
+    """PaLM's (and GPT's) outputs come in the paper's fixed number of chunks; another teacher's folder holds as
+    many consecutive chunks as annotate.py has written so far."""
+    if llm in ("palm", "gpt"):
+        return DATASETS[name].chunks[split]
+    count = 0
+    while chunk_path(data_dir, name, llm, split, count).is_file():
+        count += 1
+    return max(count, 1)  # at least one, so that a missing folder is reported as a missing first chunk
+
+
 def read_teacher_outputs(data_dir: Path, name: str, split: str, llm: str) -> list[str]:
     """Raw teacher continuations for one folder's split, chunks concatenated in order."""
-    spec = DATASETS[name]
     if llm == "gpt":
         paths = [data_dir / "gpt-neox" / name / f"{split}.json"]
     else:
         folder = "llm" if llm == "palm" else llm
-        paths = [data_dir / name / folder / f"{split}_CoT_{i}.json" for i in range(spec.chunks[split])]
+        count = teacher_chunk_count(data_dir, name, split, llm)
+        paths = [chunk_path(data_dir, name, folder, split, i) for i in range(count)]
     outputs = []
     for path in paths:
         if not path.is_file():
-            raise DataError(f"missing teacher outputs {path}: {_missing_data_hint(data_dir)}")
-        outputs += _read_json_list(path)
+            paper = llm in ("palm", "gpt")
+            hint = _missing_data_hint(data_dir) if paper else f"write them with annotate.py --llm_name {llm}"
+            raise DataError(f"missing teacher outputs {path}: {hint}")
+        outputs += read_json_list(path)
     return outputs
 
 
+def _teacher_rationales(
+    data_dir: Path, source: str, split: str, llm: str, rows: list[dict]
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(the rows the teacher covered, their parsed (rationale, label) pairs)."""
+    spec = DATASETS[source]
+    outputs = read_teacher_outputs(data_dir, source, split, llm)
+    # The train split may run past what the teacher covered; only the covered rows are used.
+    if split == "train":
+        rows = rows[: spec.chunk_size * teacher_chunk_count(data_dir, source, split, llm)]
+    if len(outputs) != len(rows):
+        raise DataError(
+            f"{source} {split}: {len(outputs)} teacher outputs (--llm {llm}) for {len(rows)} data rows; "
+            "they must match one to one: re-download or regenerate the teacher outputs"
+        )
+    return rows, [spec.parse(output) for output in outputs]
+
+
+def _dataset_rationales(source: str, split: str, rows: list[dict]) -> list[tuple[str, str]]:
+    """--llm dataset: the rows' own `rationale` field, paired with their gold label."""
+    for number, row in enumerate(rows, 1):
+        if "rationale" not in row:
+            raise DataError(
+                f"{source} {split}: row {number} has no 'rationale' field, which --llm dataset needs; "
+                "add one to every row or choose another --llm"
+            )
+    return [(row["rationale"] or BLANK, row["label"]) for row in rows]
+
+
 def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str) -> Dataset:
-    """One split with columns input, label and, when a teacher is used, llm_rationale and llm_label."""
+    """One split with columns input, label and, when rationales are used, llm_rationale and llm_label."""
+    from datasets import Dataset
+
     columns: dict[str, list] = {"input": [], "label": [], "llm_rationale": [], "llm_label": []}
     for source in DATASETS[name].sources.get(split, (name,)):
-        rows = _read_rows(data_dir, source, split, eos)
-        if llm != "none":
-            outputs = read_teacher_outputs(data_dir, source, split, llm)
-            # The train split may run past what the teacher covered; only the covered rows are used.
-            covered = DATASETS[source].chunk_size * DATASETS[source].chunks[split] if split == "train" else len(rows)
-            rows = rows[:covered]
-            if len(outputs) != len(rows):
-                raise DataError(
-                    f"{source} {split}: {len(outputs)} teacher outputs (--llm {llm}) for {len(rows)} data rows; "
-                    "they must match one to one: re-download or regenerate the teacher outputs"
-                )
-            parsed = [DATASETS[source].parse(output) for output in outputs]
-            columns["llm_rationale"] += [rationale for rationale, _ in parsed]
-            columns["llm_label"] += [label for _, label in parsed]
+        rows = read_rows(data_dir, source, split, eos)
+        parsed = []
+        if llm == "dataset":
+            parsed = _dataset_rationales(source, split, rows)
+        elif llm != "none":
+            rows, parsed = _teacher_rationales(data_dir, source, split, llm, rows)
+        columns["llm_rationale"] += [rationale for rationale, _ in parsed]
+        columns["llm_label"] += [label for _, label in parsed]
         columns["input"] += [row["input"] for row in rows]
         columns["label"] += [row["label"] for row in rows]
     if llm == "none":
@@ -252,12 +347,16 @@ def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str) -> Dat
 
 def load_data(name: str, data_dir: str | Path, llm: str = "palm", eos: str = "</s>") -> DatasetDict:
     """train/valid/test splits as in the paper: a missing valid split is 10% of train drawn with seed 0."""
+    from datasets import DatasetDict
+
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} not found: {_missing_data_hint(data_dir)}")
-    spec = DATASETS[name]
-    splits = DatasetDict({split: load_split(data_dir, name, split, llm, eos) for split in spec.splits})
-    if not spec.has_valid:
+    names = split_names(data_dir, name)
+    splits = DatasetDict({split: load_split(data_dir, name, split, llm, eos) for split in names})
+    if "valid" not in names:
+        if len(splits["train"]) < 10:
+            raise DataError(f"{name}: train has {len(splits['train'])} rows; at least 10 are needed to hold out 10% as valid")
         train_valid = splits["train"].train_test_split(test_size=0.1, seed=0)
         splits = DatasetDict({"train": train_valid["train"], "valid": train_valid["test"], "test": splits["test"]})
     return splits
@@ -267,6 +366,8 @@ def subsample(train: Dataset, fraction: float, seed: int) -> Dataset:
     """A fraction of train, drawn with the run's seed as in the paper."""
     if fraction >= 1.0:
         return train
+    if int(len(train) * fraction) < 1:
+        raise DataError(f"--subsample {fraction} of {len(train)} train rows keeps none; use a larger fraction")
     return train.train_test_split(test_size=1.0 - fraction, seed=seed)["train"]
 
 
@@ -314,8 +415,9 @@ def fetch_data(url: str, data_dir: Path, ask: bool) -> None:
         except zipfile.BadZipFile:
             raise DataError(f"{url} is not a zip archive; download {DATA_URL} by hand") from None
         root = unpacked / "datasets" if (unpacked / "datasets").is_dir() else unpacked
-        if not any((root / name).is_dir() for name in DATASETS):
-            raise DataError(f"{url} holds none of the folders {', '.join(DATASETS)}; is it the paper's datasets.zip?")
+        paper = [name for name, spec in DATASETS.items() if spec.from_paper]
+        if not any((root / name).is_dir() for name in paper):
+            raise DataError(f"{url} holds none of the folders {', '.join(paper)}; is it the paper's datasets.zip?")
         shutil.rmtree(root / "__MACOSX", ignore_errors=True)
         os.replace(root, data_dir)
     print(f"unpacked the data into {data_dir}", file=sys.stderr)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data, subsample
 from metrics import METRICS
-from train_utils import OPTIMIZERS, RunError, run_dirs, train_and_evaluate
+
+# Kept here rather than imported from train_utils, so a mistyped flag is answered before torch loads.
+OPTIMIZER_NAMES = ("AdamW", "Adafactor")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -46,21 +48,26 @@ def fraction(text: str) -> float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--dataset", required=True, choices=sorted(DATASETS), help="which dataset of datasets.zip")
+    add("--dataset", required=True, choices=sorted(DATASETS),
+        help="which dataset of datasets.zip, or custom (your own, in <data_dir>/custom/)")
     add("--from_pretrained", default="google/t5-v1_1-base", help="student: hub id or local model directory")
     add("--model_type", default="task_prefix", choices=["task_prefix", "standard"],
         help="task_prefix: distilling step-by-step (label + rationale); standard: input -> label only")
     add("--label_type", default="gt", choices=["gt", "llm"], help="train on ground-truth or teacher labels")
     add("--llm", default="palm", help="teacher outputs: palm (<data>/<name>/llm/), gpt (<data>/gpt-neox/<name>/), "
-        "none (no rationales), or the name of a folder beside llm/ holding another teacher's chunks")
+        "none (no rationales), dataset (the rows' own 'rationale' field), or the name of a folder beside llm/ "
+        "holding another teacher's chunks (see annotate.py)")
+    add("--custom_metric", choices=sorted(METRICS), help="--dataset custom: compare labels as text (default) or "
+        "by arithmetic value (equation)")
     add("--alpha", type=unit_interval, default=0.5, help="weight of the label loss; 1 - alpha weighs rationales")
     add("--batch_size", type=positive_int, default=64, help="per-device batch size (train and eval)")
+    add("--eval_batch_size", type=positive_int, default=None, help="evaluation batch size (default: --batch_size)")
     add("--grad_steps", type=positive_int, default=1, help="gradient accumulation steps")
     add("--max_input_length", type=positive_int, default=1024, help="input tokens kept (truncation)")
     add("--eval_steps", type=positive_int, default=250, help="evaluate and checkpoint every N steps")
     add("--max_steps", type=positive_int, default=10000, help="training steps")
     add("--lr", type=positive_float, default=5e-5, help="learning rate")
-    add("--optimizer_name", default="AdamW", choices=sorted(OPTIMIZERS), help="optimizer")
+    add("--optimizer_name", default="AdamW", choices=OPTIMIZER_NAMES, help="optimizer")
     add("--run", type=int, default=0, help="seed: data subsample, shuffling and dropout")
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
     add("--gen_max_len", type=positive_int, default=64, help="tokens generated per prediction at evaluation")
@@ -86,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.llm == "none" and args.model_type == "task_prefix":
         parser.error("--model_type task_prefix needs teacher rationales: choose --llm palm/gpt/<folder> "
                      "or --model_type standard")
+    if args.llm == "dataset" and args.label_type == "llm":
+        parser.error("--llm dataset has rationales but no teacher labels: use --label_type gt")
+    spec = DATASETS[args.dataset]
+    if args.llm in ("palm", "gpt") and not spec.from_paper:
+        parser.error(f"--dataset {args.dataset} has no PaLM/GPT outputs: annotate it with annotate.py and pass "
+                     "--llm <llm_name>, or choose --llm dataset/none")
+    if args.custom_metric and spec.from_paper:
+        parser.error(f"--custom_metric is for --dataset custom; {args.dataset} is scored as in the paper")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other: choose one")
     if not re.fullmatch(r"[\w.-]+", args.llm):
@@ -100,6 +115,8 @@ def load_student(args: argparse.Namespace):
     """Tokenizer and model from a local directory or the hub; --parallelize spreads the model over GPUs."""
     import torch
     from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from train_utils import RunError
 
     placement = {}
     if args.parallelize:
@@ -116,14 +133,18 @@ def load_student(args: argparse.Namespace):
     return tokenizer, model
 
 
+def metric_name(args: argparse.Namespace) -> str:
+    return args.custom_metric or DATASETS[args.dataset].metric
+
+
 def prepare_splits(args: argparse.Namespace, eos: str):
     """The paper's data pipeline: load, carve valid, subsample, then swap in teacher labels if asked."""
-    if not Path(args.data_dir).is_dir():
+    if not Path(args.data_dir).is_dir() and DATASETS[args.dataset].from_paper:
         fetch_data(args.data_url, Path(args.data_dir), ask=not args.download)
     splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos)
     splits["train"] = subsample(splits["train"], args.subsample, seed=args.run)
     if args.label_type == "llm":
-        score = METRICS[DATASETS[args.dataset].metric]
+        score = METRICS[metric_name(args)]
         print(f"LLM Train Acc: {score(list(splits['train']['llm_label']), list(splits['train']['label'])):.4f}")
         print(f"LLM Test Acc: {score(list(splits['test']['llm_label']), list(splits['test']['label'])):.4f}")
         splits["train"] = splits["train"].remove_columns("label").rename_column("llm_label", "label")
@@ -135,9 +156,9 @@ def prepare_splits(args: argparse.Namespace, eos: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        from train_utils import tokenize
+    from train_utils import RunError, run_dirs, tokenize, train_and_evaluate
 
+    try:
         ckpt_dir, _ = run_dirs(args)
         if args.resume and (ckpt_dir / "results.json").is_file():
             print(f"run already finished: see {ckpt_dir / 'results.json'}")
@@ -145,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, model = load_student(args)
         splits = prepare_splits(args, tokenizer.eos_token)
         tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
-        record = train_and_evaluate(args, model, tokenizer, tokenized, DATASETS[args.dataset].metric)
+        record = train_and_evaluate(args, model, tokenizer, tokenized, metric_name(args))
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

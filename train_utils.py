@@ -105,6 +105,11 @@ def tokenize(
     return tokenized
 
 
+def sort_by_length(split: Dataset) -> Dataset:
+    lengths = [len(ids) for ids in split["input_ids"]]
+    return split.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+
+
 class Evaluator:
     """compute_metrics for the trainer: decodes generations, scores them, and keeps them for the run record."""
 
@@ -192,7 +197,7 @@ def build_trainer(args, model, tokenizer, tokenized: DatasetDict, metric: str, c
         optim=OPTIMIZERS[args.optimizer_name],
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or args.batch_size,
         gradient_accumulation_steps=args.grad_steps,
         predict_with_generate=True,
         seed=args.run,
@@ -204,12 +209,14 @@ def build_trainer(args, model, tokenizer, tokenized: DatasetDict, metric: str, c
     evaluator = Evaluator(tokenizer, metric)
     recorder = RunRecorder(evaluator)
     eval_splits = ("valid", "test") if args.select_on == "valid" else ("test",)
+    # Longest rows first: batches of similar length pad less, and an out-of-memory shows at the first batch.
+    eval_sets = {split: sort_by_length(tokenized[split]) for split in eval_splits}
     collator_class = TaskPrefixDataCollator if args.model_type == "task_prefix" else StandardDataCollator
     trainer = TaskPrefixTrainer(
         model=model,
         args=training_args,
         train_dataset=tokenized["train"],
-        eval_dataset={split: tokenized[split] for split in eval_splits},
+        eval_dataset=eval_sets,
         data_collator=collator_class(tokenizer),
         processing_class=tokenizer,
         compute_metrics=evaluator,
@@ -298,4 +305,5 @@ def train_and_evaluate(args, model, tokenizer, tokenized: DatasetDict, metric: s
         "best_model_dir": str(ckpt_dir / "best"),
         "resumed": bool(resume),
     }
-    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, tokenized["test"], extra)
+    test = trainer.eval_dataset["test"]
+    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)

@@ -1,0 +1,126 @@
+"""Bad input gets one clear line and a non-zero exit, never a traceback; earlier results are never touched."""
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import run
+from conftest import ROOT
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        status = run.main(argv)
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (["--dataset", "cqa", "--model_type", "big"], "--model_type: invalid choice"),
+        (["--dataset", "cqa", "--label_type", "silver"], "--label_type: invalid choice"),
+        (["--dataset", "cqa", "--alpha", "1.5"], "--alpha: must be within [0, 1]"),
+        (["--dataset", "cqa", "--alpha", "-0.1"], "--alpha: must be within [0, 1]"),
+        (["--dataset", "cqa", "--batch_size", "0"], "--batch_size: must be a positive integer"),
+        (["--dataset", "cqa", "--max_steps", "-5"], "--max_steps: must be a positive integer"),
+        (["--dataset", "cqa", "--eval_steps", "0"], "--eval_steps: must be a positive integer"),
+        (["--dataset", "cqa", "--grad_steps", "0"], "--grad_steps: must be a positive integer"),
+        (["--dataset", "cqa", "--lr", "0"], "--lr: must be positive"),
+        (["--dataset", "cqa", "--subsample", "0"], "--subsample: must be within (0, 1]"),
+        (["--dataset", "cqa", "--label_type", "llm", "--llm", "none", "--model_type", "standard"],
+         "--label_type llm needs teacher labels"),
+        (["--dataset", "cqa", "--llm", "none"], "--model_type task_prefix needs teacher rationales"),
+        (["--dataset", "cqa", "--from_pretrained", "./no/such/dir"], "neither a readable directory nor a hub id"),
+        (["--dataset", "cqa", "--llm", "../etc"], "--llm '../etc'"),
+        (["--dataset", "cqa", "--resume", "--overwrite"], "--resume and --overwrite contradict"),
+    ],
+)
+def test_invalid_flags(flags, message, capsys):
+    status, err = run_cli(flags, capsys)
+    assert status == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_data_folder_says_how_to_get_it(tiny_t5, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    status, err = run_cli(["--dataset", "cqa", "--from_pretrained", str(tiny_t5), "--data_dir", str(tmp_path / "none"),
+                           "--output_dir", str(tmp_path)], capsys)
+    assert status == 1
+    assert f"data folder {tmp_path / 'none'} not found" in err and "datasets.zip" in err and "--download" in err
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    status, err = run_cli(["--dataset", "cqa", "--from_pretrained", "nobody/no-such-model-xyz",
+                           "--output_dir", str(tmp_path)], capsys)
+    assert status == 1
+    assert "could not load --from_pretrained 'nobody/no-such-model-xyz'" in err
+
+
+def test_optimizer_choices_match_the_trainer():
+    from train_utils import OPTIMIZERS
+
+    assert set(run.OPTIMIZER_NAMES) == set(OPTIMIZERS)
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--dataset", "cqa", "--alpha", "2"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "--alpha: must be within [0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def make_archive(tmp_path: Path, corrupt: bool = False) -> Path:
+    archive = tmp_path / "datasets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        train = [{"input": f"a{i}", "label": "( 1.0 + 1.0 )"} for i in range(10)]
+        zf.writestr("datasets/svamp/svamp_train.json", "".join(json.dumps(row) + "\n" for row in train))
+        zf.writestr("datasets/svamp/svamp_test.json", json.dumps({"input": "b", "label": "( 2.0 )"}) + "\n")
+    if corrupt:
+        data = bytearray(archive.read_bytes())
+        data[40:60] = b"\0" * 20
+        archive.write_bytes(bytes(data))
+    return archive
+
+
+def test_download_unpacks_all_or_nothing(tmp_path):
+    from data_utils import fetch_data, load_data
+
+    target = tmp_path / "data" / "datasets"
+    fetch_data(make_archive(tmp_path).as_uri(), target, ask=False)
+    assert list(load_data("svamp", target, llm="none")["test"]["input"]) == ["b"]
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".datasets-download")]
+
+
+def test_corrupt_or_unreachable_archive_leaves_nothing_behind(tmp_path):
+    from data_utils import DataError, fetch_data
+
+    target = tmp_path / "data" / "datasets"
+    with pytest.raises(DataError, match="corrupt|not a zip"):
+        fetch_data(str(make_archive(tmp_path, corrupt=True)), target, ask=False)
+    with pytest.raises(DataError, match="could not fetch"):
+        fetch_data(str(tmp_path / "missing.zip"), target, ask=False)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_download_flag_fetches_before_loading(tiny_t5, tmp_path, capsys):
+    target = tmp_path / "datasets"
+    status, err = run_cli(["--dataset", "svamp", "--from_pretrained", str(tiny_t5), "--data_dir", str(target),
+                           "--download", "--data_url", str(make_archive(tmp_path)), "--llm", "none",
+                           "--model_type", "standard", "--max_steps", "1", "--eval_steps", "1", "--batch_size", "1",
+                           "--gen_max_len", "2", "--no_log", "--output_dir", str(tmp_path / "out")], capsys)
+    assert (target / "svamp" / "svamp_test.json").is_file()
+    assert status == 0, err
