@@ -1,0 +1,237 @@
+"""Step one of distilling step-by-step: ask a teacher LLM for chain-of-thought rationales, few-shot.
+
+    python annotate.py --dataset svamp --split train --teacher hf --model ./Llama-3.1-8B
+    python annotate.py --dataset cqa --split test --teacher openai --base_url http://localhost:8000/v1 --model NAME
+
+Writes <data_dir>/<dataset>/<llm_name>/<split>_CoT_<i>.json in the chunked layout of PaLM's outputs, so that
+`run.py --dataset <dataset> --llm <llm_name>` trains on them. Finished chunks are kept: run again to resume.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from data_utils import (
+    BLANK,
+    DATASETS,
+    DataError,
+    DatasetSpec,
+    chunk_path,
+    read_json_list,
+    read_rows,
+)
+from metrics import METRICS
+from teachers import HFTeacher, OpenAITeacher, Teacher, TeacherError
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+# llm/ holds PaLM's outputs; the others are run.py --llm keywords, so a folder of that name could not be used.
+RESERVED_NAMES = ("llm", "palm", "gpt", "none", "dataset")
+EXEMPLAR_SEPARATOR = "\n\n"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", required=True, choices=sorted(DATASETS), help="which dataset (custom: your own, see README)")
+    add("--split", default="train", choices=["train", "valid", "test"], help="which split to annotate")
+    add("--teacher", required=True, choices=["hf", "openai"],
+        help="hf: a causal LM run here through transformers; openai: an OpenAI-compatible HTTP endpoint")
+    add("--model", required=True,
+        help="hf: local model directory or hub id; openai: the model name the endpoint serves")
+    add("--llm_name", help="output folder beside llm/ (default: the model's basename); run.py --llm <llm_name> uses it")
+    add("--data_dir", default="./datasets", help="the data folder (as for run.py)")
+    add("--prompt_file", help="few-shot exemplars separated by blank lines (default: prompts/<dataset>.txt)")
+    add("--max_new_tokens", type=positive_int, default=128, help="tokens generated per example")
+    add("--stop", action="append",
+        help="stop sequence, repeatable; \\n means a newline (default: a blank line, the end of an exemplar; "
+        "--stop '' for none)")
+    add("--custom_metric", choices=sorted(METRICS), help="--dataset custom: how the teacher's accuracy is scored")
+    add("--batch_size", type=positive_int, default=8, help="hf: prompts generated together")
+    add("--base_url", help="openai: the endpoint, e.g. http://localhost:8000/v1 or https://api.openai.com/v1")
+    add("--chat", action="store_true", help="openai: use /v1/chat/completions instead of /v1/completions")
+    add("--api_key_env", help="openai: environment variable holding the API key (default: OPENAI_API_KEY, if set)")
+    add("--concurrency", type=positive_int, default=8, help="openai: requests in flight at once")
+    add("--timeout", type=positive_float, default=120.0, help="openai: seconds to wait for one answer")
+    add("--max_retries", type=non_negative_int, default=5,
+        help="openai: retries of a failed request (429, 5xx, timeout)")
+    add("--retry_wait", type=positive_float, default=1.0, help="openai: first backoff in seconds, doubled each retry")
+    args = parser.parse_args(argv)
+
+    spec = DATASETS[args.dataset]
+    if args.split not in spec.splits:
+        parser.error(f"{args.dataset} has no {args.split} split (run.py carves valid from train)")
+    sources = spec.sources.get(args.split, (args.dataset,))
+    if args.dataset not in sources:
+        parser.error(f"{args.dataset} {args.split} is made of {', '.join(sources)}: annotate that dataset instead")
+    if args.custom_metric and spec.from_paper:
+        parser.error(f"--custom_metric is for --dataset custom; {args.dataset} is scored as in the paper")
+    if args.teacher == "openai" and not args.base_url:
+        parser.error("--teacher openai needs --base_url (e.g. http://localhost:8000/v1)")
+    if args.llm_name is None:
+        args.llm_name = re.sub(r"[^\w.-]+", "-", Path(args.model.rstrip("/")).name).strip("-.") or "teacher"
+    if not re.fullmatch(r"[\w.-]+", args.llm_name) or args.llm_name.lower() in RESERVED_NAMES:
+        parser.error(f"--llm_name {args.llm_name!r}: choose a folder name (letters, digits, . _ -) other than "
+                     f"{', '.join(RESERVED_NAMES)}; llm/ holds PaLM's outputs and the rest are run.py keywords")
+    stops = ["\n\n"] if args.stop is None else args.stop
+    args.stop = [stop.replace("\\n", "\n") for stop in stops if stop]
+    return args
+
+
+def answer_slot(spec: DatasetSpec) -> str:
+    """The text that ends a query and starts an exemplar's answer, e.g. '\\nA:'."""
+    return spec.query.rsplit("}", 1)[1]
+
+
+def exemplar_labels(prompt: str, spec: DatasetSpec) -> list[str]:
+    """The label the dataset's parser reads from each exemplar's answer; BLANK where it reads none."""
+    labels = []
+    for exemplar in prompt.strip().split(EXEMPLAR_SEPARATOR):
+        parts = exemplar.split(answer_slot(spec), 1)
+        labels.append(spec.parse(parts[1].strip())[1] if len(parts) == 2 else BLANK)
+    return labels
+
+
+def load_prompt(args: argparse.Namespace) -> str:
+    """The few-shot exemplars; refused unless every exemplar's answer parses, since the teacher copies their form."""
+    spec = DATASETS[args.dataset]
+    path = Path(args.prompt_file) if args.prompt_file else PROMPTS / f"{args.dataset}.txt"
+    if not path.is_file():
+        raise DataError(f"prompt file {path} not found")
+    prompt = path.read_text(encoding="utf-8").strip()
+    bad = [i for i, label in enumerate(exemplar_labels(prompt, spec), 1) if not label.strip()]
+    if bad:
+        raise DataError(f"prompt file {path}: exemplar(s) {', '.join(map(str, bad))} (separated by blank lines) "
+                        f"have no answer the {args.dataset} parser reads; follow the format of "
+                        f"prompts/{args.dataset}.txt")
+    return prompt
+
+
+def build_query(prompt: str, spec: DatasetSpec, row: dict) -> str:
+    return prompt + EXEMPLAR_SEPARATOR + spec.query.format_map(row)
+
+
+def make_teacher(args: argparse.Namespace) -> Teacher:
+    if args.teacher == "hf":
+        return HFTeacher(args.model, args.batch_size, args.max_new_tokens, args.stop)
+    key_env = args.api_key_env or "OPENAI_API_KEY"
+    api_key = os.environ.get(key_env)
+    if args.api_key_env and not api_key:
+        raise TeacherError(f"--api_key_env {key_env}: that environment variable is not set")
+    return OpenAITeacher(args.base_url, args.model, args.chat, api_key, args.max_new_tokens, args.stop,
+                         args.concurrency, args.timeout, args.max_retries, args.retry_wait)
+
+
+def read_finished_chunk(path: Path, expected: int) -> list[str] | None:
+    """A chunk written earlier, or None if there is none yet; one of the wrong size is refused, not redone."""
+    if not path.is_file():
+        return None
+    outputs = read_json_list(path)
+    if len(outputs) != expected:
+        raise DataError(f"{path} holds {len(outputs)} outputs where {expected} were expected (the data changed?); "
+                        "delete it, or the whole folder, to annotate it again")
+    return outputs
+
+
+def write_json_atomic(path: Path, data, indent: int | None = None) -> None:
+    """Write beside the target, then rename: an interrupted run never leaves a truncated chunk."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=indent), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir) / args.dataset / args.llm_name
+
+
+def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[str]:
+    """Every row's teacher output, chunk by chunk; finished chunks are read back, missing ones generated.
+    Queries are built one chunk at a time: the few-shot prompt repeated over a whole split would not fit memory."""
+    spec = DATASETS[args.dataset]
+    chunks = [rows[start : start + spec.chunk_size] for start in range(0, len(rows), spec.chunk_size)]
+    paths = [chunk_path(Path(args.data_dir), args.dataset, args.llm_name, args.split, i) for i in range(len(chunks))]
+    finished = [read_finished_chunk(path, len(chunk)) for path, chunk in zip(paths, chunks)]
+    todo = [i for i, outputs in enumerate(finished) if outputs is None]
+    if todo:
+        teacher = make_teacher(args)
+        output_folder(args).mkdir(parents=True, exist_ok=True)
+        done = len(rows) - sum(len(chunks[i]) for i in todo)
+        with tqdm(total=len(rows), initial=done, unit="ex", desc=f"{args.dataset} {args.split}") as bar:
+            for i in todo:
+                finished[i] = teacher([build_query(prompt, spec, row) for row in chunks[i]], bar.update)
+                write_json_atomic(paths[i], finished[i])
+    return [output for outputs in finished for output in outputs]
+
+
+def score(args: argparse.Namespace, outputs: list[str], golds: list[str]) -> dict:
+    """How often the teacher's output parses, and how often its label is right (an unparsed one is wrong)."""
+    spec = DATASETS[args.dataset]
+    labels = [spec.parse(output)[1] for output in outputs]
+    metric = args.custom_metric or spec.metric
+    return {
+        "rows": len(outputs),
+        "parse_rate": sum(bool(label.strip()) for label in labels) / len(labels),
+        "accuracy": METRICS[metric](labels, golds),
+        "metric": metric,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    spec = DATASETS[args.dataset]
+    folder = output_folder(args)
+    try:
+        prompt = load_prompt(args)
+        rows = read_rows(Path(args.data_dir), args.dataset, args.split, eos="</s>")
+        if not rows:
+            raise DataError(f"{args.dataset} {args.split} has no rows to annotate")
+        outputs = annotate(args, prompt, rows)
+    except (DataError, TeacherError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished chunks are kept in {folder}; run the same command to resume", file=sys.stderr)
+        return 130
+    scores = score(args, outputs, [row["label"] for row in rows])
+    record = {
+        **scores,
+        "dataset": args.dataset, "split": args.split, "teacher": args.teacher, "model": args.model,
+        "llm_name": args.llm_name, "prompt_file": args.prompt_file or f"prompts/{args.dataset}.txt",
+        "max_new_tokens": args.max_new_tokens, "stop": args.stop, "chunk_size": spec.chunk_size,
+        "chunks": math.ceil(len(rows) / spec.chunk_size),
+    }
+    write_json_atomic(folder / f"{args.split}_annotation.json", record, indent=2)
+    print(f"{len(outputs)} outputs in {folder}: parse rate {scores['parse_rate']:.4f}, teacher accuracy "
+          f"{scores['accuracy']:.4f} ({scores['metric']}); train on them with run.py --dataset {args.dataset} "
+          f"--llm {args.llm_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

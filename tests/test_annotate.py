@@ -1,0 +1,396 @@
+"""annotate.py (teacher rationales, step one of the method) and custom datasets, offline: a tiny random causal LM
+for the transformers teacher and a minimal OpenAI-compatible server in a thread for the HTTP teacher."""
+
+import dataclasses
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import annotate
+import run
+from conftest import corpus_lines
+from data_utils import BLANK, DATASETS, DataError, load_data, parse_answer
+from metrics import eval_equation
+
+
+def write_lines(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def small_chunks(monkeypatch, name: str, size: int) -> None:
+    monkeypatch.setitem(DATASETS, name, dataclasses.replace(DATASETS[name], chunk_size=size))
+
+
+def custom_data(root: Path, n_train: int = 8, n_test: int = 3, rationale: bool = False) -> Path:
+    """<root>/custom/ with rows `s<i>` labelled `i + 1`."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [{"input": f"s{i}", "label": str(i + 1)} for i in range(n)]
+        if rationale:
+            rows = [{**row, "rationale": f"one more than {i}"} for i, row in enumerate(rows)]
+        write_lines(root / "custom" / f"custom_{split}.json", rows)
+    return root
+
+
+# ---- prompts ----
+
+EXPECTED_LABELS = {
+    "cqa": ["mailbox", "refrigerator", "being funny", "hammer", "library", "tired"],
+    "svamp": ["(24 - 9)", "(6 * 8)", "(35 / 5)", "(19 - 7)", "(50 - (12 + 15))", "((4 * 20) - 30)"],
+    "asdiv": ["(18 + 14)", "(3 * 12)", "(45 / 9)", "(60 - (18 + 7))", "((5 * 8) + 6)"],
+    "esnli": ["entailment", "contradiction", "neutral", "entailment", "neutral", "contradiction"],
+    "anli1": ["entailment", "contradiction", "neutral", "entailment", "neutral", "contradiction"],
+    "custom": ["star", "6", "neither", "Tokyo", "no"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_prompt_exemplars_parse_to_their_labels(name):
+    prompt = (annotate.PROMPTS / f"{name}.txt").read_text()
+    assert annotate.exemplar_labels(prompt, DATASETS[name]) == EXPECTED_LABELS[name]
+    if DATASETS[name].metric == "equation":
+        for exemplar, label in zip(prompt.strip().split("\n\n"), EXPECTED_LABELS[name]):
+            stated = re.findall(r"= (\d+)", exemplar)[-1]
+            assert eval_equation(label) == float(stated), f"{label} does not compute the exemplar's own result"
+
+
+def test_query_is_formatted_like_the_exemplars_up_to_the_answer():
+    row = {"premise": "P.", "hypothesis": "H.", "label": 0, "input": "P.</s>H."}
+    assert annotate.build_query("EX", DATASETS["esnli"], row) == "EX\n\nPremise: P.\nHypothesis: H.\nReasonings:"
+    assert annotate.build_query("EX", DATASETS["anli1"], row).endswith("Hypothesis: H.\nAnswer:")
+    assert annotate.build_query("EX", DATASETS["cqa"], {"input": "Q?\nAnswer Choices:\n(a) x"}) == (
+        "EX\n\nQ: Q?\nAnswer Choices:\n(a) x\nA:"
+    )
+
+
+def test_generic_parser_for_custom_datasets():
+    assert parse_answer("Two plus two. So the answer is 4.\n\nQ: next") == ("Two plus two.", "4")
+    assert parse_answer("Because. The answer is (3 + 4).") == ("Because.", "(3 + 4)")
+    assert parse_answer("no marker") == (BLANK, BLANK)
+    assert parse_answer("x. So the answer is .")[1] == BLANK
+    assert parse_answer("x. The answer is a. So the answer is b.") == (BLANK, BLANK)
+
+
+def test_prompt_without_parseable_answers_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Q: a?\nA: yes.\n\nQ: b?\nA: Because. So the answer is no.\n")
+    custom_data(tmp_path)
+    status = annotate.main(["--dataset", "custom", "--data_dir", str(tmp_path), "--teacher", "hf", "--model", "x",
+                            "--prompt_file", str(bad)])
+    assert status == 1
+    assert "exemplar(s) 1 (separated by blank lines) have no answer the custom parser reads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llm", "palm", "PaLM", "none", "dataset", "../up"])
+def test_reserved_or_unsafe_llm_name_is_refused(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        annotate.parse_args(["--dataset", "cqa", "--teacher", "hf", "--model", "m", "--llm_name", name])
+    assert exit_info.value.code == 2
+    assert "--llm_name" in capsys.readouterr().err
+
+
+def test_default_llm_name_is_the_models_basename():
+    args = annotate.parse_args(["--dataset", "cqa", "--teacher", "hf", "--model", "/models/Llama-3.1-8B/"])
+    assert args.llm_name == "Llama-3.1-8B" and args.stop == ["\n\n"]
+    args = annotate.parse_args(["--dataset", "cqa", "--teacher", "openai", "--base_url", "http://h", "--model",
+                                "llama3:8b", "--stop", "\\nQ:", "--stop", "END"])
+    assert args.llm_name == "llama3-8b" and args.stop == ["\nQ:", "END"]
+
+
+# ---- the transformers teacher ----
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with a byte-level BPE vocabulary trained here."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-lm")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus_lines(200), vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_hf_teacher_writes_chunks_that_load_data_reads(tiny_causal_lm, tmp_path, monkeypatch, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # float32 on CPU, like the reference below
+    small_chunks(monkeypatch, "svamp", 4)
+    write_lines(tmp_path / "svamp" / "svamp_train.json", [{"input": f"s{i}", "label": f"( {i}.0 + 1.0 )"} for i in range(10)])
+    write_lines(tmp_path / "svamp" / "svamp_test.json", [{"input": f"t{i}", "label": "( 1.0 + 1.0 )"} for i in range(3)])
+    prompt_file = tmp_path / "one-shot.txt"  # short prompts keep the test fast on a CPU
+    prompt_file.write_text("Q: Tom has 3 apples and eats 1. How many are left?\nA: 3 - 1 = 2. The answer is (3 - 1).\n")
+    for split in ("train", "test"):
+        assert annotate.main(["--dataset", "svamp", "--split", split, "--data_dir", str(tmp_path), "--teacher", "hf",
+                              "--model", str(tiny_causal_lm), "--llm_name", "tiny", "--max_new_tokens", "6",
+                              "--batch_size", "3", "--prompt_file", str(prompt_file)]) == 0
+    folder = tmp_path / "svamp" / "tiny"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "test_CoT_0.json", "test_annotation.json", "train_CoT_0.json", "train_CoT_1.json", "train_CoT_2.json",
+        "train_annotation.json",
+    ]
+    assert [len(json.loads((folder / f"train_CoT_{i}.json").read_text())) for i in range(3)] == [4, 4, 2]
+    record = json.loads((folder / "train_annotation.json").read_text())
+    assert record["rows"] == 10 and {"parse_rate", "accuracy"} <= set(record) and record["metric"] == "equation"
+    assert "parse rate" in capsys.readouterr().out
+
+    splits = load_data("svamp", tmp_path, llm="tiny")
+    assert len(splits["train"]) + len(splits["valid"]) == 10 and len(splits["test"]) == 3
+
+    # Batched, left-padded generation gives what each prompt alone gives, and only the continuation.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+    prompt = prompt_file.read_text().strip()
+    written = json.loads((folder / "train_CoT_1.json").read_text())
+    for i, row in ((4, "s4"), (5, "s5")):
+        encoded = tokenizer(f"{prompt}\n\nQ: {row}\nA:", return_tensors="pt")
+        ids = model.generate(**encoded, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.eos_token_id)
+        alone = tokenizer.decode(ids[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert written[i - 4] == alone.split("\n\n")[0].lstrip()
+
+
+# ---- the HTTP teacher ----
+
+
+class FakeEndpoint:
+    """An OpenAI-compatible server: answers the prompt ending `Q: s<i>\\nA:` with `... So the answer is <i+1>.` for
+    even i and a wrong label for odd i. `plan[key]` scripts the first attempts at one row: an HTTP status to fail
+    with, or 'slow' to answer only after the client's timeout."""
+
+    def __init__(self, plan: dict[str, list] | None = None, delay: float = 0.05):
+        self.plan = {key: list(steps) for key, steps in (plan or {}).items()}
+        self.delay = delay
+        self.requests: list[tuple[str, dict, dict]] = []
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+        with self.lock:
+            self.requests.append((handler.path, dict(handler.headers), body))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+            key = re.search(r"Q: (\S+)\nA:$", prompt).group(1)
+            with self.lock:
+                step = self.plan.get(key, []).pop(0) if self.plan.get(key) else None
+            if step == "slow":
+                time.sleep(1.0)
+            if isinstance(step, int):
+                self.send(handler, step, {"error": {"message": "scripted failure"}})
+                return
+            i = int(key[1:])
+            text = f" Because {i}. So the answer is {i + 1 if i % 2 == 0 else i + 2}.\n\nQ: what next?"
+            choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if "messages" in body else {"text": text})
+            self.send(handler, 200, {"id": "cmpl-0", "object": "text_completion", "created": 0,
+                                     "model": body["model"], "choices": [choice]})
+        except OSError:
+            pass  # the client gave up (timeout) and closed the connection
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    @staticmethod
+    def send(handler: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+
+@pytest.fixture
+def endpoint():
+    """Start a FakeEndpoint on 127.0.0.1; yields a function (plan, delay) -> (endpoint, base_url)."""
+    servers = []
+
+    def start(plan: dict | None = None, delay: float = 0.05) -> tuple[FakeEndpoint, str]:
+        fake = FakeEndpoint(plan, delay)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                fake.answer(self)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return fake, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def openai_flags(data_dir: Path, base_url: str, *extra: str) -> list[str]:
+    return ["--dataset", "custom", "--data_dir", str(data_dir), "--teacher", "openai", "--base_url", base_url,
+            "--model", "teacher-1", "--llm_name", "t1", "--retry_wait", "0.01", *extra]
+
+
+def test_http_teacher_concurrency_retries_and_request_schema(endpoint, tmp_path, monkeypatch, capsys):
+    small_chunks(monkeypatch, "custom", 3)
+    custom_data(tmp_path, n_train=12)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    fake, url = endpoint({"s3": [429], "s5": ["slow"], "s7": [503, 502]})
+    start = time.time()
+    status = annotate.main(openai_flags(tmp_path, url, "--concurrency", "4", "--timeout", "0.5", "--max_new_tokens", "32"))
+    assert status == 0, capsys.readouterr().err
+    assert time.time() - start < 10
+
+    assert fake.max_in_flight > 1, "requests must overlap"
+    assert len(fake.requests) == 12 + 4, "one retry for s3 and s5, two for s7"
+    path, headers, body = fake.requests[0]
+    assert path == "/v1/completions" and headers["Authorization"] == "Bearer sk-test"
+    assert body["model"] == "teacher-1" and body["max_tokens"] == 32 and body["temperature"] == 0
+    assert body["stop"] == ["\n\n"] and body["prompt"].startswith("Q: Is the sun a star")
+
+    folder = tmp_path / "custom" / "t1"
+    first = json.loads((folder / "train_CoT_0.json").read_text())
+    assert first == ["Because 0. So the answer is 1.", "Because 1. So the answer is 3.", "Because 2. So the answer is 3."]
+    record = json.loads((folder / "train_annotation.json").read_text())
+    assert (record["rows"], record["parse_rate"], record["accuracy"]) == (12, 1.0, 0.5)
+    assert not list(folder.glob("*.tmp"))
+
+    assert annotate.main(openai_flags(tmp_path, url, "--split", "test")) == 0
+    splits = load_data("custom", tmp_path, llm="t1")
+    assert sorted(splits["test"]["llm_label"]) == ["1", "3", "3"]
+    assert len(splits["train"]) + len(splits["valid"]) == 12
+
+
+def test_restart_skips_finished_chunks(endpoint, tmp_path, monkeypatch, capsys):
+    small_chunks(monkeypatch, "custom", 2)
+    custom_data(tmp_path, n_train=8)
+    fake, url = endpoint({"s6": [400]})
+    assert annotate.main(openai_flags(tmp_path, url, "--concurrency", "1")) == 1
+    err = capsys.readouterr().err
+    assert "400 Bad Request" in err and "Traceback" not in err
+    folder = tmp_path / "custom" / "t1"
+    assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json", "train_CoT_1.json", "train_CoT_2.json"]
+    first_run = len(fake.requests)
+    assert first_run in (7, 8), "s0..s5 answered, s6 refused (s7 may already have been sent)"
+
+    before = (folder / "train_CoT_0.json").stat().st_mtime_ns
+    assert annotate.main(openai_flags(tmp_path, url, "--concurrency", "1")) == 0
+    assert len(fake.requests) == first_run + 2, "only the unfinished chunk (s6, s7) is asked again"
+    assert (folder / "train_CoT_0.json").stat().st_mtime_ns == before
+
+    assert annotate.main(openai_flags(tmp_path, "http://127.0.0.1:9/v1")) == 0, "all done: no teacher needed"
+    assert json.loads((folder / "train_annotation.json").read_text())["rows"] == 8
+
+
+def test_partial_train_annotation_trains_on_the_covered_rows(endpoint, tmp_path, monkeypatch):
+    small_chunks(monkeypatch, "custom", 4)
+    custom_data(tmp_path, n_train=16)
+    _, url = endpoint()
+    for split in ("train", "test"):
+        assert annotate.main(openai_flags(tmp_path, url, "--split", split)) == 0
+    (tmp_path / "custom" / "t1" / "train_CoT_3.json").unlink()
+    splits = load_data("custom", tmp_path, llm="t1")
+    assert len(splits["train"]) + len(splits["valid"]) == 12
+    (tmp_path / "custom" / "t1" / "test_CoT_0.json").write_text(json.dumps(["only one"]))
+    with pytest.raises(DataError, match=r"custom test: 1 teacher outputs \(--llm t1\) for 3 data rows"):
+        load_data("custom", tmp_path, llm="t1")
+
+
+def test_chat_endpoint_and_exhausted_retries(endpoint, tmp_path, monkeypatch, capsys):
+    custom_data(tmp_path, n_train=2, n_test=1)
+    fake, url = endpoint()
+    assert annotate.main(openai_flags(tmp_path, url, "--split", "test", "--chat")) == 0
+    path, _, body = fake.requests[0]
+    assert path == "/v1/chat/completions" and body["messages"][0]["role"] == "user"
+    assert json.loads((tmp_path / "custom" / "t1" / "test_CoT_0.json").read_text()) == ["Because 0. So the answer is 1."]
+
+    fake, url = endpoint({"s0": [503] * 5})
+    assert annotate.main(openai_flags(tmp_path, url, "--llm_name", "t2", "--max_retries", "2")) == 1
+    assert "no answer after 3 attempts (last: HTTP 503" in capsys.readouterr().err
+    assert len([r for r in fake.requests if r[2]["prompt"].endswith("Q: s0\nA:")]) == 3
+
+
+def test_missing_api_key_variable_is_one_line(tmp_path, capsys):
+    custom_data(tmp_path)
+    status = annotate.main(openai_flags(tmp_path, "http://127.0.0.1:9/v1", "--api_key_env", "DSS_NO_SUCH_KEY"))
+    assert status == 1 and "--api_key_env DSS_NO_SUCH_KEY" in capsys.readouterr().err
+
+
+# ---- custom datasets ----
+
+
+def test_custom_dataset_loads_with_optional_valid_and_own_rationales(tmp_path):
+    custom_data(tmp_path, n_train=20, rationale=True)
+    splits = load_data("custom", tmp_path, llm="none")
+    assert (len(splits["train"]), len(splits["valid"]), len(splits["test"])) == (18, 2, 3)
+    write_lines(tmp_path / "custom" / "custom_valid.json", [{"input": "v", "label": 42, "rationale": "r"}])
+    splits = load_data("custom", tmp_path, llm="dataset")
+    assert (len(splits["train"]), len(splits["valid"])) == (20, 1)
+    assert splits["valid"]["label"] == ["42"] and splits["train"]["llm_rationale"][0] == "one more than 0"
+
+    write_lines(tmp_path / "custom" / "custom_valid.json", [{"input": "v", "label": "x"}])
+    with pytest.raises(DataError, match="custom valid: row 1 has no 'rationale' field"):
+        load_data("custom", tmp_path, llm="dataset")
+    write_lines(tmp_path / "custom" / "custom_valid.json", [{"input": ["v"], "label": "x"}])
+    with pytest.raises(DataError, match="row 1 has a malformed field .*'input' must be text"):
+        load_data("custom", tmp_path, llm="none")
+
+
+def test_custom_dataset_missing_files_say_what_to_write(tmp_path):
+    (tmp_path / "custom").mkdir()
+    with pytest.raises(DataError, match=r"custom_train.json: write your data as JSON lines with 'input' and 'label'"):
+        load_data("custom", tmp_path, llm="none")
+    custom_data(tmp_path)
+    with pytest.raises(DataError, match=r"custom/t9/train_CoT_0.json: write them with annotate.py --llm_name t9"):
+        load_data("custom", tmp_path, llm="t9")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "custom"], "--dataset custom has no PaLM/GPT outputs"),
+        (["--dataset", "custom", "--llm", "dataset", "--label_type", "llm"], "--llm dataset has rationales but no"),
+        (["--dataset", "cqa", "--custom_metric", "equation"], "--custom_metric is for --dataset custom"),
+    ],
+)
+def test_run_flags_for_custom_datasets(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_run_trains_on_a_custom_dataset(tiny_t5, tmp_path, capsys):
+    rows = [{"input": f"the apple tree {i}", "label": f"( {i}.0 + 1.0 )", "rationale": f"{i} plus one"} for i in range(12)]
+    write_lines(tmp_path / "data" / "custom" / "custom_train.json", rows)
+    write_lines(tmp_path / "data" / "custom" / "custom_test.json", rows[:2])
+    status = run.main([
+        "--dataset", "custom", "--data_dir", str(tmp_path / "data"), "--llm", "dataset", "--custom_metric", "equation",
+        "--from_pretrained", str(tiny_t5), "--gen_max_len", "4", "--no_log", "--max_steps", "2", "--eval_steps", "1",
+        "--batch_size", "2", "--output_dir", str(tmp_path / "out"),
+    ])
+    assert status == 0, capsys.readouterr().err
+    results = list((tmp_path / "out").rglob("results.json"))
+    assert len(results) == 1
+    record = json.loads(results[0].read_text())
+    assert record["config"]["custom_metric"] == "equation" and len(record["evaluations"]) == 2
