@@ -1,0 +1,163 @@
+"""Label new inputs with a trained student (a run's best/ folder), optionally with its rationales.
+
+    python predict.py --model ckpts/<config>/0/best "Where would you find a bus? Answer Choices: ..."
+    python predict.py --model ckpts/<config>/0/best --rationale --json --file questions.jsonl
+
+Inputs come from the arguments, from --file (one input per line, or JSON lines with an "input" field for inputs
+spanning lines), or from stdin. They get the task prefixes used in training: `predict: ` for the label and
+`explain: ` for the rationale; --no_prefix is for models trained with --model_type standard.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+LABEL_PREFIX = "predict: "
+RATIONALE_PREFIX = "explain: "
+
+
+class InputError(Exception):
+    """Inputs that cannot be read; the message says which file/line and what was expected."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("inputs", nargs="*", help="inputs to label (default: --file, else stdin)")
+    add("--model", required=True, help="a saved student: a run's best/ folder (model and tokenizer)")
+    add("--file", help="read inputs from this file: plain lines, or JSON lines with an \"input\" field")
+    add("--rationale", action="store_true", help="also generate each input's rationale (task_prefix models)")
+    add("--json", action="store_true", help="print JSON lines {input, label[, rationale]} instead of text")
+    add("--no_prefix", action="store_true", help="feed inputs without `predict: ` (models trained with standard)")
+    add("--batch_size", type=positive_int, default=16, help="inputs generated together")
+    add("--max_new_tokens", type=positive_int, default=64, help="tokens generated per label or rationale")
+    add("--max_input_length", type=positive_int, default=1024, help="input tokens kept (truncation), as in run.py")
+    args = parser.parse_args(argv)
+    if args.no_prefix and args.rationale:
+        parser.error("--rationale needs a task_prefix model, which reads prefixed inputs: drop --no_prefix")
+    if args.file and args.inputs:
+        parser.error("give inputs either as arguments or with --file, not both")
+    return args
+
+
+def parse_lines(lines: list[str], source: str, as_json: bool) -> list[str]:
+    """Inputs from lines: plain text (blank lines skipped) or JSON objects with a string "input" field."""
+    if not as_json:
+        return [line for line in lines if line.strip()]
+    inputs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{source}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str):
+            raise InputError(f"{source}:{number}: expected a JSON object with a string \"input\" field")
+        inputs.append(row["input"])
+    return inputs
+
+
+def read_inputs(args: argparse.Namespace) -> list[str]:
+    """The inputs from the arguments, --file or stdin; JSON lines when the file is .jsonl/.json or starts with `{`."""
+    if args.inputs:
+        return [text for text in args.inputs if text.strip()]
+    if args.file:
+        try:
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else e
+            raise InputError(f"cannot read --file {args.file} ({reason})") from None
+        source = args.file
+    else:
+        if sys.stdin.isatty():
+            print("reading inputs from stdin, one per line; end with Ctrl-D", file=sys.stderr)
+        lines = sys.stdin.read().splitlines()
+        source = "<stdin>"
+    first = next((line for line in lines if line.strip()), "")
+    as_json = Path(source).suffix in (".jsonl", ".json") or first.lstrip().startswith("{")
+    return parse_lines(lines, source, as_json)
+
+
+def load_model(directory: str):
+    """Tokenizer and model of a saved student, on the GPU when there is one."""
+    import torch
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # stdout/stderr carry predictions and errors only
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return tokenizer, model
+
+
+def generate(tokenizer, model, texts: list[str], args: argparse.Namespace) -> list[str]:
+    """Greedy decoding, as at evaluation in training."""
+    import torch
+
+    batch = tokenizer(texts, max_length=args.max_input_length, truncation=True, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        tokens = model.generate(
+            **batch.to(model.device), max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=False
+        )
+    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def predictions(tokenizer, model, inputs: list[str], args: argparse.Namespace) -> Iterator[dict[str, str]]:
+    """{input, label[, rationale]} per input, generated batch by batch so output streams."""
+    label_prefix = "" if args.no_prefix else LABEL_PREFIX
+    for start in range(0, len(inputs), args.batch_size):
+        chunk = inputs[start : start + args.batch_size]
+        labels = generate(tokenizer, model, [label_prefix + t for t in chunk], args)
+        rationales = generate(tokenizer, model, [RATIONALE_PREFIX + t for t in chunk], args) if args.rationale else []
+        for i, text in enumerate(chunk):
+            row = {"input": text, "label": labels[i]}
+            if rationales:
+                row["rationale"] = rationales[i]
+            yield row
+
+
+def format_row(row: dict[str, str], as_json: bool) -> str:
+    """A JSON line, or `label` / `label<TAB>rationale` with whitespace runs made single spaces (one line each)."""
+    if as_json:
+        return json.dumps(row, ensure_ascii=False)
+    return "\t".join(" ".join(row[key].split()) for key in ("label", "rationale") if key in row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"error: --model {args.model} is not a saved model folder (no config.json there); "
+              "pass a run's best/ folder, e.g. ckpts/<config>/<run>/best", file=sys.stderr)
+        return 1
+    try:
+        inputs = read_inputs(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not inputs:
+        print("error: no inputs: pass them as arguments, with --file, or on stdin (one per line)", file=sys.stderr)
+        return 1
+    try:
+        tokenizer, model = load_model(args.model)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: could not load --model {args.model} ({first_line})", file=sys.stderr)
+        return 1
+    for row in predictions(tokenizer, model, inputs, args):
+        print(format_row(row, args.json), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

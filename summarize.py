@@ -1,0 +1,280 @@
+"""Tables and plots of a sweep: selected test accuracy per method and training fraction, mean ± std over seeds.
+
+    python summarize.py sweeps/cqa            # writes summary.md, summary.csv and PNGs into sweeps/cqa
+
+Runs are grouped by dataset and by every setting that changes results (student model, lr, steps, ...), so
+only seeds are averaged: when a folder mixes settings, each combination gets its own table and plots.
+"""
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+METHOD_NAMES = {
+    ("standard", "gt"): "standard_finetune",
+    ("standard", "llm"): "standard_distill",
+    ("task_prefix", "gt"): "dss_gt",
+    ("task_prefix", "llm"): "dss_llm",
+}
+METHOD_ORDER = list(METHOD_NAMES.values())
+# Flags that change a run's result besides method, seed, fraction and alpha; runs differing in any are not pooled.
+SETTING_KEYS = (
+    "from_pretrained", "max_input_length", "batch_size", "grad_steps", "lr", "optimizer_name",
+    "max_steps", "eval_steps", "gen_max_len", "bf16", "select_on",
+)
+FIGSIZE = (6.4, 4.8)
+DPI = 100
+CSV_FIELDS = ("dataset", "setting", "method", "fraction", "alpha", "n", "mean", "std", "seeds", "select_on")
+
+
+def method_name(config: dict) -> str:
+    """sweep.py's method name; a teacher other than the paper's PaLM is named, so teachers are never pooled."""
+    name = METHOD_NAMES[config["model_type"], config["label_type"]]
+    llm = config.get("llm", "palm")
+    uses_teacher = config["model_type"] == "task_prefix" or config["label_type"] == "llm"
+    return f"{name} [{llm}]" if uses_teacher and llm != "palm" else name
+
+
+def load_runs(root: Path) -> list[dict]:
+    """One flat row per results.json under root; unreadable or unfinished records are reported and left out."""
+    runs, seen = [], set()
+    for path in sorted(root.rglob("results.json")):
+        try:
+            record = json.loads(path.read_text())
+            config = record["config"]
+            accuracy = record["selected_test_accuracy"]
+            row = {
+                "dataset": config["dataset"],
+                "setting": tuple((key, config[key]) for key in SETTING_KEYS if key in config),
+                "method": method_name(config),
+                "fraction": float(config["subsample"]),
+                "alpha": float(config["alpha"]) if config["model_type"] == "task_prefix" else None,
+                "seed": int(config["run"]),
+                "accuracy": accuracy,
+            }
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"note: {path} left out: not a readable run record ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        if accuracy is None:
+            print(f"note: {path} left out: it has no test evaluation", file=sys.stderr)
+            continue
+        key = tuple(row[k] for k in ("dataset", "setting", "method", "fraction", "alpha", "seed"))
+        if key in seen:
+            print(f"note: {path} left out: the same run (seed {row['seed']}) was already counted", file=sys.stderr)
+            continue
+        seen.add(key)
+        runs.append(row)
+    return runs
+
+
+def group_runs(runs: list[dict]) -> dict[tuple[str, tuple], list[dict]]:
+    """Runs by (dataset, setting): each group's runs differ only in method, fraction, alpha and seed."""
+    groups: dict[tuple[str, tuple], list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[run["dataset"], run["setting"]].append(run)
+    return dict(sorted(groups.items(), key=lambda item: (item[0][0], repr(item[0][1]))))
+
+
+def differing_settings(groups: dict[tuple[str, tuple], list[dict]], dataset: str) -> dict[tuple, str]:
+    """A short label per setting of one dataset, naming only the flags that differ between its settings."""
+    settings = [setting for (name, setting) in groups if name == dataset]
+    keys = [key for key, _ in settings[0]] if settings else []
+    varying = [key for key in keys if len({dict(s).get(key) for s in settings}) > 1]
+    return {s: ", ".join(f"{key}={dict(s).get(key)}" for key in varying) for s in settings}
+
+
+def aggregate(runs: list[dict]) -> dict[str, float | int | list[int] | None]:
+    """n, mean, sample std (None for a single seed: there is no spread to report) and the seeds."""
+    scores = [run["accuracy"] for run in runs]
+    return {
+        "n": len(scores),
+        "mean": statistics.fmean(scores),
+        "std": statistics.stdev(scores) if len(scores) > 1 else None,
+        "seeds": sorted(run["seed"] for run in runs),
+    }
+
+
+def cells(runs: list[dict], alpha: float) -> dict[tuple[str, float], dict]:
+    """(method, fraction) -> seed statistics; task_prefix methods only at the chosen alpha, standard ones at any."""
+    by_cell: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for run in runs:
+        if run["alpha"] is None or math.isclose(run["alpha"], alpha):
+            by_cell[run["method"], run["fraction"]].append(run)
+    return {cell: aggregate(members) for cell, members in by_cell.items()}
+
+
+def percent(fraction: float) -> str:
+    """0.125 -> '12.5%', as the paper labels training-set sizes."""
+    return f"{100 * fraction:g}%"
+
+
+def ordered_methods(names: Iterable[str]) -> list[str]:
+    """The paper's order (baselines first), a named teacher after PaLM."""
+    return sorted(set(names), key=lambda m: (METHOD_ORDER.index(m.split(" ")[0]), m))
+
+
+def markdown_table(table: dict[tuple[str, float], dict]) -> str:
+    """Methods as rows, training fractions as columns; accuracy in percent as mean ± std (n seeds)."""
+    fractions = sorted({fraction for _, fraction in table})
+    lines = [
+        "| method | " + " | ".join(percent(f) for f in fractions) + " |",
+        "|---|" + "---:|" * len(fractions),
+    ]
+    for method in ordered_methods(m for m, _ in table):
+        row = []
+        for fraction in fractions:
+            stats = table.get((method, fraction))
+            if stats is None:
+                row.append("–")
+            elif stats["std"] is None:
+                row.append(f"{100 * stats['mean']:.2f} (n={stats['n']})")
+            else:
+                row.append(f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f} (n={stats['n']})")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def file_stem(dataset: str, label: str) -> str:
+    return re.sub(r"[^\w.=-]+", "_", f"{dataset}_{label}" if label else dataset)
+
+
+def plot_fraction(table: dict[tuple[str, float], dict], title: str, path: Path) -> None:
+    """Accuracy against training-set fraction, one line per method, error bars one std over seeds."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fractions = sorted({fraction for _, fraction in table})
+    for method in ordered_methods(m for m, _ in table):
+        points = sorted((f, s) for (m, f), s in table.items() if m == method)
+        xs = [f for f, _ in points]
+        ys = [100 * s["mean"] for _, s in points]
+        errors = [100 * (s["std"] or 0.0) for _, s in points]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(fractions, [percent(f) for f in fractions])
+    ax.set_xlabel("share of the training set used (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: accuracy vs training data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def alpha_lines(runs: list[dict]) -> dict[tuple[str, float], dict[float, dict]]:
+    """(method, fraction) -> alpha -> seed statistics, for the task_prefix runs swept over two alphas or more."""
+    by_line: dict[tuple[str, float], dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run["alpha"] is not None:
+            by_line[run["method"], run["fraction"]][run["alpha"]].append(run)
+    return {
+        line: {alpha: aggregate(by_alpha[alpha]) for alpha in sorted(by_alpha)}
+        for line, by_alpha in sorted(by_line.items())
+        if len(by_alpha) > 1
+    }
+
+
+def plot_alpha(lines: dict[tuple[str, float], dict[float, dict]], title: str, path: Path) -> None:
+    """Accuracy against alpha, one line per method and fraction, error bars one std over seeds."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for (method, fraction), by_alpha in lines.items():
+        stats = list(by_alpha.values())
+        ax.errorbar(
+            list(by_alpha), [100 * s["mean"] for s in stats], yerr=[100 * (s["std"] or 0.0) for s in stats],
+            marker="o", capsize=3, label=f"{method}, {percent(fraction)} of train",
+        )
+    ax.set_xlabel("alpha (weight of the label loss; 1 - alpha weighs rationales)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: accuracy vs alpha")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def csv_rows(dataset: str, label: str, select_on: str, table: dict, alpha: float) -> list[dict]:
+    rows = []
+    order = ordered_methods(method for method, _ in table)
+    for (method, fraction), stats in sorted(table.items(), key=lambda item: (order.index(item[0][0]), item[0][1])):
+        rows.append({
+            "dataset": dataset, "setting": label, "method": method, "fraction": fraction,
+            "alpha": alpha if method.startswith("dss") else "", "n": stats["n"], "mean": round(stats["mean"], 6),
+            "std": "" if stats["std"] is None else round(stats["std"], 6),
+            "seeds": " ".join(map(str, stats["seeds"])), "select_on": select_on,
+        })
+    return rows
+
+
+def section(dataset: str, label: str, runs: list[dict], alpha: float, out: Path) -> tuple[str, list[dict]]:
+    """One setting's Markdown section and CSV rows; its plots are drawn into out."""
+    select_on = dict(runs[0]["setting"]).get("select_on", "test")
+    title = f"{dataset} ({label})" if label else dataset
+    table = cells(runs, alpha)
+    alphas = ", ".join(f"{a:g}" for a in sorted({run["alpha"] for run in runs if run["alpha"] is not None}))
+    markdown = (
+        f"## {title}\n\nSelected test accuracy (%, checkpoint chosen on {select_on}), mean ± std over seeds "
+        f"(n seeds); dss_* methods at alpha={alpha:g} (alphas run: {alphas or 'none'}).\n\n" + markdown_table(table)
+    )
+    stem = file_stem(dataset, label)
+    if table:
+        plot_fraction(table, title, out / f"{stem}_fraction.png")
+    else:
+        print(f"note: {title}: no runs at alpha={alpha:g}, so no fraction plot", file=sys.stderr)
+    lines = alpha_lines(runs)
+    if lines:
+        plot_alpha(lines, title, out / f"{stem}_alpha.png")
+    else:
+        print(f"note: {title}: no method and fraction was run at two alphas or more, so no alpha plot", file=sys.stderr)
+    return markdown, csv_rows(dataset, label, select_on, table, alpha)
+
+
+def summarize(runs: list[dict], out: Path, alpha: float) -> str:
+    """Write summary.md, summary.csv and the plots into out; return the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    sections, rows = [], []
+    for dataset in sorted({name for name, _ in groups}):
+        for setting, label in differing_settings(groups, dataset).items():
+            markdown, csv_part = section(dataset, label, groups[dataset, setting], alpha, out)
+            sections.append(markdown)
+            rows += csv_part
+    markdown = "# Summary\n\n" + "\n\n".join(sections) + "\n"
+    (out / "summary.md").write_text(markdown)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="searched recursively for results.json")
+    parser.add_argument("--out", type=Path, help="where summary.md, summary.csv and the PNGs go (default: folder)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="alpha of the dss_* runs shown in the method x fraction table (others: alpha plot)")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        parser.error(f"{args.folder} is not a folder")
+    runs = load_runs(args.folder)
+    if not runs:
+        print(f"error: no finished runs (results.json with a test evaluation) under {args.folder}", file=sys.stderr)
+        return 1
+    print(summarize(runs, args.out or args.folder, args.alpha), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
