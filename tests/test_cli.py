@@ -124,3 +124,44 @@ def test_download_flag_fetches_before_loading(tiny_t5, tmp_path, capsys):
                            "--gen_max_len", "2", "--no_log", "--output_dir", str(tmp_path / "out")], capsys)
     assert (target / "svamp" / "svamp_test.json").is_file()
     assert status == 0, err
+
+
+def svamp_folder(root: Path) -> Path:
+    """A well-formed svamp folder with PaLM-style outputs: 20 train rows (one chunk), 2 test rows."""
+    for split, n in (("train", 20), ("test", 2)):
+        rows = [{"input": f"Tom has {i} apples", "label": f"( {i}.0 + 1.0 )"} for i in range(n)]
+        (root / "svamp" / "llm").mkdir(parents=True, exist_ok=True)
+        (root / "svamp" / f"svamp_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        outputs = [f"He has {i}. The answer is ({i} + 1)." for i in range(n)]
+        (root / "svamp" / "llm" / f"{split}_CoT_0.json").write_text(json.dumps(outputs))
+    (root / "svamp" / "llm" / "train_CoT_1.json").write_text("[]")
+    return root
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "svamp" / "svamp_test.json").write_text('{"input": "a", "label": "1"}\n{oops\n'),
+         "svamp_test.json:2: not valid JSON"),
+        (lambda d: (d / "svamp" / "llm" / "test_CoT_0.json").write_text('{"not": "a list"}'),
+         "test_CoT_0.json: expected a JSON list of strings"),
+        (lambda d: (d / "svamp" / "llm" / "test_CoT_0.json").write_text('["one", 2]'),
+         "test_CoT_0.json: expected a JSON list of strings"),
+        (lambda d: (d / "svamp" / "llm" / "test_CoT_0.json").write_text('["only one output"]'),
+         "svamp test: 1 teacher outputs (--llm palm) for 2 data rows"),
+        (lambda d: (d / "svamp" / "llm" / "test_CoT_0.json").write_text('["a", "b", "c"]'),
+         "svamp test: 3 teacher outputs (--llm palm) for 2 data rows"),
+        (lambda d: (d / "svamp" / "llm" / "train_CoT_1.json").unlink(), "missing teacher outputs"),
+        (lambda d: (d / "svamp" / "svamp_train.json").unlink(), "missing data file"),
+        (lambda d: (d / "svamp" / "svamp_test.json").write_text('{"input": "a"}\n'), "row 1 lacks field(s) label"),
+    ],
+)
+def test_bad_data_files_are_named_with_what_to_do(tiny_t5, tmp_path, capsys, damage, message):
+    data = svamp_folder(tmp_path / "data")
+    damage(data)
+    status, err = run_cli(["--dataset", "svamp", "--from_pretrained", str(tiny_t5), "--data_dir", str(data),
+                           "--output_dir", str(tmp_path / "out"), "--no_log"], capsys)
+    assert status == 1
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert message in line
