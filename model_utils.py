@@ -1,9 +1,12 @@
 """The multi-task data collator and the task-prefix trainer of distilling step-by-step."""
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedTokenizerBase, Seq2SeqTrainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 LABEL_PAD = -100
 
@@ -77,17 +80,34 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         return (loss, {"pred": pred_outputs, "expl": expl_outputs}) if return_outputs else loss
 
     def _generate(self, view: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = self.model.generate(
-            input_ids=view["input_ids"],
-            attention_mask=view["attention_mask"],
-            max_new_tokens=self.gen_max_len,
-            num_beams=1,
-            do_sample=False,
+        # With sharded weights (ZeRO-3, FSDP) every process must keep stepping until all have finished
+        # (synced_gpus), or one waits forever for another's shards; FSDP1 gathers the whole model, as
+        # Seq2SeqTrainer does.
+        full_weights = (
+            FullyShardedDataParallel.summon_full_params(self.model)
+            if isinstance(self.model, FullyShardedDataParallel)
+            else nullcontext()
         )
+        with full_weights:
+            tokens = self.model.generate(
+                input_ids=view["input_ids"],
+                attention_mask=view["attention_mask"],
+                max_new_tokens=self.gen_max_len,
+                num_beams=1,
+                do_sample=False,
+                synced_gpus=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+            )
         # Pad to a fixed width so batches can be concatenated and gathered across processes.
         width = self.gen_max_len + 1
         pad = self.processing_class.pad_token_id
         return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=pad)
+
+    def evaluation_loop(self, *args, **kwargs):
+        # Seq2SeqTrainer.evaluate/predict switch to plain `gather` (transformers PR #27025, for several sequences
+        # per input), which keeps the copies of rows that even out the last batch across processes. We return one
+        # row per input, so gather_for_metrics, which drops those copies, counts each test row exactly once.
+        self.gather_function = self.accelerator.gather_for_metrics
+        return super().evaluation_loop(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         inputs = self._prepare_inputs(inputs)

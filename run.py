@@ -4,6 +4,8 @@
 """
 
 import argparse
+import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -75,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--bf16", action="store_true", help="bfloat16 mixed precision")
     add("--no_log", action="store_true", help="no TensorBoard logs")
     add("--parallelize", action="store_true", help="split the model across all visible GPUs (models too big for one)")
+    add("--deepspeed", metavar="JSON", help="DeepSpeed config (such as configs/ds_zero3.json) for the Trainer; "
+        "launch with torchrun, accelerate launch or deepspeed")
+    # Passed by the deepspeed launcher and torch.distributed.launch; the LOCAL_RANK variable they also set is used.
+    add("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     add("--data_dir", default="./datasets", help="the unzipped datasets.zip folder")
     add("--output_dir", default=".", help="where logs/ and ckpts/ are written")
     add("--select_on", default="test", choices=["test", "valid"],
@@ -103,12 +109,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--custom_metric is for --dataset custom; {args.dataset} is scored as in the paper")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other: choose one")
+    if args.parallelize and args.deepspeed:
+        parser.error("--parallelize and --deepspeed both place the model: choose one")
+    if args.deepspeed and not Path(args.deepspeed).is_file():
+        parser.error(f"--deepspeed {args.deepspeed!r}: no such file")
     if not re.fullmatch(r"[\w.-]+", args.llm):
         parser.error(f"--llm {args.llm!r}: expected palm, gpt, none or a folder name")
     if not Path(args.from_pretrained).is_dir() and not HUB_ID.fullmatch(args.from_pretrained):
         parser.error(f"--from_pretrained {args.from_pretrained!r} is neither a readable directory nor a hub id "
                      "(such as google/t5-v1_1-base)")
     return args
+
+
+def check_devices(args: argparse.Namespace) -> None:
+    """Refuse what this machine or launch cannot serve, before anything is loaded."""
+    import torch
+
+    from train_utils import RunError
+
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise RunError("--deepspeed needs the deepspeed package, which is not installed: pip install deepspeed")
+    if args.parallelize and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RunError("--parallelize splits one model over all GPUs from a single process: run it with python, "
+                       "not with several processes from torchrun or accelerate launch")
+    if args.parallelize and torch.cuda.device_count() < 2:
+        raise RunError(f"--parallelize needs at least two visible GPUs; {torch.cuda.device_count()} found")
 
 
 def load_student(args: argparse.Namespace):
@@ -118,11 +143,7 @@ def load_student(args: argparse.Namespace):
 
     from train_utils import RunError
 
-    placement = {}
-    if args.parallelize:
-        if torch.cuda.device_count() < 2:
-            raise RunError(f"--parallelize needs at least two visible GPUs; {torch.cuda.device_count()} found")
-        placement = {"device_map": "auto"}
+    placement = {"device_map": "auto"} if args.parallelize else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
         model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement)
@@ -140,13 +161,19 @@ def metric_name(args: argparse.Namespace) -> str:
 def prepare_splits(args: argparse.Namespace, eos: str):
     """The paper's data pipeline: load, carve valid, subsample, then swap in teacher labels if asked."""
     if not Path(args.data_dir).is_dir() and DATASETS[args.dataset].from_paper:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DataError(f"data folder {args.data_dir} not found: download {DATA_URL} and unzip it there before "
+                            "launching several processes (they must not all fetch it at once)")
         fetch_data(args.data_url, Path(args.data_dir), ask=not args.download)
     splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos)
     splits["train"] = subsample(splits["train"], args.subsample, seed=args.run)
     if args.label_type == "llm":
-        score = METRICS[metric_name(args)]
-        print(f"LLM Train Acc: {score(list(splits['train']['llm_label']), list(splits['train']['label'])):.4f}")
-        print(f"LLM Test Acc: {score(list(splits['test']['llm_label']), list(splits['test']['label'])):.4f}")
+        from train_utils import is_main_process
+
+        if is_main_process():
+            score = METRICS[metric_name(args)]
+            print(f"LLM Train Acc: {score(list(splits['train']['llm_label']), list(splits['train']['label'])):.4f}")
+            print(f"LLM Test Acc: {score(list(splits['test']['llm_label']), list(splits['test']['label'])):.4f}")
         splits["train"] = splits["train"].remove_columns("label").rename_column("llm_label", "label")
     if args.llm != "none":
         for name in splits:
@@ -156,17 +183,21 @@ def prepare_splits(args: argparse.Namespace, eos: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from train_utils import RunError, run_dirs, tokenize, train_and_evaluate
+    from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
 
     try:
-        ckpt_dir, _ = run_dirs(args)
+        check_devices(args)
+        ckpt_dir, log_dir = run_dirs(args)
         if args.resume and (ckpt_dir / "results.json").is_file():
-            print(f"run already finished: see {ckpt_dir / 'results.json'}")
+            if is_main_process():
+                print(f"run already finished: see {ckpt_dir / 'results.json'}")
             return 0
+        # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
+        training_args = training_arguments(args, ckpt_dir, log_dir)
         tokenizer, model = load_student(args)
         splits = prepare_splits(args, tokenizer.eos_token)
         tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
-        record = train_and_evaluate(args, model, tokenizer, tokenized, metric_name(args))
+        record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -33,8 +34,27 @@ class RunError(Exception):
     """A problem with the run's folders or flags; its message says what to do."""
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch / deepspeed run (they all set RANK), or the only process.
+
+    Read from the environment so it holds before the trainer sets up the process group.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def data_parallel_size(args: argparse.Namespace) -> int:
+    """Model copies that each take --batch_size rows per step.
+
+    One per process under a launcher (they set LOCAL_RANK and WORLD_SIZE). A lone process sees every visible GPU
+    through the Trainer's nn.DataParallel, unless --parallelize splits one model across them.
+    """
+    if "LOCAL_RANK" in os.environ or args.parallelize:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, torch.cuda.device_count())
+
+
 def effective_batch_size(args: argparse.Namespace) -> int:
-    return args.batch_size * args.grad_steps * int(os.environ.get("WORLD_SIZE", "1"))
+    return args.batch_size * args.grad_steps * data_parallel_size(args)
 
 
 def config_dir(args: argparse.Namespace) -> str:
@@ -56,10 +76,15 @@ def run_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
     return base / "ckpts" / config / str(args.run), base / "logs" / config / str(args.run)
 
 
-def prepare_run_dirs(args: argparse.Namespace, is_main: bool) -> tuple[Path, Path]:
-    """Refuse to touch earlier results unless --resume (continue them) or --overwrite (replace them)."""
+def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone: Callable[[], None]) -> None:
+    """Refuse to touch earlier results unless --resume (continue them) or --overwrite (replace them).
+
+    With several processes, every one looks before any writes, so all give the same answer and none is left
+    waiting on a process that stopped; the main process deletes, and nobody writes until it is done.
+    """
     ckpt_dir, log_dir = run_dirs(args)
     existing = [d for d in (ckpt_dir, log_dir) if d.exists() and any(d.iterdir())]
+    wait_for_everyone()
     if existing and not (args.resume or args.overwrite):
         raise RunError(
             f"results already exist in {existing[0]}; pass --resume to continue that run, --overwrite to replace "
@@ -68,7 +93,7 @@ def prepare_run_dirs(args: argparse.Namespace, is_main: bool) -> tuple[Path, Pat
     if existing and args.overwrite and is_main:
         for d in existing:
             shutil.rmtree(d)
-    return ckpt_dir, log_dir
+    wait_for_everyone()
 
 
 def tokenize(
@@ -173,14 +198,18 @@ def select_evaluation(evaluations: list[dict], select_on: str) -> dict | None:
     return max(scored, key=lambda e: e[key]) if scored else None
 
 
-def build_trainer(args, model, tokenizer, tokenized: DatasetDict, metric: str, ckpt_dir: Path, log_dir: Path):
-    """The Seq2SeqTrainer of the paper on today's API (eval_strategy, processing_class, text_target)."""
+def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) -> Seq2SeqTrainingArguments:
+    """The paper's trainer settings on today's API (eval_strategy, report_to, use_cpu).
+
+    Made before the student is loaded: in a launched run this sets up the process group, so that FSDP reads the
+    weights in one process only, and registers a ZeRO-3 config, so that from_pretrained loads them partitioned.
+    """
     if args.no_log:
         report_to = "none"
     else:
         report_to = "tensorboard"
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
-    training_args = Seq2SeqTrainingArguments(
+    return Seq2SeqTrainingArguments(
         output_dir=str(ckpt_dir),
         remove_unused_columns=False,
         eval_strategy="steps",
@@ -205,7 +234,18 @@ def build_trainer(args, model, tokenizer, tokenized: DatasetDict, metric: str, c
         report_to=report_to,
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA a launched process would otherwise run alone (the Trainer only goes multi-CPU when told).
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        deepspeed=args.deepspeed,
+        # Both views use every weight; looking for unused ones costs DDP an extra graph walk per step.
+        ddp_find_unused_parameters=False,
     )
+
+
+def build_trainer(
+    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str
+):
+    """The task-prefix Seq2SeqTrainer of the paper, scoring test (and valid) by generation."""
     evaluator = Evaluator(tokenizer, metric)
     recorder = RunRecorder(evaluator)
     eval_splits = ("valid", "test") if args.select_on == "valid" else ("test",)
@@ -275,8 +315,9 @@ def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRe
     chosen = recorder.predictions.get(selected["step"]) if selected else None
     if args.output_rationale and chosen:
         rows = []
-        for i, (text, gold) in enumerate(zip(test["input"], test["label"])):
-            row = {"input": text, "gold": gold, "pred_label": chosen["pred"][i]}
+        # strict: the gathered predictions must be the test split exactly once each, in its order.
+        for i, (text, gold, pred) in enumerate(zip(test["input"], test["label"], chosen["pred"], strict=True)):
+            row = {"input": text, "gold": gold, "pred_label": pred}
             if "rationale" in chosen:
                 row["pred_rationale"] = chosen["rationale"][i]
             rows.append(json.dumps(row))
@@ -287,23 +328,43 @@ def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRe
     return record
 
 
-def train_and_evaluate(args, model, tokenizer, tokenized: DatasetDict, metric: str) -> dict | None:
+def check_parallelism(args: argparse.Namespace, trainer: TaskPrefixTrainer) -> None:
+    """Stop, before any folder is touched, where the trainer would not train as the run folder name says."""
+    used = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size
+    if used != effective_batch_size(args):
+        raise RunError(f"the trainer's effective batch size is {used}, the run folder says "
+                       f"{effective_batch_size(args)}: launch several processes with torchrun or accelerate launch")
+    # accelerate silently falls back to unsharded data parallel where it cannot run FSDP.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        raise RunError("the accelerate config asks for FSDP, which accelerate runs only on GPUs and none is visible: "
+                       "launch without FSDP")
+
+
+def train_and_evaluate(
+    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str
+) -> dict | None:
     """Train with periodic evaluation and checkpoints; save the selected model; return the run record."""
-    ckpt_dir, log_dir = prepare_run_dirs(args, is_main=int(os.environ.get("RANK", "0")) == 0)
-    trainer, recorder = build_trainer(args, model, tokenizer, tokenized, metric, ckpt_dir, log_dir)
+    ckpt_dir, _ = run_dirs(args)
+    trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
+    check_parallelism(args, trainer)
+    prepare_run_dirs(args, trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone)
     resume = args.resume and any(ckpt_dir.glob("checkpoint-*"))
     start = time.time()
     output = trainer.train(resume_from_checkpoint=True if resume else None)
     wall_time = time.time() - start
+    if trainer.is_fsdp_enabled:
+        # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(ckpt_dir / "best"))  # on every process: under FSDP/ZeRO-3 gathering is collective
     if not trainer.is_world_process_zero():
         return None
-    trainer.save_model(str(ckpt_dir / "best"))
     extra = {
         "wall_time_s": wall_time,
         "train_examples_per_s": output.metrics.get("train_samples_per_second"),
         "peak_memory_bytes": peak_memory_bytes(),
         "best_model_dir": str(ckpt_dir / "best"),
         "resumed": bool(resume),
+        "world_size": trainer.args.world_size,
     }
     test = trainer.eval_dataset["test"]
     return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)

@@ -8,7 +8,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator
-from train_utils import build_trainer, tokenize
+from train_utils import build_trainer, tokenize, training_arguments
 
 from conftest import SHARED_TOKENIZER
 
@@ -85,9 +85,10 @@ def test_loss_is_alpha_weighted_sum_of_two_separate_passes(tiny_t5, tokenizer, t
     args = argparse.Namespace(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
         max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, model_type="task_prefix", alpha=alpha,
-        gen_max_len=4, output_rationale=False,
+        gen_max_len=4, output_rationale=False, deepspeed=None,
     )
-    trainer, _ = build_trainer(args, model, tokenizer, tokenized, "text", tmp_path / "ckpt", tmp_path / "log")
+    training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
+    trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, "text")
     batch = TaskPrefixDataCollator(tokenizer)(list(tokenized["train"]))
     with torch.no_grad():
         combined = trainer.compute_loss(model, batch)
