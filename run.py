@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="test: report the best test accuracy seen in training (the paper); valid: pick the checkpoint "
         "by valid accuracy and report its test accuracy")
     add("--save_total_limit", type=positive_int, default=1,
-        help="checkpoints kept besides the best one (the latest ones)")
+        help="checkpoints kept during training besides the best one (the latest ones, for --resume)")
     add("--resume", action="store_true", help="continue this configuration's run from its latest checkpoint")
     add("--overwrite", action="store_true", help="delete this configuration's earlier logs and checkpoints first")
     add("--download", action="store_true", help=f"fetch and unpack the paper's datasets.zip into --data_dir if missing")
