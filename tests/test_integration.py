@@ -67,6 +67,8 @@ def test_svamp_standard_gt(tiny_t5, shared_data, tmp_path, capsys):
     assert run.main(argv) == 0
     [record] = results(tmp_path)
     assert [e["step"] for e in record["evaluations"]] == [2, 4]
+    assert record["train_examples_per_s"] > 0 and record["peak_memory_bytes"] > 0 and record["wall_time_s"] > 0
+    assert record["versions"]["transformers"].startswith("5.")
     captured = capsys.readouterr()
     assert "LLM Train Acc" not in captured.out and "step 4: test accuracy" in captured.err
 
