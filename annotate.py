@@ -27,6 +27,7 @@ from data_utils import (
     read_rows,
 )
 from metrics import METRICS
+from run import positive_float, positive_int
 from teachers import HFTeacher, OpenAITeacher, Teacher, TeacherError
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -35,24 +36,10 @@ RESERVED_NAMES = ("llm", "palm", "gpt", "none", "dataset")
 EXEMPLAR_SEPARATOR = "\n\n"
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 

@@ -14,19 +14,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from run import positive_int
+
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
 
 
 class InputError(Exception):
     """Inputs that cannot be read; the message says which file/line and what was expected."""
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
