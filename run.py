@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--optimizer_name", default="AdamW", choices=OPTIMIZER_NAMES, help="optimizer")
     add("--run", type=int, default=0, help="seed: data subsample, shuffling and dropout")
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
+    add("--max_eval_samples", type=positive_int, default=None,
+        help="for debugging and smoke tests: evaluate on the first N rows of valid/test only (not the paper's protocol)")
     add("--gen_max_len", type=positive_int, default=64, help="tokens generated per prediction at evaluation")
     add("--output_rationale", action="store_true", help="also generate rationales at evaluation and record them")
     add("--bf16", action="store_true", help="bfloat16 mixed precision")

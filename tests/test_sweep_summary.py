@@ -121,8 +121,8 @@ def sweep_command(data: Path, model: Path, out: Path) -> list[str]:
         sys.executable, str(ROOT / "sweep.py"), "--dataset", "cqa", "--data_dir", str(data),
         "--from_pretrained", str(model), "--output_dir", str(out), "--seeds", "0", "1",
         "--methods", "standard_finetune", "dss_llm", "--fractions", "0.01", "0.02",
-        "--max_steps", "2", "--eval_steps", "1", "--batch_size", "4", "--gen_max_len", "2", "--no_log",
-        "--max_input_length", "64",
+        "--max_steps", "1", "--eval_steps", "1", "--batch_size", "4", "--gen_max_len", "2", "--no_log",
+        "--max_input_length", "64", "--max_eval_samples", "64",
     ]
 
 
