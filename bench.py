@@ -1,0 +1,551 @@
+"""Throughput of the project's training and evaluation path, measured against the paper's formulation in one run.
+
+    OMP_NUM_THREADS=2 python bench.py --random_init tiny --dataset cqa --mode both --batch_size 8 \
+        --max_input_length 256 --eval --out bench.json
+
+Per mode (task_prefix, standard) it trains the same batches from the same initial weights along two paths:
+
+- optimized: train_utils.build_trainer exactly as run.py uses it (TaskPrefixTrainer with grouped_loss, the fused
+  GELU and SkinnyLinear modules, fused AdamW);
+- two_pass: that same trainer set back to the paper's formulation: two full forward passes per step, each view
+  padded on its own (model_utils.two_pass_loss), the stock T5 modules and the foreach AdamW kernel (the project
+  before these optimisations).
+
+Each round trains both paths once, alternating which goes first (ABBA), so load drifting on a shared machine hits
+both alike; speed-ups are ratios within a round. Before training, both paths compute the loss of one batch from the
+same weights without dropout (in fp32, TF32 off); they must agree to 1e-5 relative (step0_loss).
+
+Model FLOPs (real tokens only; padding is not useful work). For a T5 with d_model d, d_ff f, h heads of d_kv k
+(hk = h * k), L_e encoder and L_d decoder layers, vocabulary V, gated activation (g = 3 matrices: wi_0, wi_1, wo;
+g = 2 without), one row with S input and T target tokens costs, in one forward pass,
+
+    encoder   L_e * [ S * (2*4*d*hk + 2*g*d*f) + 2*2*S*S*hk ]            q/k/v/o, feed-forward; scores and sums
+    decoder   L_d * [ T * (2*4*d*hk + 2*2*d*hk + 2*g*d*f) + S * 2*2*d*hk  self q/k/v/o, cross q/o, FF; cross k/v
+                      + 2*2*T*T*hk + 2*2*T*S*hk ]                         self and cross scores and sums
+    lm_head   T * 2*d*V
+
+(a multiply-add counts 2; attention over whole score matrices, as the kernels compute them). A training step is
+3x the forward (the backward pass costs twice the forward). task_prefix counts both views. "padded" FLOPs apply the
+same formula to each view's padded batch shape: what the two-pass formulation executes. Achieved FLOP/s divides model
+FLOPs by the measured time, next to the machine's dense fp32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+
+# t5-v1_1 shapes (gated-GELU, untied lm_head, dropout 0.1); tiny is the issue's reference model.
+RANDOM_CONFIGS = {
+    "tiny": {"d_model": 256, "d_kv": 32, "d_ff": 1024, "num_layers": 4, "num_decoder_layers": 4, "num_heads": 8},
+    "t5-v1_1-small": {"d_model": 512, "d_kv": 64, "d_ff": 1024, "num_layers": 8, "num_decoder_layers": 8, "num_heads": 6},
+    "t5-v1_1-base": {"d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12, "num_decoder_layers": 12,
+                     "num_heads": 12},
+}
+
+# The original research code (transformers 4.30) on 2 CPU cores, OMP_NUM_THREADS=2: tiny T5, cqa, batch 8,
+# max_input_length 256; evaluation of the whole cqa test split (1,221 rows, 64 generated tokens each).
+REFERENCE = {
+    "config": {"random_init": "tiny", "dataset": "cqa", "batch_size": 8, "max_input_length": 256},
+    "task_prefix": {"train_examples_per_s": (6.11 + 6.29) / 2, "peak_rss_bytes": 1.49e9, "eval_rows_per_s": 1221 / 291},
+    "standard": {"train_examples_per_s": (16.1 + 14.1) / 2, "peak_rss_bytes": 1.16e9, "eval_rows_per_s": 1221 / 301},
+}
+TARGETS = {"task_prefix": 1.6, "standard": 1.2, "eval": 2.0}
+LOSS_RTOL = 1e-5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", default="cqa", choices=["cqa", "svamp"])
+    add("--data_dir", default=str(SHARED / "datasets"), help="the unzipped datasets.zip folder")
+    add("--mode", default="both", choices=["task_prefix", "standard", "both"])
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--from_pretrained", help="a saved T5 model and tokenizer (directory or hub id)")
+    model.add_argument("--random_init", choices=sorted(RANDOM_CONFIGS),
+                       help="a t5-v1_1-shaped model with random weights (default: tiny)")
+    add("--tokenizer", default=str(SHARED / "t5-tokenizer"), help="tokenizer for --random_init")
+    add("--batch_size", type=int, default=8)
+    add("--eval_batch_size", type=int, default=None, help="default: --batch_size, as run.py")
+    add("--max_input_length", type=int, default=256)
+    add("--steps", type=int, default=20, help="timed training steps per path and round")
+    add("--warmup", type=int, default=3, help="untimed steps before them")
+    add("--rounds", type=int, default=2, help="rounds of both paths, alternating which goes first")
+    add("--eval", action="store_true", help="also time one evaluation of the test split (generation)")
+    add("--eval_rows", type=int, default=None, help="evaluate only the first N test rows (quick runs)")
+    add("--eval_reference", action="store_true",
+        help="also time the paper's evaluation: a loss forward pass, then generation, in dataset order")
+    add("--gen_max_len", type=int, default=64)
+    add("--bf16", action="store_true", help="bfloat16 mixed precision (the loss check stays fp32)")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--seed", type=int, default=0)
+    add("--out", default="bench.json", help="where the JSON report goes")
+    args = parser.parse_args(argv)
+    if not args.from_pretrained and not args.random_init:
+        args.random_init = "tiny"
+    for name in ("batch_size", "max_input_length", "steps", "rounds", "gen_max_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first step allocates optimizer state)")
+    return args
+
+
+# ---- analytic FLOPs ----
+
+
+def forward_flops(config, source: int, target: int) -> int:
+    """FLOPs of one forward pass for one row with `source` input and `target` target tokens (see the module doc)."""
+    d, f, hk, vocab = config.d_model, config.d_ff, config.num_heads * config.d_kv, config.vocab_size
+    g = 3 if config.is_gated_act else 2
+    s, t = source, target
+    encoder = config.num_layers * (s * (8 * d * hk + 2 * g * d * f) + 4 * s * s * hk)
+    decoder = config.num_decoder_layers * (
+        t * (8 * d * hk + 4 * d * hk + 2 * g * d * f) + s * 4 * d * hk + 4 * t * t * hk + 4 * t * s * hk
+    )
+    return encoder + decoder + t * 2 * d * vocab
+
+
+VIEWS = (("input_ids", "labels"), ("expl_input_ids", "rationale_labels"))
+
+
+class CountingCollator:
+    """Wraps the trainer's collator and records, per batch, its real and padded tokens and training FLOPs."""
+
+    def __init__(self, collator, config):
+        self.collator, self.config, self.batches = collator, config, []
+
+    def __call__(self, features):
+        real = padded = flops = padded_flops = 0
+        for input_key, label_key in VIEWS:
+            if input_key not in features[0]:
+                continue
+            sources = [len(f[input_key]) for f in features]
+            targets = [len(f[label_key]) for f in features]
+            real += sum(sources) + sum(targets)
+            padded += len(features) * (max(sources) + max(targets))
+            flops += 3 * sum(forward_flops(self.config, s, t) for s, t in zip(sources, targets))
+            padded_flops += 3 * len(features) * forward_flops(self.config, max(sources), max(targets))
+        self.batches.append({"rows": len(features), "tokens": real, "padded_tokens": padded, "flops": flops,
+                             "padded_flops": padded_flops})
+        return self.collator(features)
+
+
+# ---- clocks and memory ----
+
+
+def synchronize():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def release_memory():
+    """Collect garbage and hand freed heap back to the OS, so the next phase's peak starts from what is live."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_memory():
+    import torch
+
+    release_memory()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory() -> dict:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda_max_allocated"}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"peak_memory_bytes": int(line.split()[1]) * 1024, "memory_kind": "peak_rss_since_phase_start"}
+    except OSError:
+        pass
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "memory_kind": "peak_rss_of_process"}
+
+
+def matmul_peak_flops(device: str, seconds: float = 1.0) -> float:
+    """Best rate of a large dense fp32 matmul (TF32 if the run enables it), timed here and now."""
+    import torch
+
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    synchronize()
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end or best == float("inf"):
+        start = time.perf_counter()
+        a @ b
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def step_clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """(wall, process CPU) time at the start of training and at the end of every optimizer step."""
+
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            synchronize()
+            self.marks = [(time.perf_counter(), time.process_time())]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+    return StepClock()
+
+
+# ---- the two formulations ----
+
+
+def reference_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    from model_utils import two_pass_loss
+
+    loss, outputs = two_pass_loss(model, inputs, self.alpha)
+    return (loss, outputs) if return_outputs else loss
+
+
+def reference_prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+    """The paper's evaluation step: a loss forward pass (which accuracy does not need), then generation."""
+    import torch
+
+    from model_utils import TaskPrefixTrainer, two_pass_loss
+
+    with torch.no_grad():
+        loss = two_pass_loss(model, self._prepare_inputs(inputs), self.alpha)[0].detach()
+    _, predictions, labels = TaskPrefixTrainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
+    return loss, predictions, labels
+
+
+def set_reference(trainer):
+    """Turn a trainer from build_trainer into the paper's formulation: two passes, stock modules, foreach AdamW."""
+    from transformers.training_args import OptimizerNames
+
+    from model_utils import speed_up_student
+
+    speed_up_student(trainer.model, enable=False)
+    trainer.compute_loss = types.MethodType(reference_compute_loss, trainer)
+    trainer.prediction_step = types.MethodType(reference_prediction_step, trainer)
+    if trainer.args.optim == OptimizerNames.ADAMW_TORCH_FUSED:
+        trainer.args.optim = OptimizerNames.ADAMW_TORCH
+    return trainer
+
+
+# ---- the benchmark ----
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, device: str):
+        import torch
+        from transformers import AutoTokenizer
+
+        self.args, self.device, self.torch = args, device, torch
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-")
+        if args.from_pretrained:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+
+    def make_model(self):
+        """The same initial weights on every call: reloaded, or rebuilt from the seed (no copy kept in memory)."""
+        torch = self.torch
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        if self.args.from_pretrained:
+            import run
+
+            _, model = run.load_student(argparse.Namespace(from_pretrained=self.args.from_pretrained, parallelize=False))
+            return model
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(self.args.seed)
+        vocab = -(-len(self.tokenizer) // 128) * 128  # 32,100 -> 32,128, as the public checkpoints
+        config = T5Config(vocab_size=vocab, feed_forward_proj="gated-gelu", dropout_rate=0.1, tie_word_embeddings=False,
+                          pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                          decoder_start_token_id=self.tokenizer.pad_token_id, **RANDOM_CONFIGS[self.args.random_init])
+        model = T5ForConditionalGeneration(config)
+        # t5-v1_1: decoder outputs not rescaled (tie_word_embeddings=False above) and an lm_head of its own, which
+        # transformers 5 ties to the input embeddings when it builds T5 from a config.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+        getattr(model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
+        torch.random.set_rng_state(generator_state)
+        return model
+
+    def run_args(self, mode: str) -> argparse.Namespace:
+        """run.py's own flags and defaults for this mode (alpha, learning rate, optimizer, ...)."""
+        import run
+
+        a = self.args
+        argv = ["--dataset", a.dataset, "--data_dir", a.data_dir, "--model_type", mode,
+                "--from_pretrained", a.from_pretrained or f"random-{a.random_init}",
+                "--llm", "palm" if mode == "task_prefix" else "none", "--batch_size", str(a.batch_size),
+                "--max_input_length", str(a.max_input_length), "--max_steps", str(a.warmup + a.steps),
+                "--eval_steps", str(10**9), "--gen_max_len", str(a.gen_max_len), "--no_log", "--run", str(a.seed)]
+        if a.eval_batch_size:
+            argv += ["--eval_batch_size", str(a.eval_batch_size)]
+        if a.bf16:
+            argv.append("--bf16")
+        return run.parse_args(argv)
+
+    def trainer(self, mode: str, run_args, tokenized, reference: bool):
+        from train_utils import build_trainer, training_arguments
+
+        out = Path(self.tmp.name) / mode
+        training_args = training_arguments(run_args, out / "ckpt", out / "log")
+        trainer, _ = build_trainer(run_args, training_args, self.make_model(), self.tokenizer, tokenized,
+                                   "text" if self.args.dataset == "cqa" else "equation")
+        return set_reference(trainer) if reference else trainer
+
+    def check_loss(self, mode, run_args, tokenized) -> dict:
+        """Both formulations on one training batch, from the same weights, without dropout, in fp32."""
+        torch = self.torch
+        optimized = self.trainer(mode, run_args, tokenized, reference=False)
+        reference = self.trainer(mode, run_args, tokenized, reference=True)
+        batch = optimized._prepare_inputs(next(iter(optimized.get_train_dataloader())))
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            results = {}
+            for name, trainer in (("two_pass", reference), ("optimized", optimized)):
+                model = trainer.model.to(optimized.args.device).eval()
+                loss = trainer.compute_loss(model, batch)
+                loss.backward()
+                grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+                results[name] = (loss.item(), grad)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        (ref_loss, ref_grad), (opt_loss, opt_grad) = results["two_pass"], results["optimized"]
+        rel = abs(opt_loss - ref_loss) / abs(ref_loss)
+        grad_rel = ((opt_grad - ref_grad).norm() / ref_grad.norm()).item()
+        del optimized, reference, batch, results, ref_grad, opt_grad
+        release_memory()
+        return {"two_pass": ref_loss, "optimized": opt_loss, "rel_diff": rel, "grad_rel_diff": grad_rel,
+                "equal": rel <= LOSS_RTOL, "rtol": LOSS_RTOL,
+                "note": "one training batch, same initial weights, dropout off, fp32 (TF32 off)"}
+
+    def train_once(self, mode, run_args, tokenized, reference: bool) -> dict:
+        a = self.args
+        trainer = self.trainer(mode, run_args, tokenized, reference)
+        counter = CountingCollator(trainer.data_collator, trainer.model.config)
+        trainer.data_collator = counter
+        clock = step_clock()
+        trainer.add_callback(clock)
+        reset_peak_memory()
+        output = trainer.train()
+        memory = peak_memory()
+        marks, batches = clock.marks, counter.batches[a.warmup : a.warmup + a.steps]
+        (wall0, cpu0), (wall1, cpu1) = marks[a.warmup], marks[a.warmup + a.steps]
+        step_times = [marks[i + 1][0] - marks[i][0] for i in range(a.warmup, a.warmup + a.steps)]
+        seconds = wall1 - wall0
+        flops = sum(b["flops"] for b in batches)
+        result = {
+            "examples_per_s": sum(b["rows"] for b in batches) / seconds,
+            "tokens_per_s": sum(b["tokens"] for b in batches) / seconds,
+            "seconds": seconds,
+            "median_step_s": statistics.median(step_times),
+            "cpu_s_per_step": (cpu1 - cpu0) / a.steps,
+            "model_flops_per_step": flops / a.steps,
+            "padded_flops_per_step": sum(b["padded_flops"] for b in batches) / a.steps,
+            "achieved_flops_per_s": flops / seconds,
+            "padding_fraction": 1 - sum(b["tokens"] for b in batches) / sum(b["padded_tokens"] for b in batches),
+            "train_loss": output.training_loss,
+            **memory,
+        }
+        del trainer, output
+        release_memory()
+        return result
+
+    def evaluate(self, mode, run_args, tokenized, reference: bool) -> dict:
+        trainer = self.trainer(mode, run_args, tokenized, reference)
+        # The optimized path evaluates the test split sorted by length (build_trainer); the paper, in dataset order.
+        test = tokenized["test"] if reference else trainer.eval_dataset["test"]
+        reset_peak_memory()
+        start = time.perf_counter()
+        metrics = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
+        synchronize()
+        seconds = time.perf_counter() - start
+        result = {"rows": len(test), "seconds": seconds, "rows_per_s": len(test) / seconds,
+                  "accuracy": metrics.get("test_accuracy"), **peak_memory()}
+        del trainer
+        release_memory()
+        return result
+
+    def mode(self, mode: str) -> dict:
+        import run
+        from train_utils import tokenize
+
+        a = self.args
+        run_args = self.run_args(mode)
+        splits = run.prepare_splits(run_args, self.tokenizer.eos_token)
+        if a.eval_rows:
+            splits["test"] = splits["test"].select(range(min(a.eval_rows, len(splits["test"]))))
+        tokenized = tokenize(splits, self.tokenizer, mode, a.max_input_length)
+        report = {"step0_loss": self.check_loss(mode, run_args, tokenized), "rounds": []}
+        for r in range(a.rounds):
+            order = ("optimized", "two_pass") if r % 2 == 0 else ("two_pass", "optimized")
+            runs = {name: self.train_once(mode, run_args, tokenized, name == "two_pass") for name in order}
+            runs["speedup"] = runs["optimized"]["examples_per_s"] / runs["two_pass"]["examples_per_s"]
+            runs["cpu_speedup"] = runs["two_pass"]["cpu_s_per_step"] / runs["optimized"]["cpu_s_per_step"]
+            report["rounds"].append(runs)
+            print(f"{mode} round {r + 1}: optimized {runs['optimized']['examples_per_s']:.2f} ex/s, two_pass "
+                  f"{runs['two_pass']['examples_per_s']:.2f} ex/s ({runs['speedup']:.2f}x)", file=sys.stderr)
+        report["train"] = {name: summarize([r[name] for r in report["rounds"]]) for name in ("optimized", "two_pass")}
+        report["train"]["speedup"] = statistics.median(r["speedup"] for r in report["rounds"])
+        report["train"]["cpu_speedup"] = statistics.median(r["cpu_speedup"] for r in report["rounds"])
+        if a.eval:
+            report["eval"] = {"optimized": self.evaluate(mode, run_args, tokenized, reference=False)}
+            if a.eval_reference:
+                report["eval"]["two_pass"] = self.evaluate(mode, run_args, tokenized, reference=True)
+                report["eval"]["speedup"] = report["eval"]["two_pass"]["seconds"] / report["eval"]["optimized"]["seconds"]
+        return report
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over rounds (peak memory: the largest)."""
+    out = {key: statistics.median(r[key] for r in runs) for key in runs[0] if isinstance(runs[0][key], (int, float))}
+    out["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in runs)
+    out["memory_kind"] = runs[0]["memory_kind"]
+    return out
+
+
+def versus_reference(args, report: dict) -> dict | None:
+    """Ratios to the issue's reference figures, where this run has the reference's configuration."""
+    same = REFERENCE["config"] == {"random_init": args.random_init, "dataset": args.dataset,
+                                   "batch_size": args.batch_size, "max_input_length": args.max_input_length}
+    if not same or args.bf16:
+        return None
+    out = {}
+    for mode, result in report["modes"].items():
+        ref = REFERENCE[mode]
+        entry = {"train_speedup": result["train"]["optimized"]["examples_per_s"] / ref["train_examples_per_s"],
+                 "train_target": TARGETS[mode],
+                 "peak_memory_ratio": result["train"]["optimized"]["peak_memory_bytes"] / ref["peak_rss_bytes"]}
+        evaluation = result.get("eval", {}).get("optimized")
+        if evaluation and not args.eval_rows and args.eval_batch_size in (None, args.batch_size):
+            entry["eval_speedup"] = evaluation["rows_per_s"] / ref["eval_rows_per_s"]
+            entry["eval_target"] = TARGETS["eval"]
+        out[mode] = entry
+    return {"reference": REFERENCE, "ratios": out}
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"\n{report['config']['model']} on {m['device_name']} ({m['torch_threads']} threads), load average "
+          f"{m['load_average_start']} -> {m['load_average_end']}; dense fp32 matmul "
+          f"{m['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    header = f"{'mode':12} {'path':10} {'ex/s':>7} {'tok/s':>8} {'step ms':>8} {'cpu s/step':>10} " \
+             f"{'GFLOP/s':>8} {'peak MB':>8} {'step-0 loss':>12}"
+    print(header)
+    print("-" * len(header))
+    for mode, result in report["modes"].items():
+        for path in ("two_pass", "optimized"):
+            t = result["train"][path]
+            print(f"{mode:12} {path:10} {t['examples_per_s']:7.2f} {t['tokens_per_s']:8.0f} "
+                  f"{t['median_step_s'] * 1e3:8.0f} {t['cpu_s_per_step']:10.2f} "
+                  f"{t['achieved_flops_per_s'] / 1e9:8.1f} {t['peak_memory_bytes'] / 2**20:8.0f} "
+                  f"{result['step0_loss'][path]:12.6f}")
+        loss = result["step0_loss"]
+        print(f"{mode:12} speed-up {result['train']['speedup']:.2f}x (CPU time {result['train']['cpu_speedup']:.2f}x); "
+              f"model GFLOP/step {result['train']['optimized']['model_flops_per_step'] / 1e9:.1f} "
+              f"(padded {result['train']['two_pass']['padded_flops_per_step'] / 1e9:.1f}); step-0 loss rel. diff "
+              f"{loss['rel_diff']:.1e} ({'equal' if loss['equal'] else 'DIFFERENT'}), grad {loss['grad_rel_diff']:.1e}")
+        for path, e in result.get("eval", {}).items():
+            if isinstance(e, dict):
+                print(f"{mode:12} eval {path:10} {e['rows']} rows in {e['seconds']:.1f} s = {e['rows_per_s']:.2f} "
+                      f"rows/s, peak {e['peak_memory_bytes'] / 2**20:.0f} MB")
+    vs = report.get("versus_reference")
+    if vs:
+        print("\nagainst the issue's reference figures (original code, transformers 4.30):")
+        for mode, r in vs["ratios"].items():
+            line = (f"{mode:12} train {r['train_speedup']:.2f}x (target {r['train_target']}x), "
+                    f"peak memory {r['peak_memory_ratio']:.2f}x")
+            if "eval_speedup" in r:
+                line += f", eval {r['eval_speedup']:.2f}x (target {r['eval_target']}x)"
+            print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and device != "cuda":
+        print("error: --device cuda but no GPU is visible", file=sys.stderr)
+        return 1
+    from train_utils import library_versions
+
+    load_start = os.getloadavg()
+    bench = Bench(args, device)
+    peak_start = matmul_peak_flops(device)
+    model = bench.make_model()
+    report = {
+        "config": {**vars(args), "model": args.from_pretrained or f"random {args.random_init}",
+                   "parameters": sum(p.numel() for p in model.parameters())},
+        "machine": {"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda"
+                    else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "versions": library_versions()},
+        "modes": {},
+    }
+    del model
+    for mode in ("task_prefix", "standard") if args.mode == "both" else (args.mode,):
+        report["modes"][mode] = bench.mode(mode)
+    peak_end = matmul_peak_flops(device)
+    report["machine"].update({"matmul_flops_per_s": max(peak_start, peak_end), "matmul_flops_per_s_start": peak_start,
+                              "matmul_flops_per_s_end": peak_end,
+                              "load_average_start": [round(x, 2) for x in load_start],
+                              "load_average_end": [round(x, 2) for x in os.getloadavg()]})
+    for result in report["modes"].values():
+        for path in ("optimized", "two_pass"):
+            t = result["train"][path]
+            t["fraction_of_matmul_peak"] = t["achieved_flops_per_s"] / report["machine"]["matmul_flops_per_s"]
+    report["versus_reference"] = versus_reference(args, report)
+    print_table(report)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nreport in {args.out}")
+    return 0 if all(r["step0_loss"]["equal"] for r in report["modes"].values()) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
