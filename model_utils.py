@@ -236,12 +236,14 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
 
     def grouped_loss_applies(self, model) -> bool:
         """grouped_loss calls the encoder and decoder directly, which a DDP/FSDP/DeepSpeed wrapper does not allow
-        (their gradient sync and parameter gathering hang on the wrapper's forward)."""
+        (their gradient sync and parameter gathering hang on the wrapper's forward), nor a model split over GPUs."""
         return (
             isinstance(model, PreTrainedModel)
             and all(hasattr(model, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
             and self.accelerator.num_processes == 1
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            # --parallelize spreads layers over GPUs; the regrouped tensors would cross devices.
+            and len(set(getattr(model, "hf_device_map", {}).values())) <= 1
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -180,6 +180,12 @@ def prepare_splits(args: argparse.Namespace, eos: str):
     if args.llm != "none":
         for name in splits:
             splits[name] = splits[name].rename_column("llm_rationale", "rationale")
+    # Only what is evaluated gets tokenised: valid only when it selects the checkpoint.
+    if args.select_on != "valid":
+        del splits["valid"]
+    if args.max_eval_samples:
+        for name in splits.keys() - {"train"}:
+            splits[name] = splits[name].select(range(min(args.max_eval_samples, len(splits[name]))))
     return splits
 
 

@@ -133,10 +133,6 @@ def tokenize(
     return tokenized
 
 
-def first_rows(split: Dataset, limit: int | None) -> Dataset:
-    return split if limit is None or limit >= len(split) else split.select(range(limit))
-
-
 def sort_by_length(split: Dataset) -> Dataset:
     lengths = [len(ids) for ids in split["input_ids"]]
     return split.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
@@ -270,7 +266,7 @@ def build_trainer(
     recorder = RunRecorder(evaluator)
     eval_splits = ("valid", "test") if args.select_on == "valid" else ("test",)
     # Longest rows first: batches of similar length pad less, and an out-of-memory shows at the first batch.
-    eval_sets = {split: sort_by_length(first_rows(tokenized[split], args.max_eval_samples)) for split in eval_splits}
+    eval_sets = {split: sort_by_length(tokenized[split]) for split in eval_splits}
     collator_class = TaskPrefixDataCollator if args.model_type == "task_prefix" else StandardDataCollator
     speed_up_student(model)
     trainer = TaskPrefixTrainer(

@@ -84,7 +84,7 @@ def test_loss_is_alpha_weighted_sum_of_two_separate_passes(tiny_t5, tokenizer, t
     model.eval()
     args = argparse.Namespace(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-        max_steps=1, batch_size=3, eval_batch_size=None, max_eval_samples=None, grad_steps=1, run=0, bf16=False, model_type="task_prefix", alpha=alpha,
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, model_type="task_prefix", alpha=alpha,
         gen_max_len=4, output_rationale=False, deepspeed=None,
     )
     training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
