@@ -1,7 +1,7 @@
 """Throughput of the project's training and evaluation path, measured against the paper's formulation in one run.
 
     OMP_NUM_THREADS=2 python bench.py --random_init tiny --dataset cqa --mode both --batch_size 8 \
-        --max_input_length 256 --eval --out bench.json
+        --max_input_length 256 --eval --eval_reference --process_memory --out bench.json
 
 Per mode (task_prefix, standard) it trains the same batches from the same initial weights along two paths:
 
@@ -12,8 +12,20 @@ Per mode (task_prefix, standard) it trains the same batches from the same initia
   before these optimisations).
 
 Each round trains both paths once, alternating which goes first (ABBA), so load drifting on a shared machine hits
-both alike; speed-ups are ratios within a round. Before training, both paths compute the loss of one batch from the
-same weights without dropout (in fp32, TF32 off); they must agree to 1e-5 relative (step0_loss).
+both alike; speed-ups are ratios within a round (wall clock, and process CPU time, which shared cores disturb
+less). Before training, both paths compute the loss of one batch from the same weights without dropout (in fp32,
+TF32 off); they must agree to 1e-5 relative (step0_loss). Peak memory is the peak RSS of each training phase (on
+Linux, reset between phases), or torch.cuda.max_memory_allocated on a GPU.
+
+--eval times one trainer.evaluate of the test split (greedy generation of up to --gen_max_len tokens; random
+weights never stop early) with fresh weights: the optimized path as run.py runs it (sorted by length, batches of
+4 x --batch_size, no loss pass); --eval_reference adds the paper's evaluation (a loss pass, then generation, in
+dataset order, batches of --batch_size, stock modules) for an in-run ratio, and the optimized path in batches of
+--batch_size too (same_batch).
+
+--process_memory (CPU) runs run.py itself for the same steps and reports its peak RSS, the figure the reference
+table gives, and the RSS of a process that only imports run.py's modules: library import sizes differ a lot between
+transformers 4.30 and 5, so "working" memory (peak - imports) is compared as well.
 
 Model FLOPs (real tokens only; padding is not useful work). For a T5 with d_model d, d_ff f, h heads of d_kv k
 (hk = h * k), L_e encoder and L_d decoder layers, vocabulary V, gated activation (g = 3 matrices: wi_0, wi_1, wo;
@@ -62,6 +74,9 @@ REFERENCE = {
     "config": {"random_init": "tiny", "dataset": "cqa", "batch_size": 8, "max_input_length": 256},
     "task_prefix": {"train_examples_per_s": (6.11 + 6.29) / 2, "peak_rss_bytes": 1.49e9, "eval_rows_per_s": 1221 / 291},
     "standard": {"train_examples_per_s": (16.1 + 14.1) / 2, "peak_rss_bytes": 1.16e9, "eval_rows_per_s": 1221 / 301},
+    # RSS of that code's imports alone (torch 2.0.1+cu117, transformers 4.30.2, datasets 2.13.1, pandas), measured on
+    # this machine: what its peak includes before any data or model. Ours is measured in the run (--process_memory).
+    "import_rss_bytes": 519 * 2**20,
 }
 TARGETS = {"task_prefix": 1.6, "standard": 1.2, "eval": 2.0}
 LOSS_RTOL = 1e-5
@@ -79,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="a t5-v1_1-shaped model with random weights (default: tiny)")
     add("--tokenizer", default=str(SHARED / "t5-tokenizer"), help="tokenizer for --random_init")
     add("--batch_size", type=int, default=8)
-    add("--eval_batch_size", type=int, default=None, help="default: --batch_size, as run.py")
+    add("--eval_batch_size", type=int, default=None, help="default: run.py's (4 x --batch_size)")
     add("--max_input_length", type=int, default=256)
     add("--steps", type=int, default=20, help="timed training steps per path and round")
     add("--warmup", type=int, default=3, help="untimed steps before them")
@@ -88,12 +103,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eval_rows", type=int, default=None, help="evaluate only the first N test rows (quick runs)")
     add("--eval_reference", action="store_true",
         help="also time the paper's evaluation: a loss forward pass, then generation, in dataset order")
+    add("--process_memory", action="store_true",
+        help="CPU: also the peak RSS of a whole run.py process (the reference's measure) and of its imports alone")
     add("--gen_max_len", type=int, default=64)
     add("--bf16", action="store_true", help="bfloat16 mixed precision (the loss check stays fp32)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--seed", type=int, default=0)
     add("--out", default="bench.json", help="where the JSON report goes")
+    add("--overwrite", action="store_true", help="replace an existing --out report")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists: pass another --out, or --overwrite to replace it")
     if not args.from_pretrained and not args.random_init:
         args.random_init = "tiny"
     for name in ("batch_size", "max_input_length", "steps", "rounds", "gen_max_len"):
@@ -180,6 +200,17 @@ def reset_peak_memory():
         pass
 
 
+def resident_bytes() -> int | None:
+    """The process's resident set size now (Linux), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory() -> dict:
     import resource
 
@@ -195,6 +226,25 @@ def peak_memory() -> dict:
         pass
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "memory_kind": "peak_rss_of_process"}
+
+
+def child_peak_rss(code: str) -> int:
+    """Peak resident memory of a fresh Python process running code, from its own VmHWM (Linux).
+
+    Not from the child's rusage: Linux counts the memory of the process that forked it (this one) in that.
+    """
+    import subprocess
+    import textwrap
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "vmhwm_kb"
+        wrapped = (f"try:\n{textwrap.indent(code, '    ')}\nfinally:\n    import pathlib, re\n"
+                   f"    status = pathlib.Path('/proc/self/status').read_text()\n"
+                   f"    pathlib.Path({str(report)!r}).write_text(re.search(r'VmHWM:\\s*(\\d+)', status).group(1))\n")
+        proc = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a --process_memory child failed:\n{proc.stderr[-2000:]}")
+        return int(report.read_text()) * 1024
 
 
 def matmul_peak_flops(device: str, seconds: float = 1.0) -> float:
@@ -267,6 +317,7 @@ def set_reference(trainer):
     trainer.prediction_step = types.MethodType(reference_prediction_step, trainer)
     if trainer.args.optim == OptimizerNames.ADAMW_TORCH_FUSED:
         trainer.args.optim = OptimizerNames.ADAMW_TORCH
+    trainer.args.per_device_eval_batch_size = trainer.args.per_device_train_batch_size
     return trainer
 
 
@@ -313,9 +364,12 @@ class Bench:
         """run.py's own flags and defaults for this mode (alpha, learning rate, optimizer, ...)."""
         import run
 
+        return run.parse_args(self.run_argv(mode))
+
+    def run_argv(self, mode: str, from_pretrained: str | None = None) -> list[str]:
         a = self.args
         argv = ["--dataset", a.dataset, "--data_dir", a.data_dir, "--model_type", mode,
-                "--from_pretrained", a.from_pretrained or f"random-{a.random_init}",
+                "--from_pretrained", from_pretrained or a.from_pretrained or f"random-{a.random_init}",
                 "--llm", "palm" if mode == "task_prefix" else "none", "--batch_size", str(a.batch_size),
                 "--max_input_length", str(a.max_input_length), "--max_steps", str(a.warmup + a.steps),
                 "--eval_steps", str(10**9), "--gen_max_len", str(a.gen_max_len), "--no_log", "--run", str(a.seed)]
@@ -323,15 +377,36 @@ class Bench:
             argv += ["--eval_batch_size", str(a.eval_batch_size)]
         if a.bf16:
             argv.append("--bf16")
-        return run.parse_args(argv)
+        return argv
+
+    def process_memory(self, mode: str) -> dict:
+        """Peak RSS of run.py training this configuration for warmup + steps steps, as a user runs it (one process,
+        then a checkpoint and an 8-row evaluation), and of a process that only imports what run.py imports."""
+        out = Path(self.tmp.name)
+        model_dir = self.args.from_pretrained
+        if not model_dir:
+            model_dir = str(out / "student")
+            if not Path(model_dir).is_dir():
+                self.make_model().save_pretrained(model_dir)
+                self.tokenizer.save_pretrained(model_dir)
+        argv = [str(ROOT / "run.py"), *self.run_argv(mode, model_dir), "--output_dir", str(out / f"run-{mode}"),
+                "--max_eval_samples", "8", "--no_log"]
+        peak = child_peak_rss(f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+        imports = child_peak_rss("import run, train_utils, model_utils, data_utils, metrics")
+        return {"run_py_peak_rss_bytes": peak, "import_rss_bytes": imports, "working_bytes": peak - imports}
 
     def trainer(self, mode: str, run_args, tokenized, reference: bool):
+        from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
         from train_utils import build_trainer, training_arguments
 
         out = Path(self.tmp.name) / mode
         training_args = training_arguments(run_args, out / "ckpt", out / "log")
         trainer, _ = build_trainer(run_args, training_args, self.make_model(), self.tokenizer, tokenized,
                                    "text" if self.args.dataset == "cqa" else "equation")
+        # Training is timed on its own: no evaluation and no checkpoint when it ends (evaluate() is timed apart).
+        trainer.args.eval_strategy, trainer.args.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
+        trainer.args.load_best_model_at_end = False
         return set_reference(trainer) if reference else trainer
 
     def check_loss(self, mode, run_args, tokenized) -> dict:
@@ -369,6 +444,7 @@ class Bench:
         clock = step_clock()
         trainer.add_callback(clock)
         reset_peak_memory()
+        resident = resident_bytes()
         output = trainer.train()
         memory = peak_memory()
         marks, batches = clock.marks, counter.batches[a.warmup : a.warmup + a.steps]
@@ -388,6 +464,7 @@ class Bench:
             "padding_fraction": 1 - sum(b["tokens"] for b in batches) / sum(b["padded_tokens"] for b in batches),
             "train_loss": output.training_loss,
             **memory,
+            "rss_at_start_bytes": resident,
         }
         del trainer, output
         release_memory()
@@ -402,8 +479,8 @@ class Bench:
         metrics = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
         synchronize()
         seconds = time.perf_counter() - start
-        result = {"rows": len(test), "seconds": seconds, "rows_per_s": len(test) / seconds,
-                  "accuracy": metrics.get("test_accuracy"), **peak_memory()}
+        result = {"rows": len(test), "batch_size": trainer.args.per_device_eval_batch_size, "seconds": seconds,
+                  "rows_per_s": len(test) / seconds, "accuracy": metrics.get("test_accuracy"), **peak_memory()}
         del trainer
         release_memory()
         return result
@@ -430,10 +507,15 @@ class Bench:
         report["train"] = {name: summarize([r[name] for r in report["rounds"]]) for name in ("optimized", "two_pass")}
         report["train"]["speedup"] = statistics.median(r["speedup"] for r in report["rounds"])
         report["train"]["cpu_speedup"] = statistics.median(r["cpu_speedup"] for r in report["rounds"])
+        if a.process_memory and self.device == "cpu":
+            report["process_memory"] = self.process_memory(mode)
         if a.eval:
             report["eval"] = {"optimized": self.evaluate(mode, run_args, tokenized, reference=False)}
             if a.eval_reference:
                 report["eval"]["two_pass"] = self.evaluate(mode, run_args, tokenized, reference=True)
+                if report["eval"]["optimized"]["batch_size"] != a.batch_size:  # also at the paper's batch size
+                    same_batch = argparse.Namespace(**{**vars(run_args), "eval_batch_size": a.batch_size})
+                    report["eval"]["same_batch"] = self.evaluate(mode, same_batch, tokenized, reference=False)
                 report["eval"]["speedup"] = report["eval"]["two_pass"]["seconds"] / report["eval"]["optimized"]["seconds"]
         return report
 
@@ -458,10 +540,18 @@ def versus_reference(args, report: dict) -> dict | None:
         entry = {"train_speedup": result["train"]["optimized"]["examples_per_s"] / ref["train_examples_per_s"],
                  "train_target": TARGETS[mode],
                  "peak_memory_ratio": result["train"]["optimized"]["peak_memory_bytes"] / ref["peak_rss_bytes"]}
+        process = result.get("process_memory")
+        if process:
+            entry["run_py_peak_rss_ratio"] = process["run_py_peak_rss_bytes"] / ref["peak_rss_bytes"]
+            entry["working_memory_ratio"] = process["working_bytes"] / (ref["peak_rss_bytes"] - REFERENCE["import_rss_bytes"])
         evaluation = result.get("eval", {}).get("optimized")
-        if evaluation and not args.eval_rows and args.eval_batch_size in (None, args.batch_size):
+        if evaluation and not args.eval_rows:
             entry["eval_speedup"] = evaluation["rows_per_s"] / ref["eval_rows_per_s"]
             entry["eval_target"] = TARGETS["eval"]
+            entry["eval_batch_size"] = evaluation["batch_size"]  # the reference evaluated in batches of 8
+            same_batch = result["eval"].get("same_batch")
+            if same_batch:
+                entry["eval_speedup_same_batch"] = same_batch["rows_per_s"] / ref["eval_rows_per_s"]
         out[mode] = entry
     return {"reference": REFERENCE, "ratios": out}
 
@@ -487,18 +577,28 @@ def print_table(report: dict) -> None:
               f"model GFLOP/step {result['train']['optimized']['model_flops_per_step'] / 1e9:.1f} "
               f"(padded {result['train']['two_pass']['padded_flops_per_step'] / 1e9:.1f}); step-0 loss rel. diff "
               f"{loss['rel_diff']:.1e} ({'equal' if loss['equal'] else 'DIFFERENT'}), grad {loss['grad_rel_diff']:.1e}")
+        process = result.get("process_memory")
+        if process:
+            print(f"{mode:12} run.py process: peak RSS {process['run_py_peak_rss_bytes'] / 2**20:.0f} MB, of which "
+                  f"imports {process['import_rss_bytes'] / 2**20:.0f} MB, working {process['working_bytes'] / 2**20:.0f} MB")
         for path, e in result.get("eval", {}).items():
             if isinstance(e, dict):
-                print(f"{mode:12} eval {path:10} {e['rows']} rows in {e['seconds']:.1f} s = {e['rows_per_s']:.2f} "
-                      f"rows/s, peak {e['peak_memory_bytes'] / 2**20:.0f} MB")
+                print(f"{mode:12} eval {path:10} {e['rows']} rows (batches of {e['batch_size']}) in {e['seconds']:.1f} s "
+                      f"= {e['rows_per_s']:.2f} rows/s, peak {e['peak_memory_bytes'] / 2**20:.0f} MB")
     vs = report.get("versus_reference")
     if vs:
         print("\nagainst the issue's reference figures (original code, transformers 4.30):")
         for mode, r in vs["ratios"].items():
-            line = (f"{mode:12} train {r['train_speedup']:.2f}x (target {r['train_target']}x), "
-                    f"peak memory {r['peak_memory_ratio']:.2f}x")
+            line = f"{mode:12} train {r['train_speedup']:.2f}x (target {r['train_target']}x)"
             if "eval_speedup" in r:
-                line += f", eval {r['eval_speedup']:.2f}x (target {r['eval_target']}x)"
+                line += f", eval {r['eval_speedup']:.2f}x (target {r['eval_target']}x; batches of {r['eval_batch_size']})"
+            if "eval_speedup_same_batch" in r:
+                line += f", in batches of {REFERENCE['config']['batch_size']} {r['eval_speedup_same_batch']:.2f}x"
+            if "run_py_peak_rss_ratio" in r:
+                line += (f"; peak RSS of run.py {r['run_py_peak_rss_ratio']:.2f}x, above its imports "
+                         f"{r['working_memory_ratio']:.2f}x")
+            else:
+                line += f"; peak RSS of this process's training {r['peak_memory_ratio']:.2f}x"
             print(line)
 
 

@@ -159,7 +159,7 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
     - One encoder pass for all views' rows together (the views share their inputs but for the prefix), the rows
       sorted by length and run in a few length groups, each padded only to its own longest row;
     - decoder passes per view, also in length groups, each trimmed to its longest target;
-    - the lm_head and the cross-entropy only at target positions, not at padding, in one call for all views.
+    - the lm_head and the cross-entropy only at target positions, not at padding, fused and chunked (LMHeadLoss).
     Rows never interact in T5 (padding is masked, decoding is causal), so regrouping rows and dropping trailing
     padding changes no real position's value; only floating-point rounding differs (about 1e-7 relative in fp32).
     Dropout draws differ, so in training mode the two formulations agree in distribution, not draw by draw.
@@ -208,9 +208,67 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
     hidden = torch.cat(hidden)
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
         hidden = hidden * model.model_dim**-0.5  # as T5ForConditionalGeneration.forward does with tied embeddings
-    logits = model.lm_head(hidden)
-    losses = F.cross_entropy(logits, torch.cat(targets).to(logits.device), reduction="none")
-    return (losses * torch.cat(token_weights).to(losses.device)).sum()
+    return lm_head_loss(hidden, model.lm_head.weight, torch.cat(targets), torch.cat(token_weights))
+
+
+# The most fp32 logits lm_head_loss holds at once: a tiny-T5 batch of 8 rationales in one chunk; batch 64 on a GPU in
+# a few, instead of several copies of a [tokens, vocabulary] tensor (smaller chunks were slower on a CPU).
+LOGIT_CHUNK_BYTES = 64 << 20
+
+
+class LMHeadLoss(torch.autograd.Function):
+    """The lm_head and the weighted cross-entropy in one step, a chunk of rows at a time.
+
+    Unfused, autograd keeps [tokens, vocabulary] logits, their log-softmax and its gradient: for a batch of
+    rationales, several copies of a tensor as large as the tiny T5. Here each chunk's logits become their gradient
+    (softmax - one-hot, times the token's weight) at once, and the gradients of hidden and weight are accumulated in
+    the forward pass; backward only scales them. Same values up to
+    float rounding; under autocast the products run in the autocast dtype and the softmax in fp32, as unfused.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights):
+        loss, grad_hidden, grad_weight = lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
+    compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else weight.dtype
+    weight_c, hidden_c = weight.to(compute_dtype), hidden.to(compute_dtype)
+    targets, token_weights = targets.to(hidden.device), token_weights.to(hidden.device, torch.float32)
+    loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if grads else None
+    grad_weight = torch.zeros_like(weight) if grads else None
+    rows = max(16, LOGIT_CHUNK_BYTES // (4 * weight.shape[0]))
+    for start in range(0, hidden.shape[0], rows):
+        chunk, target, token_weight = hidden_c[start : start + rows], targets[start : start + rows], \
+            token_weights[start : start + rows]
+        logits = (chunk @ weight_c.T).float()
+        # The fused softmax kernels: exp_ and logsumexp take 4x longer on a CPU where most logits are far below the max.
+        target_log_probabilities = torch.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        loss -= (target_log_probabilities * token_weight).sum()
+        if grads:
+            probabilities = torch.softmax(logits, dim=1)
+            del logits
+            probabilities[torch.arange(len(target), device=probabilities.device), target] -= 1
+            grad_logits = probabilities.mul_(token_weight[:, None]).to(compute_dtype)
+            grad_hidden[start : start + rows] = grad_logits @ weight_c
+            grad_weight += grad_logits.T @ chunk
+    return loss, grad_hidden, grad_weight
+
+
+def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor):
+    """sum_i token_weights[i] * cross_entropy(hidden[i] @ weight.T, targets[i]), without [tokens, vocab] tensors."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LMHeadLoss.apply(hidden, weight, targets, token_weights)
+    return lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=False)[0]
 
 
 class TaskPrefixTrainer(Seq2SeqTrainer):

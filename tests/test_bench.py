@@ -16,6 +16,7 @@ def test_bench_small_configuration(tiny_t5, shared_data, tmp_path):
     cmd = [sys.executable, str(ROOT / "bench.py"), "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data),
            "--dataset", "svamp", "--mode", "both", "--batch_size", "4", "--max_input_length", "64", "--steps", "2",
            "--warmup", "1", "--rounds", "2", "--eval", "--eval_rows", "16", "--eval_reference", "--gen_max_len", "4",
+           "--process_memory",
            "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -37,6 +38,9 @@ def test_bench_small_configuration(tiny_t5, shared_data, tmp_path):
         assert len(result["rounds"]) == 2 and result["train"]["speedup"] > 0
         for path in ("optimized", "two_pass"):
             assert result["eval"][path]["rows"] == 16 and result["eval"][path]["rows_per_s"] > 0
+        process = result["process_memory"]
+        assert 0 < process["import_rss_bytes"] < process["run_py_peak_rss_bytes"]
+        assert process["working_bytes"] == process["run_py_peak_rss_bytes"] - process["import_rss_bytes"]
     # Not the reference's configuration, so no ratios against the figures.
     assert report["versus_reference"] is None
     assert "speed-up" in proc.stdout and "step-0 loss" in proc.stdout

@@ -1,0 +1,216 @@
+"""The optimised training and decoding paths compute what the paper's formulation computes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers.activations import GELUTanh, NewGELUActivation
+
+import model_utils
+from model_utils import (
+    SkinnyLinear,
+    StandardDataCollator,
+    TaskPrefixDataCollator,
+    grouped_loss,
+    length_groups,
+    lm_head_loss,
+    speed_up_student,
+    two_pass_loss,
+)
+from train_utils import tokenize
+
+TEXTS = [
+    "the apple tree",
+    "where does he live in the park with many trees and a bus station",
+    "kids played tag",
+    "how many apples are in the garden if each tree has more apples than the last",
+    "a dog",
+    "she sings songs in the church choir every round of the game",
+]
+LABELS = ["park", "bus station", "tree", "( 12.0 + 3.0 )", "dogs", "church"]
+RATIONALES = [
+    "apples grow on trees",
+    "a bum lives near the bus and the train station so the answer must be the bus station",
+    "tag is played by kids",
+    "each tree has more so we add them",
+    "a dog is an animal",
+    "a choir sings in a church so the answer is church because songs are sung there by the choir",
+]
+
+
+@pytest.fixture
+def tokenizer(tiny_t5):
+    return AutoTokenizer.from_pretrained(tiny_t5)
+
+
+@pytest.fixture
+def model(tiny_t5):
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration.from_pretrained(tiny_t5)
+    # Larger weights than the fixture's, so that rounding-level differences would show in the comparisons.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+def batch(tokenizer, model_type):
+    split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
+    rows = list(tokenize(DatasetDict({"train": split}), tokenizer, model_type, 64)["train"])
+    collator = TaskPrefixDataCollator(tokenizer) if model_type == "task_prefix" else StandardDataCollator(tokenizer)
+    return collator(rows)
+
+
+def loss_and_grads(model, compute):
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("max_groups", [1, 2, 4])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_grouped_loss_equals_two_passes(tokenizer, model, alpha, max_groups):
+    inputs = batch(tokenizer, "task_prefix")
+    expected, expected_grads = loss_and_grads(model, lambda: two_pass_loss(model, inputs, alpha)[0])
+    views, weights = [inputs["pred"], inputs["expl"]], [alpha, 1 - alpha]
+    got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights, max_groups=max_groups))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():  # rounding differs with the grouping: compare each gradient as a whole
+        difference = (grad - expected_grads[name]).norm() / expected_grads[name].norm()
+        assert difference < 1e-3, (name, difference)
+
+
+def test_grouped_loss_equals_one_pass_in_standard_mode(tokenizer, model):
+    inputs = batch(tokenizer, "standard")
+    expected = model(**inputs["pred"]).loss
+    got = grouped_loss(model, [inputs["pred"]], [1.0], max_groups=3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_grouped_loss_with_untied_head_and_scaled_outputs(tokenizer, model):
+    """t5-v1_1 (own lm_head, no rescaling) and original T5 (tied, decoder outputs scaled by d_model ** -0.5)."""
+    inputs = batch(tokenizer, "task_prefix")
+    for scale in (False, True):
+        variant = copy.deepcopy(model)
+        variant.config.scale_decoder_outputs = scale
+        variant.lm_head.weight = torch.nn.Parameter(torch.randn_like(variant.lm_head.weight))
+        expected = two_pass_loss(variant, inputs, 0.5)[0]
+        got = grouped_loss(variant, [inputs["pred"], inputs["expl"]], [0.5, 0.5])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_length_groups_partition_rows_longest_first():
+    lengths = [5, 40, 7, 38, 6, 20, 39, 8]
+    groups = length_groups(lengths, max_groups=3, min_saving=1)
+    assert sorted(sum(groups, [])) == list(range(len(lengths)))
+    assert len(groups) == 3
+    flat = [lengths[i] for group in groups for i in group]
+    assert flat == sorted(lengths, reverse=True)
+    padded = sum(len(group) * lengths[group[0]] for group in groups)
+    assert padded < len(lengths) * max(lengths)
+    assert length_groups(lengths, max_groups=1) == [sorted(range(8), key=lambda i: -lengths[i])]
+    assert len(length_groups([10, 10, 10], max_groups=4)) == 1, "equal lengths leave nothing to save"
+    assert len(length_groups(lengths, max_groups=4, min_saving=10**6)) == 1
+
+
+def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
+    inputs = batch(tokenizer, "task_prefix")["pred"]
+    stock = copy.deepcopy(model)
+    fast = speed_up_student(model)
+    assert type(fast.lm_head) is SkinnyLinear
+    assert not any(isinstance(m, NewGELUActivation) for m in fast.modules())
+    assert any(isinstance(m, GELUTanh) for m in fast.modules())
+    tolerance = 1e-4  # of the largest logit: float rounding, which BLAS kernels vary with memory alignment
+    with torch.no_grad():
+        logits, expected_logits = fast(**inputs).logits, stock(**inputs).logits
+        assert (logits - expected_logits).abs().max() <= tolerance * expected_logits.abs().max()
+        settings = dict(max_new_tokens=12, num_beams=1, do_sample=False)
+        generated = fast.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **settings)
+        # A greedy path of the stock model: at every step the token taken is the stock model's best, up to rounding
+        # (an exact comparison would fail on near-ties).
+        stock_logits = stock(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             decoder_input_ids=generated[:, :-1]).logits
+    taken = stock_logits.gather(2, generated[:, 1:, None]).squeeze(2)
+    best = stock_logits.max(dim=2).values
+    ended = torch.cumsum(generated[:, :-1] == fast.config.eos_token_id, dim=1) > 0  # pad after </s>: not chosen
+    assert ((best - taken)[~ended] <= tolerance * stock_logits.abs().max()).all()
+    x = torch.randn(3, 2, fast.config.d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.lm_head(x), torch.nn.functional.linear(x, fast.lm_head.weight))
+    assert fast.lm_head(x).requires_grad, "with autograd on, the lm_head stays nn.Linear's product"
+    speed_up_student(fast, enable=False)
+    assert type(fast.lm_head) is torch.nn.Linear
+    assert not any(isinstance(m, GELUTanh) for m in fast.modules())
+
+
+def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5, tokenizer, model, tmp_path):
+    import argparse
+
+    from train_utils import build_trainer, training_arguments
+
+    split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
+    tokenized = tokenize(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
+    args = argparse.Namespace(
+        no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, model_type="task_prefix",
+        alpha=0.4, gen_max_len=4, output_rationale=False, deepspeed=None,
+    )
+    training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
+    assert training_args.optim == "adamw_torch_fused"
+    assert training_args.per_device_eval_batch_size == 4 * args.batch_size, "generation batches default to 4x"
+    explicit = argparse.Namespace(**{**vars(args), "eval_batch_size": 5})
+    assert training_arguments(explicit, tmp_path / "ckpt", tmp_path / "log").per_device_eval_batch_size == 5
+    trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, "text")
+    assert trainer.grouped_loss_applies(trainer.model) and type(trainer.model.lm_head) is SkinnyLinear
+    inputs = batch(tokenizer, "task_prefix")
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, inputs)
+        reference, outputs = trainer.compute_loss(trainer.model, inputs, return_outputs=True)
+    assert set(outputs) == {"pred", "expl"} and outputs["expl"].logits.shape[1] == inputs["expl"]["labels"].shape[1]
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])  # one chunk; chunks of 7 rows (the last one short)
+def test_lm_head_loss_equals_unfused_cross_entropy(monkeypatch, chunk_bytes):
+    monkeypatch.setattr(model_utils, "LOGIT_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    token_weights = torch.rand(30)
+
+    def unfused():
+        return (F.cross_entropy(hidden @ weight.T, targets, reduction="none") * token_weights).sum()
+
+    expected = unfused()
+    expected_grads = torch.autograd.grad(3 * expected, [hidden, weight])
+    got = lm_head_loss(hidden, weight, targets, token_weights)
+    grads = torch.autograd.grad(3 * got, [hidden, weight])  # the upstream gradient scales the saved ones
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert (grad - expected_grad).norm() / expected_grad.norm() < 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(lm_head_loss(hidden, weight, targets, token_weights), expected.detach(), rtol=1e-6,
+                                   atol=0)
+
+
+def test_lm_head_loss_under_bf16_autocast_matches_unfused():
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 32, requires_grad=True)
+    weight = torch.randn(64, 32, requires_grad=True)
+    targets, token_weights = torch.randint(0, 64, (20,)), torch.full((20,), 1 / 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = (F.cross_entropy(hidden @ weight.T, targets, reduction="none") * token_weights).sum()
+        got = lm_head_loss(hidden, weight, targets, token_weights)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=1e-2, atol=0)
+    grads = torch.autograd.grad(got, [hidden, weight])
+    expected_grads = torch.autograd.grad(expected, [hidden, weight])
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == torch.float32
+        assert (grad - expected_grad).norm() / expected_grad.norm() < 2e-2
