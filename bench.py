@@ -200,11 +200,11 @@ def reset_peak_memory():
         pass
 
 
-def resident_bytes() -> int | None:
-    """The process's resident set size now (Linux), or None."""
+def proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: peak since the last reset), or None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -218,12 +218,9 @@ def peak_memory() -> dict:
 
     if torch.cuda.is_available():
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda_max_allocated"}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return {"peak_memory_bytes": int(line.split()[1]) * 1024, "memory_kind": "peak_rss_since_phase_start"}
-    except OSError:
-        pass
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return {"peak_memory_bytes": peak, "memory_kind": "peak_rss_since_phase_start"}
     return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "memory_kind": "peak_rss_of_process"}
 
@@ -287,13 +284,6 @@ def step_clock():
 # ---- the two formulations ----
 
 
-def reference_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-    from model_utils import two_pass_loss
-
-    loss, outputs = two_pass_loss(model, inputs, self.alpha)
-    return (loss, outputs) if return_outputs else loss
-
-
 def reference_prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
     """The paper's evaluation step: a loss forward pass (which accuracy does not need), then generation."""
     import torch
@@ -313,7 +303,7 @@ def set_reference(trainer):
     from model_utils import speed_up_student
 
     speed_up_student(trainer.model, enable=False)
-    trainer.compute_loss = types.MethodType(reference_compute_loss, trainer)
+    trainer.grouped_loss_applies = lambda model: False  # compute_loss then takes its two-pass branch
     trainer.prediction_step = types.MethodType(reference_prediction_step, trainer)
     if trainer.args.optim == OptimizerNames.ADAMW_TORCH_FUSED:
         trainer.args.optim = OptimizerNames.ADAMW_TORCH
@@ -444,7 +434,7 @@ class Bench:
         clock = step_clock()
         trainer.add_callback(clock)
         reset_peak_memory()
-        resident = resident_bytes()
+        resident = proc_status_bytes("VmRSS")
         output = trainer.train()
         memory = peak_memory()
         marks, batches = clock.marks, counter.batches[a.warmup : a.warmup + a.steps]

@@ -222,8 +222,8 @@ class LMHeadLoss(torch.autograd.Function):
     Unfused, autograd keeps [tokens, vocabulary] logits, their log-softmax and its gradient: for a batch of
     rationales, several copies of a tensor as large as the tiny T5. Here each chunk's logits become their gradient
     (softmax - one-hot, times the token's weight) at once, and the gradients of hidden and weight are accumulated in
-    the forward pass; backward only scales them. Same values up to
-    float rounding; under autocast the products run in the autocast dtype and the softmax in fp32, as unfused.
+    the forward pass; backward only scales them. Same values up to float rounding; under autocast the products run
+    in the autocast dtype and the softmax in fp32, as unfused.
     """
 
     @staticmethod
