@@ -199,6 +199,33 @@ def test_lm_head_loss_equals_unfused_cross_entropy(monkeypatch, chunk_bytes):
                                    atol=0)
 
 
+def test_lm_head_loss_where_targets_are_far_below_the_top_logit():
+    """Targets 1,000s of nats below the best logit: their softmax probability underflows to 0 in fp32, yet the loss
+    and its gradient stay finite and equal the unfused cross-entropy's."""
+    torch.manual_seed(0)
+    hidden = (100 * torch.randn(12, 16)).requires_grad_()
+    weight = torch.randn(40, 16, requires_grad=True)
+    logits = (hidden @ weight.T).detach()
+    targets = logits.argmin(1)
+    token_weights = torch.full((12,), 1 / 12)
+    expected = (F.cross_entropy(hidden @ weight.T, targets, reduction="none") * token_weights).sum()
+    got = lm_head_loss(hidden, weight, targets, token_weights)
+    assert (logits.max(1).values - logits.min(1).values).min() > 200
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    for grad, expected_grad in zip(torch.autograd.grad(got, [hidden, weight]),
+                                   torch.autograd.grad(expected, [hidden, weight])):
+        assert torch.isfinite(grad).all() and (grad - expected_grad).norm() / expected_grad.norm() < 1e-6
+
+
+def test_lm_head_loss_backward_twice_through_a_retained_graph_fails_loudly():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    loss = lm_head_loss(hidden, weight, torch.tensor([1, 2, 3, 4]), torch.full((4,), 0.25))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_lm_head_loss_under_bf16_autocast_matches_unfused():
     torch.manual_seed(0)
     hidden = torch.randn(20, 32, requires_grad=True)
@@ -214,3 +241,4 @@ def test_lm_head_loss_under_bf16_autocast_matches_unfused():
     for grad, expected_grad in zip(grads, expected_grads):
         assert grad.dtype == torch.float32
         assert (grad - expected_grad).norm() / expected_grad.norm() < 2e-2
+
