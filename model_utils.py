@@ -3,12 +3,15 @@
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FullyShardedDataParallel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
+from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 LABEL_PAD = -100
 # A length group is split off only where that saves at least this many padded tokens: each extra encoder or
@@ -81,12 +84,64 @@ class SkinnyLinear(torch.nn.Linear):
         return (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
 
 
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout (training) with its mask drawn by numpy's SFC64 generator, seeded from torch's.
+
+    On CPUs where torch has no vectorised Bernoulli (MKL's runs on Intel only; AMD takes a per-element loop) drawing
+    the mask is ~15% of a tiny-T5 training step; SFC64 draws 32 random bits in about a quarter of the time. A value is
+    dropped iff its 32-bit draw is below round(p * 2^32), so P(drop) = p to within 2^-32, and survivors are scaled by
+    1 / (1 - p), as nn.Dropout does. The seed comes from torch's default generator, so torch.manual_seed and the
+    Trainer's saved RNG states make runs repeat and resume exactly.
+    """
+    seed = int(torch.randint(0, 2**62, ()))
+    n = x.numel()
+    bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 1) // 2)
+    draws = torch.from_numpy(bits.view(np.int32)[:n]).view(x.shape)
+    keep = draws >= round(p * 2**32) - 2**31  # the draws are signed: uniform on [-2^31, 2^31)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+
+
+class CPUDropout(torch.nn.Dropout):
+    """nn.Dropout whose CPU training path is cpu_dropout; evaluation, GPUs and in-place dropout keep nn.Dropout's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.inplace or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
+            return super().forward(x)
+        return cpu_dropout(x, self.p)
+
+
+def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
+    """T5's attention: SDPA, except in CPU training, where SDPA's dropout of the attention probabilities would draw
+    its mask with torch's per-element Bernoulli; there the same product runs as three ops with cpu_dropout.
+
+    Registered with the eager (additive float) masks, so the mask always covers causality and padding.
+    """
+    if dropout == 0.0 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_bias=position_bias, **kwargs)
+    scores = torch.matmul(query, key.transpose(2, 3))
+    if scaling is not None and scaling != 1.0:
+        scores = scores * scaling
+    for bias in (position_bias, attention_mask):
+        if bias is not None:
+            scores = scores + bias
+    probabilities = cpu_dropout(torch.softmax(scores, dim=-1), dropout)
+    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
+
+
+T5_ATTENTION = "dss_t5_sdpa"
+AttentionInterface.register(T5_ATTENTION, t5_attention)
+AttentionMaskInterface.register(T5_ATTENTION, eager_mask)
+
+
 def speed_up_student(model, enable: bool = True):
     """Swap in faster modules that compute the same functions; no weight changes, nothing saved changes.
 
     - T5 v1.1's gated-GELU activation (gelu_new: seven elementwise passes, each kept for backward) becomes one
       fused F.gelu(approximate="tanh") (GELUTanh), the same function up to float rounding;
-    - the lm_head becomes a SkinnyLinear (by changing its class, so tied weights and device hooks stay).
+    - the lm_head becomes a SkinnyLinear, and every nn.Dropout a CPUDropout (by changing their class, so tied weights
+      and device hooks stay);
+    - T5's SDPA attention becomes t5_attention (SDPA but for the dropout of attention probabilities in CPU training).
     enable=False puts the stock modules back (the benchmark's reference formulation).
     """
     old, new = (NewGELUActivation, GELUTanh) if enable else (GELUTanh, NewGELUActivation)
@@ -94,9 +149,14 @@ def speed_up_student(model, enable: bool = True):
         for name, child in module.named_children():
             if type(child) is old:
                 setattr(module, name, new())
+        if type(module) in (torch.nn.Dropout, CPUDropout):
+            module.__class__ = CPUDropout if enable else torch.nn.Dropout
     head = model.get_output_embeddings()
     if type(head) in (torch.nn.Linear, SkinnyLinear):
         head.__class__ = SkinnyLinear if enable else torch.nn.Linear
+    attention = getattr(model.config, "_attn_implementation", None)
+    if getattr(model.config, "model_type", None) in ("t5", "mt5") and attention in ("sdpa", T5_ATTENTION):
+        model.set_attn_implementation(T5_ATTENTION if enable else "sdpa")
     return model
 
 

@@ -242,3 +242,73 @@ def test_lm_head_loss_under_bf16_autocast_matches_unfused():
         assert grad.dtype == torch.float32
         assert (grad - expected_grad).norm() / expected_grad.norm() < 2e-2
 
+
+def test_cpu_dropout_drops_with_probability_p_and_scales_survivors():
+    torch.manual_seed(0)
+    x = (torch.rand(1001, 999) + 0.5).requires_grad_()  # an odd element count: the 64-bit draws are split in two
+    p = 0.1
+    torch.manual_seed(1)
+    out = model_utils.cpu_dropout(x, p)
+    kept = out != 0
+    n = x.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, kept.float() / (1 - p))
+    rows_kept = kept.float().mean(1)  # no structure: every row keeps about 1 - p
+    assert (rows_kept - (1 - p)).abs().max() < 6 * (p * (1 - p) / x.shape[1]) ** 0.5
+    torch.manual_seed(1)
+    again = model_utils.cpu_dropout(x, p)
+    assert torch.equal(again != 0, kept), "torch.manual_seed repeats the masks"
+    assert not torch.equal(model_utils.cpu_dropout(x, p) != 0, kept), "each call draws a new mask"
+
+
+def test_cpu_dropout_module_is_nn_dropout_outside_cpu_training():
+    x = torch.rand(4, 8) + 1
+    module = model_utils.CPUDropout(0.5).eval()
+    assert torch.equal(module(x), x)
+    module.train()
+    assert (module(x) == 0).any()
+    assert torch.equal(model_utils.CPUDropout(0.0).train()(x), x)
+    assert torch.equal(model_utils.CPUDropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def with_dropout(model, p):
+    variant = copy.deepcopy(model)
+    for module in variant.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        elif hasattr(module, "has_relative_attention_bias"):  # T5Attention: its probabilities' dropout rate
+            module.dropout = p
+    return variant
+
+
+def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, model, monkeypatch, tmp_path):
+    """In CPU training, t5_attention's own product (padding, causal and position-bias masks) equals SDPA's; with
+    dropout drawn, training differs from evaluation and repeats under the same seed."""
+    inputs = batch(tokenizer, "task_prefix")["expl"]
+    stock = with_dropout(model, 0.3)
+    fast = speed_up_student(with_dropout(model, 0.3))
+    assert fast.config._attn_implementation == model_utils.T5_ATTENTION
+    assert fast.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == model_utils.T5_ATTENTION
+    assert all(type(m) is model_utils.CPUDropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+    with torch.no_grad():
+        expected = stock.eval()(**inputs).logits
+        tolerance = 1e-4 * expected.abs().max()  # float rounding (see above)
+        assert (fast.eval()(**inputs).logits - expected).abs().max() <= tolerance
+        fast.train()
+        torch.manual_seed(1)
+        dropped = fast(**inputs).logits
+        torch.manual_seed(1)
+        torch.testing.assert_close(fast(**inputs).logits, dropped, rtol=0, atol=0)
+        assert (dropped - expected).abs().max() > 100 * tolerance
+        calls = []
+        monkeypatch.setattr(model_utils, "cpu_dropout", lambda x, p: calls.append(p) or x)
+        assert (fast(**inputs).logits - expected).abs().max() <= tolerance
+    layers = fast.config.num_layers + 2 * fast.config.num_decoder_layers
+    assert calls.count(0.3) >= 2 * layers, "hidden states and attention probabilities both go through cpu_dropout"
+    fast.save_pretrained(tmp_path)
+    assert model_utils.T5_ATTENTION not in (tmp_path / "config.json").read_text(), "nothing saved changes"
+    speed_up_student(fast, enable=False)
+    assert fast.config._attn_implementation == "sdpa"
+    assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
