@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.activations import GELUTanh, NewGELUActivation
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 LABEL_PAD = -100
 # A length group is split off only where that saves at least this many padded tokens: each extra encoder or
@@ -111,27 +111,24 @@ class CPUDropout(torch.nn.Dropout):
 
 
 def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
-    """T5's attention: SDPA, except in CPU training, where SDPA's dropout of the attention probabilities would draw
-    its mask with torch's per-element Bernoulli; there the same product runs as three ops with cpu_dropout.
-
-    Registered with the eager (additive float) masks, so the mask always covers causality and padding.
-    """
-    if dropout == 0.0 or query.device.type != "cpu":
+    """T5's SDPA attention, except in CPU training, where SDPA would drop attention probabilities with torch's
+    per-element Bernoulli; there the same product runs as three ops with cpu_dropout, on the very additive mask
+    (position bias, padding, causality) that SDPA would be given."""
+    if dropout == 0.0 or query.device.type != "cpu" or position_bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_bias=position_bias, **kwargs)
+    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
     scores = torch.matmul(query, key.transpose(2, 3))
     if scaling is not None and scaling != 1.0:
         scores = scores * scaling
-    for bias in (position_bias, attention_mask):
-        if bias is not None:
-            scores = scores + bias
-    probabilities = cpu_dropout(torch.softmax(scores, dim=-1), dropout)
+    probabilities = cpu_dropout(torch.softmax(scores + bias, dim=-1), dropout)
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
 
 
 T5_ATTENTION = "dss_t5_sdpa"
 AttentionInterface.register(T5_ATTENTION, t5_attention)
-AttentionMaskInterface.register(T5_ATTENTION, eager_mask)
+AttentionMaskInterface.register(T5_ATTENTION, sdpa_mask)
 
 
 def speed_up_student(model, enable: bool = True):
