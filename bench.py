@@ -6,10 +6,10 @@
 Per mode (task_prefix, standard) it trains the same batches from the same initial weights along two paths:
 
 - optimized: train_utils.build_trainer exactly as run.py uses it (TaskPrefixTrainer with grouped_loss, the fused
-  GELU and SkinnyLinear modules, fused AdamW);
+  GELU, SkinnyLinear and CPUDropout modules, t5_attention, fused AdamW);
 - two_pass: that same trainer set back to the paper's formulation: two full forward passes per step, each view
-  padded on its own (model_utils.two_pass_loss), the stock T5 modules and the foreach AdamW kernel (the project
-  before these optimisations).
+  padded on its own (model_utils.two_pass_loss), the stock T5 modules and SDPA attention, and the foreach AdamW
+  kernel (the project before these optimisations).
 
 Each round trains both paths once, alternating which goes first (ABBA), so load drifting on a shared machine hits
 both alike; speed-ups are ratios within a round (wall clock, and process CPU time, which shared cores disturb
