@@ -98,7 +98,7 @@ def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 1) // 2)
     draws = torch.from_numpy(bits.view(np.int32)[:n]).view(x.shape)
     keep = draws >= round(p * 2**32) - 2**31  # the draws are signed: uniform on [-2^31, 2^31)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+    return (x * keep).mul_(1.0 / (1.0 - p))  # scaled in place: one [x]-sized allocation fewer
 
 
 class CPUDropout(torch.nn.Dropout):
