@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.activations import GELUTanh, NewGELUActivation
-from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 LABEL_PAD = -100
