@@ -234,14 +234,13 @@ def child_peak_rss(code: str) -> int:
     import textwrap
 
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "vmhwm_kb"
-        wrapped = (f"try:\n{textwrap.indent(code, '    ')}\nfinally:\n    import pathlib, re\n"
-                   f"    status = pathlib.Path('/proc/self/status').read_text()\n"
-                   f"    pathlib.Path({str(report)!r}).write_text(re.search(r'VmHWM:\\s*(\\d+)', status).group(1))\n")
+        report = Path(tmp) / "vmhwm_bytes"
+        wrapped = (f"try:\n{textwrap.indent(code, '    ')}\nfinally:\n    import pathlib, bench\n"
+                   f"    pathlib.Path({str(report)!r}).write_text(str(bench.proc_status_bytes('VmHWM')))\n")
         proc = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"a --process_memory child failed:\n{proc.stderr[-2000:]}")
-        return int(report.read_text()) * 1024
+        return int(report.read_text())
 
 
 def matmul_peak_flops(device: str, seconds: float = 1.0) -> float:
