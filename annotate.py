@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--concurrency", type=positive_int, default=8, help="openai: requests in flight at once")
     add("--timeout", type=positive_float, default=120.0, help="openai: seconds to wait for one answer")
     add("--max_retries", type=non_negative_int, default=5,
-        help="openai: retries of a failed request (429, 5xx, timeout)")
-    add("--retry_wait", type=positive_float, default=1.0, help="openai: first backoff in seconds, doubled each retry")
+        help="openai: retries of a failed request (429, 5xx, timeout, dropped connection), with exponential backoff "
+        "from 0.5 s or after the server's Retry-After")
     args = parser.parse_args(argv)
 
     spec = DATASETS[args.dataset]
@@ -132,7 +132,7 @@ def make_teacher(args: argparse.Namespace) -> Teacher:
     if args.api_key_env and not api_key:
         raise TeacherError(f"--api_key_env {key_env}: that environment variable is not set")
     return OpenAITeacher(args.base_url, args.model, args.chat, api_key, args.max_new_tokens, args.stop,
-                         args.concurrency, args.timeout, args.max_retries, args.retry_wait)
+                         args.concurrency, args.timeout, args.max_retries)
 
 
 def read_finished_chunk(path: Path, expected: int) -> list[str] | None:
@@ -171,7 +171,8 @@ def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[st
         done = len(rows) - sum(len(chunks[i]) for i in todo)
         with tqdm(total=len(rows), initial=done, unit="ex", desc=f"{args.dataset} {args.split}") as bar:
             for i in todo:
-                finished[i] = teacher([build_query(prompt, spec, row) for row in chunks[i]], bar.update)
+                continuations = teacher([build_query(prompt, spec, row) for row in chunks[i]], bar.update)
+                finished[i] = [samples[0] for samples in continuations]
                 write_json_atomic(paths[i], finished[i])
     return [output for outputs in finished for output in outputs]
 

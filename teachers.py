@@ -1,21 +1,18 @@
 """Teacher LLMs for annotate.py: a local causal LM through transformers, or an OpenAI-compatible HTTP endpoint.
 
 A teacher is called with a list of prompts and a progress callback (told how many prompts finished) and returns
-one continuation per prompt: the text after the prompt, cut at the first stop sequence, leading whitespace
-dropped (as in PaLM's files).
+each prompt's continuations (a list, of one unless more samples were asked for): the text after the prompt, cut at
+the first stop sequence, leading whitespace dropped (as in PaLM's files).
 """
 
-import http.client
+import asyncio
 import json
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import openai
 
 Progress = Callable[[int], None]
-Teacher = Callable[[list[str], Progress], list[str]]
-MAX_RETRY_WAIT = 60.0  # seconds; the cap on exponential backoff
+Teacher = Callable[[list[str], Progress], list[list[str]]]
 
 
 class TeacherError(Exception):
@@ -51,7 +48,7 @@ class HFTeacher:
         self.model.eval()
         self.batch_size, self.max_new_tokens, self.stops = batch_size, max_new_tokens, stops
 
-    def __call__(self, prompts: list[str], progress: Progress) -> list[str]:
+    def __call__(self, prompts: list[str], progress: Progress) -> list[list[str]]:
         import torch
 
         outputs = []
@@ -65,80 +62,136 @@ class HFTeacher:
                     pad_token_id=self.tokenizer.pad_token_id, stop_strings=self.stops or None, tokenizer=self.tokenizer,
                 )
             texts = self.tokenizer.batch_decode(ids[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            outputs += [cut_at_stop(text, self.stops) for text in texts]
+            outputs += [[cut_at_stop(text, self.stops)] for text in texts]
             progress(len(batch))
         return outputs
 
 
 class OpenAITeacher:
-    """An OpenAI-compatible endpoint (/v1/completions, or /v1/chat/completions with chat=True): one request per
-    prompt, `concurrency` in flight, 429/5xx/timeouts/dropped connections retried with exponential backoff."""
+    """An OpenAI-compatible endpoint (/v1/completions, or /v1/chat/completions with chat=True) through the official
+    `openai` client: it times out after `timeout` seconds, retries 408/409/429/5xx, timeouts and dropped connections
+    `max_retries` times with exponential backoff (or after the server's Retry-After), and reuses connections.
+    `concurrency` prompts are in flight at once.
+
+    `samples` continuations per prompt are asked for with `n`; from a server that ignores or refuses `n`, one
+    request per continuation.
+    """
 
     def __init__(
         self, base_url: str, model: str, chat: bool, api_key: str | None, max_new_tokens: int, stops: list[str],
-        concurrency: int, timeout: float, max_retries: int, retry_wait: float,
+        concurrency: int, timeout: float, max_retries: int, *, samples: int = 1, temperature: float = 0.0,
+        top_p: float = 1.0,
     ):
         base = base_url.rstrip("/")
-        base = base if base.endswith("/v1") else base + "/v1"
-        self.url = base + ("/chat/completions" if chat else "/completions")
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.url = self.base_url + ("/chat/completions" if chat else "/completions")
+        self.api_key = api_key
         self.model, self.chat, self.max_new_tokens, self.stops = model, chat, max_new_tokens, stops
-        self.concurrency, self.timeout = concurrency, timeout
-        self.max_retries, self.retry_wait = max_retries, retry_wait
+        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+        self.samples, self.temperature, self.top_p = samples, temperature, top_p
+        self.server_takes_n = True
 
-    def __call__(self, prompts: list[str], progress: Progress) -> list[str]:
-        pool = ThreadPoolExecutor(self.concurrency)
-        try:
-            futures = [pool.submit(self.complete, prompt) for prompt in prompts]
-            for future in as_completed(futures):
-                future.result()
-                progress(1)
-        finally:
-            pool.shutdown(cancel_futures=True)
-        return [future.result() for future in futures]
+    def __call__(self, prompts: list[str], progress: Progress) -> list[list[str]]:
+        """Every prompt's continuations, in order. The first unusable answer, or Ctrl-C, cancels the requests
+        still in flight and their retries."""
+        return asyncio.run(self._complete_all(prompts, progress))
 
-    def complete(self, prompt: str) -> str:
-        body = {"model": self.model, "max_tokens": self.max_new_tokens, "temperature": 0}
-        if self.chat:
-            body["messages"] = [{"role": "user", "content": prompt}]
-        else:
-            body["prompt"] = prompt
+    async def _complete_all(self, prompts: list[str], progress: Progress) -> list[list[str]]:
+        async with openai.AsyncOpenAI(
+            # Without a key no Authorization header is sent (see _request); the client insists on some key.
+            base_url=self.base_url, api_key=self.api_key or "none", timeout=self.timeout, max_retries=self.max_retries,
+        ) as client:
+            slots = asyncio.Semaphore(self.concurrency)
+
+            async def complete(prompt: str) -> list[str]:
+                async with slots:
+                    return await self._samples(client, prompt)
+
+            tasks = [asyncio.create_task(complete(prompt)) for prompt in prompts]
+            try:
+                for finished in asyncio.as_completed(tasks):
+                    await finished
+                    progress(1)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            return [task.result() for task in tasks]
+
+    async def _samples(self, client: openai.AsyncOpenAI, prompt: str) -> list[str]:
+        texts: list[str] = []
+        while len(texts) < self.samples:
+            wanted = self.samples - len(texts)
+            n = wanted if wanted > 1 and self.server_takes_n else None
+            try:
+                answer = await self._request(client, prompt, n)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                if n is None:
+                    raise self._teacher_error(e) from None
+                self.server_takes_n = False
+                continue
+            except openai.APIError as e:
+                raise self._teacher_error(e) from None
+            texts += self._texts(answer)[:wanted]
+        return texts
+
+    async def _request(self, client: openai.AsyncOpenAI, prompt: str, n: int | None) -> dict:
+        """The server's JSON answer to one request, after the client's retries."""
+        params = {"model": self.model, "max_tokens": self.max_new_tokens, "temperature": self.temperature}
         if self.stops:
-            body["stop"] = self.stops
-        answer = self._post(body)
+            params["stop"] = self.stops
+        if self.top_p != 1.0:
+            params["top_p"] = self.top_p
+        if n is not None:
+            params["n"] = n
+        if not self.api_key:
+            params["extra_headers"] = {"Authorization": openai.omit}
+        if self.chat:
+            messages = [{"role": "user", "content": prompt}]
+            raw = await client.chat.completions.with_raw_response.create(messages=messages, **params)
+        else:
+            raw = await client.completions.with_raw_response.create(prompt=prompt, **params)
         try:
-            choice = answer["choices"][0]
-            text = choice["message"]["content"] if self.chat else choice["text"]
-        except (KeyError, IndexError, TypeError):
-            field = "message.content" if self.chat else "text"
-            raise TeacherError(f"{self.url} answered without choices[0].{field}: {json.dumps(answer)[:200]}") from None
-        return cut_at_stop(text or "", self.stops)
+            return json.loads(raw.text)
+        except json.JSONDecodeError:
+            raise TeacherError(f"{self.url} answered with something other than JSON: {raw.text[:200]!r}") from None
 
-    def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode("utf-8")
-        error = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.retry_wait * 2 ** (attempt - 1), MAX_RETRY_WAIT))
-            request = urllib.request.Request(self.url, data=data, headers=self.headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:
-                    detail = e.read().decode("utf-8", "replace")[:200]
-                    raise TeacherError(f"{self.url} answered {e.code} {e.reason}: {detail}; check --model, "
-                                       "--base_url and the API key") from None
-                error = f"HTTP {e.code} {e.reason}"
-                continue
-            except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
-                error = str(getattr(e, "reason", e)) or type(e).__name__
-                continue
-            try:
-                return json.loads(payload)
-            except json.JSONDecodeError:
-                raise TeacherError(f"{self.url} answered with something other than JSON: {payload[:200]!r}") from None
-        raise TeacherError(f"{self.url}: no answer after {self.max_retries + 1} attempts (last: {error}); is the "
-                           "server up? raise --timeout or --max_retries")
+    def _teacher_error(self, error: openai.APIError) -> TeacherError:
+        """What went wrong, in one line: a refusal (4xx) with the server's message, or the last failure retried."""
+        if isinstance(error, openai.APIStatusError):
+            reason = f"{error.status_code} {error.response.reason_phrase}"
+            if not retried_status(error.status_code):
+                detail = error.body.get("message", error.body) if isinstance(error.body, dict) else error.body
+                return TeacherError(f"{self.url} answered {reason}: {str(detail)[:200]}; check --model, --base_url "
+                                    "and the API key")
+            last = f"HTTP {reason}"
+        elif isinstance(error, openai.APITimeoutError):
+            last = f"no answer within --timeout {self.timeout:g} s"
+        else:
+            last = str(error.__cause__ or error) or type(error.__cause__).__name__
+        # The client numbers each retry in this header of the request it sends.
+        attempts = int(error.request.headers.get("x-stainless-retry-count", 0)) + 1
+        return TeacherError(f"{self.url}: no answer after {attempts} attempts (last: {last}); is the server up? "
+                            "raise --timeout or --max_retries")
+
+    def _texts(self, answer) -> list[str]:
+        """The continuations in an answer, cut at the stop sequences; an answer of another shape is refused."""
+        field = "message.content" if self.chat else "text"
+        try:
+            choices = answer["choices"]
+            texts = [choice["message"]["content"] if self.chat else choice["text"] for choice in choices]
+            if not texts:
+                raise IndexError
+        except (KeyError, IndexError, TypeError):
+            raise TeacherError(f"{self.url} answered without choices[0].{field}: {json.dumps(answer)[:200]}; is it "
+                               "an OpenAI-compatible completions server?") from None
+        for i, text in enumerate(texts):
+            if text is not None and not isinstance(text, str):
+                raise TeacherError(f"{self.url} answered choices[{i}].{field} = {json.dumps(text)[:100]}, which is not "
+                                   "text; is it an OpenAI-compatible completions server?")
+        return [cut_at_stop(text or "", self.stops) for text in texts]
+
+
+def retried_status(status: int) -> bool:
+    """The statuses the openai client retries: request timeout, conflict, rate limit and server errors."""
+    return status in (408, 409, 429) or status >= 500

@@ -4,6 +4,9 @@ for the transformers teacher and a minimal OpenAI-compatible server in a thread 
 import dataclasses
 import json
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +16,7 @@ import pytest
 
 import annotate
 import run
-from conftest import corpus_lines
+from conftest import ROOT, corpus_lines
 from data_utils import BLANK, DATASETS, DataError, load_data, parse_answer
 from metrics import eval_equation
 
@@ -171,39 +174,66 @@ def test_hf_teacher_writes_chunks_that_load_data_reads(tiny_causal_lm, tmp_path,
 
 class FakeEndpoint:
     """An OpenAI-compatible server: answers the prompt ending `Q: s<i>\\nA:` with `... So the answer is <i+1>.` for
-    even i and a wrong label for odd i. `plan[key]` scripts the first attempts at one row: an HTTP status to fail
-    with, or 'slow' to answer only after the client's timeout."""
+    even i and a wrong label for odd i (choice j > 0 of a request for n says `Because <i> #j.`). `plan[key]` scripts the first
+    attempts at one row, misbehaving on purpose: an HTTP status to fail with; ('retry_after', seconds): 429 with
+    that Retry-After; 'slow': answer after the client's timeout; 'drop': close the connection unanswered;
+    'garbage': a 200 whose body is not JSON; 'number': a 200 with `"text": 123`; 'hang': no answer until the
+    test ends. `n`: 'takes' (n choices), 'ignores' (one choice) or 'refuses' (400 for n > 1)."""
 
-    def __init__(self, plan: dict[str, list] | None = None, delay: float = 0.05):
+    def __init__(self, plan: dict[str, list] | None = None, delay: float = 0.05, n: str = "takes"):
         self.plan = {key: list(steps) for key, steps in (plan or {}).items()}
-        self.delay = delay
+        self.delay, self.n = delay, n
         self.requests: list[tuple[str, dict, dict]] = []
+        self.arrivals: dict[str, list[float]] = {}
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
+        self.released = threading.Event()
 
     def answer(self, handler: BaseHTTPRequestHandler) -> None:
         body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+        key = re.search(r"Q: (\S+)\nA:$", prompt).group(1)
         with self.lock:
-            self.requests.append((handler.path, dict(handler.headers), body))
+            self.requests.append((handler.path, {k.lower(): v for k, v in handler.headers.items()}, body))
+            self.arrivals.setdefault(key, []).append(time.monotonic())
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            step = self.plan.get(key, []).pop(0) if self.plan.get(key) else None
         try:
             time.sleep(self.delay)
-            prompt = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-            key = re.search(r"Q: (\S+)\nA:$", prompt).group(1)
-            with self.lock:
-                step = self.plan.get(key, []).pop(0) if self.plan.get(key) else None
             if step == "slow":
                 time.sleep(1.0)
+            if step == "hang":
+                self.released.wait(60)
+                return
+            if step == "drop":
+                handler.close_connection = True
+                return
+            if step == "garbage":
+                self.send(handler, 200, b"{'choices': [oops")
+                return
+            if isinstance(step, tuple):
+                self.send(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": str(step[1])})
+                return
             if isinstance(step, int):
                 self.send(handler, step, {"error": {"message": "scripted failure"}})
                 return
+            n = body.get("n", 1)
+            if n > 1 and self.n == "refuses":
+                self.send(handler, 400, {"error": {"message": "n must be 1"}})
+                return
             i = int(key[1:])
-            text = f" Because {i}. So the answer is {i + 1 if i % 2 == 0 else i + 2}.\n\nQ: what next?"
-            choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
-            choice.update({"message": {"role": "assistant", "content": text}} if "messages" in body else {"text": text})
+            label = i + 1 if i % 2 == 0 else i + 2
+            choices = []
+            for j in range(n if self.n == "takes" else 1):
+                text = f" Because {i}{f' #{j}' if j else ''}. So the answer is {label}.\n\nQ: what next?"
+                content = 123 if step == "number" else text
+                choice = {"index": j, "finish_reason": "stop", "logprobs": None}
+                chat = "messages" in body
+                choice.update({"message": {"role": "assistant", "content": content}} if chat else {"text": content})
+                choices.append(choice)
             self.send(handler, 200, {"id": "cmpl-0", "object": "text_completion", "created": 0,
-                                     "model": body["model"], "choices": [choice]})
+                                     "model": body["model"], "choices": choices})
         except OSError:
             pass  # the client gave up (timeout) and closed the connection
         finally:
@@ -211,22 +241,24 @@ class FakeEndpoint:
                 self.in_flight -= 1
 
     @staticmethod
-    def send(handler: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def send(handler: BaseHTTPRequestHandler, status: int, payload: dict | bytes, headers: dict | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(data)
 
 
 @pytest.fixture
 def endpoint():
-    """Start a FakeEndpoint on 127.0.0.1; yields a function (plan, delay) -> (endpoint, base_url)."""
-    servers = []
+    """Start a FakeEndpoint on 127.0.0.1; yields a function (plan, delay, n) -> (endpoint, base_url)."""
+    servers, fakes = [], []
 
-    def start(plan: dict | None = None, delay: float = 0.05) -> tuple[FakeEndpoint, str]:
-        fake = FakeEndpoint(plan, delay)
+    def start(plan: dict | None = None, delay: float = 0.05, n: str = "takes") -> tuple[FakeEndpoint, str]:
+        fake = FakeEndpoint(plan, delay, n)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
@@ -239,9 +271,12 @@ def endpoint():
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
+        fakes.append(fake)
         return fake, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
     yield start
+    for fake in fakes:
+        fake.released.set()
     for server in servers:
         server.shutdown()
         server.server_close()
@@ -249,7 +284,7 @@ def endpoint():
 
 def openai_flags(data_dir: Path, base_url: str, *extra: str) -> list[str]:
     return ["--dataset", "custom", "--data_dir", str(data_dir), "--teacher", "openai", "--base_url", base_url,
-            "--model", "teacher-1", "--llm_name", "t1", "--retry_wait", "0.01", *extra]
+            "--model", "teacher-1", "--llm_name", "t1", *extra]
 
 
 def test_http_teacher_concurrency_retries_and_request_schema(endpoint, tmp_path, monkeypatch, capsys):
@@ -265,7 +300,7 @@ def test_http_teacher_concurrency_retries_and_request_schema(endpoint, tmp_path,
     assert fake.max_in_flight > 1, "requests must overlap"
     assert len(fake.requests) == 12 + 4, "one retry for s3 and s5, two for s7"
     path, headers, body = fake.requests[0]
-    assert path == "/v1/completions" and headers["Authorization"] == "Bearer sk-test"
+    assert path == "/v1/completions" and headers["authorization"] == "Bearer sk-test"
     assert body["model"] == "teacher-1" and body["max_tokens"] == 32 and body["temperature"] == 0
     assert body["stop"] == ["\n\n"] and body["prompt"].startswith("Q: Is the sun a star")
 
@@ -318,17 +353,101 @@ def test_partial_train_annotation_trains_on_the_covered_rows(endpoint, tmp_path,
 
 
 def test_chat_endpoint_and_exhausted_retries(endpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     custom_data(tmp_path, n_train=2, n_test=1)
     fake, url = endpoint()
     assert annotate.main(openai_flags(tmp_path, url, "--split", "test", "--chat")) == 0
-    path, _, body = fake.requests[0]
+    path, headers, body = fake.requests[0]
     assert path == "/v1/chat/completions" and body["messages"][0]["role"] == "user"
+    assert "authorization" not in headers, "no key: no Authorization header"
     assert json.loads((tmp_path / "custom" / "t1" / "test_CoT_0.json").read_text()) == ["Because 0. So the answer is 1."]
 
     fake, url = endpoint({"s0": [503] * 5})
     assert annotate.main(openai_flags(tmp_path, url, "--llm_name", "t2", "--max_retries", "2")) == 1
     assert "no answer after 3 attempts (last: HTTP 503" in capsys.readouterr().err
     assert len([r for r in fake.requests if r[2]["prompt"].endswith("Q: s0\nA:")]) == 3
+
+
+def test_dropped_connections_and_retry_after_are_retried(endpoint, tmp_path, monkeypatch, capsys):
+    small_chunks(monkeypatch, "custom", 2)
+    custom_data(tmp_path, n_train=4)
+    fake, url = endpoint({"s0": ["drop", "drop"], "s1": [("retry_after", 1.2)], "s2": ["slow"]})
+    assert annotate.main(openai_flags(tmp_path, url, "--timeout", "0.4", "--max_retries", "2")) == 0, capsys.readouterr().err
+    assert {key: len(times) for key, times in fake.arrivals.items()} == {"s0": 3, "s1": 2, "s2": 2, "s3": 1}
+    waited = fake.arrivals["s1"][1] - fake.arrivals["s1"][0]
+    assert waited >= 1.2, f"the server asked for 1.2 s and got {waited:.2f} s (the client's own first backoff is <= 0.5 s)"
+    outputs = json.loads((tmp_path / "custom" / "t1" / "train_CoT_0.json").read_text())
+    assert outputs == ["Because 0. So the answer is 1.", "Because 1. So the answer is 3."]
+
+
+@pytest.mark.parametrize(
+    "plan, flags, message",
+    [
+        ({"s1": ["garbage"]}, [], "answered with something other than JSON: \"{'choices': [oops\""),
+        ({"s1": ["number"]}, [], "answered choices[0].text = 123, which is not text"),
+        ({"s1": ["number"]}, ["--chat"], "answered choices[0].message.content = 123, which is not text"),
+        ({"s1": [401]}, [], "answered 401 Unauthorized: scripted failure; check --model, --base_url and the API key"),
+        ({"s1": ["hang"] * 2}, ["--timeout", "0.3", "--max_retries", "1"],
+         "no answer after 2 attempts (last: no answer within --timeout 0.3 s)"),
+        ({"s1": ["drop"] * 2}, ["--max_retries", "1"], "no answer after 2 attempts (last: "),
+    ],
+)
+def test_unusable_answers_are_one_line_and_keep_finished_chunks(endpoint, tmp_path, monkeypatch, capsys, plan, flags,
+                                                                 message):
+    small_chunks(monkeypatch, "custom", 1)
+    custom_data(tmp_path, n_train=2)
+    fake, url = endpoint(plan)
+    assert annotate.main(openai_flags(tmp_path, url, "--concurrency", "1", *flags)) == 1
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert message in line and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "custom" / "t1").iterdir()) == ["train_CoT_0.json"]
+
+
+@pytest.mark.parametrize("server_n, requests_per_prompt", [("takes", 1), ("ignores", 3), ("refuses", 4)])
+def test_samples_use_n_where_the_server_takes_it(endpoint, server_n, requests_per_prompt):
+    from teachers import OpenAITeacher
+
+    fake, url = endpoint(delay=0, n=server_n)
+    teacher = OpenAITeacher(url, "teacher-1", False, None, 16, ["\n\n"], 1, 5.0, 0, samples=3, temperature=0.7,
+                            top_p=0.9)
+    done = []
+    outputs = teacher(["Q: s0\nA:", "Q: s1\nA:"], done.append)
+    assert done == [1, 1] and [len(samples) for samples in outputs] == [3, 3]
+    assert outputs[0][0] == "Because 0. So the answer is 1." and outputs[1][0] == "Because 1. So the answer is 3."
+    if server_n == "takes":
+        assert outputs[0] == ["Because 0. So the answer is 1."] + [f"Because 0 #{j}. So the answer is 1." for j in (1, 2)]
+    # 'refuses': the first prompt's refused n=3 costs one request more; later prompts ask without n.
+    assert len(fake.requests) == 2 * requests_per_prompt - (1 if server_n == "refuses" else 0)
+    body = fake.requests[-1][2]
+    assert (body["temperature"], body["top_p"]) == (0.7, 0.9)
+
+
+def test_ctrl_c_stops_within_seconds_and_keeps_finished_chunks(endpoint, tmp_path):
+    custom_data(tmp_path, n_train=6)
+    fake, url = endpoint({f"s{i}": ["hang"] for i in range(2, 6)}, delay=0)
+    script = (
+        "import dataclasses, sys; sys.path.insert(0, sys.argv[1]); import annotate; from data_utils import DATASETS; "
+        "DATASETS['custom'] = dataclasses.replace(DATASETS['custom'], chunk_size=2); "
+        "sys.exit(annotate.main(sys.argv[2:]))"
+    )
+    flags = openai_flags(tmp_path, url, "--concurrency", "4", "--timeout", "60", "--max_retries", "5")
+    process = subprocess.Popen([sys.executable, "-c", script, str(ROOT), *flags], stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "custom" / "t1"
+    deadline = time.monotonic() + 120
+    while fake.in_flight < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert fake.in_flight == 2, "the second chunk's requests must be in flight when Ctrl-C comes"
+    sent = len(fake.requests)
+    process.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - start < 5, "in-flight requests are cancelled, not waited for"
+    assert process.returncode == 130 and "Traceback" not in err
+    assert f"interrupted: finished chunks are kept in {folder}; run the same command to resume" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json"]
+    time.sleep(1.0)
+    assert len(fake.requests) == sent, "no retries after Ctrl-C"
 
 
 def test_missing_api_key_variable_is_one_line(tmp_path, capsys):
