@@ -16,6 +16,13 @@ from metrics import METRICS
 # Kept here rather than imported from train_utils, so a mistyped flag is answered before torch loads.
 OPTIMIZER_NAMES = ("AdamW", "Adafactor")
 
+# --report_to name -> (the package it needs, how to install it); checked here, before torch loads.
+TRACKERS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "uv sync (it is a core dependency)"),
+    "wandb": ("wandb", "uv sync --extra wandb (or pip install wandb)"),
+    "mlflow": ("mlflow", "uv sync --extra mlflow (or pip install mlflow)"),
+}
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -78,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gen_max_len", type=positive_int, default=64, help="tokens generated per prediction at evaluation")
     add("--output_rationale", action="store_true", help="also generate rationales at evaluation and record them")
     add("--bf16", action="store_true", help="bfloat16 mixed precision")
-    add("--no_log", action="store_true", help="no TensorBoard logs")
+    add("--report_to", nargs="+", default=["tensorboard"], choices=[*TRACKERS, "none"], metavar="TRACKER",
+        help=f"where training is logged, one or more of {', '.join(TRACKERS)}; or none")
+    add("--no_log", action="store_true", help="log nowhere (the same as --report_to none)")
     add("--parallelize", action="store_true", help="split the model across all visible GPUs (models too big for one)")
     add("--deepspeed", metavar="JSON", help="DeepSpeed config (such as configs/ds_zero3.json) for the Trainer; "
         "launch with torchrun, accelerate launch or deepspeed")
@@ -110,6 +119,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "--llm <llm_name>, or choose --llm dataset/none")
     if args.custom_metric and spec.from_paper:
         parser.error(f"--custom_metric is for --dataset custom; {args.dataset} is scored as in the paper")
+    if args.no_log:
+        if args.report_to != parser.get_default("report_to"):
+            parser.error("--no_log and --report_to both say where to log: choose one")
+        args.report_to = ["none"]
+    args.report_to = list(dict.fromkeys(args.report_to))
+    if "none" in args.report_to and len(args.report_to) > 1:
+        parser.error("--report_to none logs nowhere: pass it alone")
+    for tracker in [name for name in args.report_to if name != "none"]:
+        package, install = TRACKERS[tracker]
+        if importlib.util.find_spec(package) is None:
+            parser.error(f"--report_to {tracker} needs the {package} package, which is not installed: {install}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other: choose one")
     if args.parallelize and args.deepspeed:

@@ -25,6 +25,7 @@ from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer, speed_up_student
+from trackers import track_run
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
@@ -217,16 +218,25 @@ def select_evaluation(evaluations: list[dict], select_on: str) -> dict | None:
     return max(scored, key=lambda e: e[key]) if scored else None
 
 
+def paper_metrics(log_history: list[dict], select_on: str) -> dict[str, float]:
+    """The figures results.json ends with, so far: the best test accuracy and the selected checkpoint's."""
+    evaluations = evaluations_from_history(log_history)
+    test_scores = [e["test_accuracy"] for e in evaluations if "test_accuracy" in e]
+    selected = select_evaluation(evaluations, select_on)
+    metrics = {"best_test_accuracy": max(test_scores)} if test_scores else {}
+    if selected and "test_accuracy" in selected:
+        metrics["selected_test_accuracy"] = selected["test_accuracy"]
+    return metrics
+
+
 def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) -> Seq2SeqTrainingArguments:
     """The paper's trainer settings on today's API (eval_strategy, report_to, use_cpu).
 
     Made before the student is loaded: in a launched run this sets up the process group, so that FSDP reads the
     weights in one process only, and registers a ZeRO-3 config, so that from_pretrained loads them partitioned.
     """
-    if args.no_log:
-        report_to = "none"
-    else:
-        report_to = "tensorboard"
+    report_to = ["none"] if args.no_log else args.report_to
+    if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
     return Seq2SeqTrainingArguments(
         output_dir=str(ckpt_dir),
@@ -253,6 +263,8 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
         seed=args.run,
         bf16=args.bf16,
         report_to=report_to,
+        # How W&B and MLflow name the run: by its checkpoint folder, which holds the configuration and seed.
+        run_name=str(ckpt_dir),
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without CUDA a launched process would otherwise run alone (the Trainer only goes multi-CPU when told).
@@ -287,6 +299,8 @@ def build_trainer(
         gen_max_len=args.gen_max_len,
         output_rationale=args.output_rationale,
     )
+    if training_args.report_to:
+        track_run(trainer, vars(args), lambda log_history: paper_metrics(log_history, args.select_on))
     return trainer, recorder
 
 
