@@ -1,15 +1,23 @@
-"""Run the paper's comparisons: each method over seeds, alphas and training-set fractions, one run after another.
+"""Run the paper's comparisons: each method over seeds, alphas and training-set fractions, one run after another,
+or all at once as a Slurm job array (--slurm).
 
     python sweep.py --dataset cqa --from_pretrained google/t5-v1_1-base --seeds 0 1 2
+    python sweep.py --dataset cqa --seeds 0 1 2 --output_dir sweeps/cqa --slurm --slurm_partition gpu
 
 Every flag sweep.py does not know goes to run.py unchanged. Finished runs (those with a results.json) are
 skipped and unfinished ones resume from their checkpoint, so a killed sweep is restarted with the same command.
 """
 
 import argparse
+import importlib.util
+import json
+import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import run
@@ -24,6 +32,40 @@ METHODS: dict[str, list[str]] = {
 }
 # run.py flags the grid sets itself; passing them through would silently fight the grid.
 GRID_FLAGS = ("--model_type", "--label_type", "--run", "--subsample", "--alpha", "--resume", "--overwrite")
+# submitit's executor for --slurm; the tests use its "local" one, which runs the jobs as processes on this machine.
+SLURM_CLUSTER = "slurm"
+SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def slurm_minutes(text: str) -> int:
+    """Slurm's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) as whole minutes, rounded up."""
+    match = SLURM_TIME.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected minutes, HH:MM:SS or D-HH:MM:SS, got {text!r}")
+    days, first, second, third = (int(part) if part else None for part in match.groups())
+    if days is None:
+        # minutes | minutes:seconds | hours:minutes:seconds
+        hours, minutes, seconds = (first, second, third) if third is not None else (0, first, second or 0)
+    else:
+        # days-hours | days-hours:minutes | days-hours:minutes:seconds
+        hours, minutes, seconds = first, second or 0, third or 0
+    total = (((days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return -(-total // 60)
+
+
+def slurm_memory(text: str) -> str:
+    if not re.fullmatch(r"\d+[KMGT]?", text):
+        raise argparse.ArgumentTypeError(f"expected a size such as 32G or 64000M, got {text!r}")
+    return text
+
+
+def slurm_option(text: str) -> tuple[str, str]:
+    key, equals, value = text.removeprefix("--").partition("=")
+    if not equals or not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
+        raise argparse.ArgumentTypeError(f"expected an sbatch option as KEY=VALUE (such as account=abc), got {text!r}")
+    return key, value
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -39,7 +81,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     add("--fractions", nargs="+", type=run.fraction, default=[0.125, 0.25, 0.5, 1.0],
         help="values of run.py --subsample (the paper's by default)")
     add("--print", action="store_true", help="print the pending runs' commands, one per line, and run nothing")
+    slurm = parser.add_argument_group("Slurm (through submitit: uv sync --extra slurm)")
+    slurm.add_argument("--slurm", action="store_true",
+                       help="submit the pending runs as one Slurm job array and return; run it again to resubmit "
+                       "what is unfinished")
+    slurm.add_argument("--slurm_partition", help="partition (default: the cluster's)")
+    slurm.add_argument("--slurm_gpus", type=non_negative_int, default=1, help="GPUs per run")
+    slurm.add_argument("--slurm_time", type=slurm_minutes, default=slurm_minutes("24:00:00"),
+                       help="time limit per run: minutes, HH:MM:SS or D-HH:MM:SS (default 24:00:00)")
+    slurm.add_argument("--slurm_mem", type=slurm_memory, help="memory per run, such as 64G (default: the cluster's)")
+    slurm.add_argument("--slurm_arg", type=slurm_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="any other sbatch option, repeatable: --slurm_arg account=abc --slurm_arg qos=high")
     args, passthrough = parser.parse_known_args(argv)
+    if args.slurm and args.print:
+        parser.error("--slurm submits the runs and --print only prints them: choose one")
+    given = [flag for flag in ("slurm_partition", "slurm_mem") if getattr(args, flag) is not None]
+    given += ["slurm_arg"] if args.slurm_arg else []
+    given += [flag for flag in ("slurm_gpus", "slurm_time") if getattr(args, flag) != parser.get_default(flag)]
+    if given and not args.slurm:
+        parser.error(f"--{given[0]} is for --slurm: add --slurm, or leave it out")
+    if args.slurm and importlib.util.find_spec("submitit") is None:
+        parser.error("--slurm needs the submitit package, which is not installed: uv sync --extra slurm "
+                     "(or pip install submitit)")
     for token in passthrough:
         name = token.split("=", 1)[0]
         # argparse accepts unambiguous prefixes (--sub for --subsample), so match those too.
@@ -47,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         if clash:
             parser.error(f"{token}: sweep.py sets {clash[0]} for each run; use --methods/--seeds/--alphas/--fractions")
     return args, passthrough
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str]]:
@@ -72,10 +142,54 @@ def results_path(argv: list[str]) -> Path:
     return ckpt_dir / "results.json"
 
 
+def submit_to_slurm(args: argparse.Namespace, pending: list[list[str]], folder: Path, cluster: str) -> list:
+    """One job array, a task per run, each running run.py from this directory with this Python; submitit keeps
+    each task's log, pickles and result under folder/<job id>/."""
+    import submitit
+    from submitit.helpers import CommandFunction
+
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    executor.update_parameters(
+        name="dss-sweep", timeout_min=args.slurm_time, gpus_per_node=args.slurm_gpus,
+        slurm_partition=args.slurm_partition, slurm_mem=args.slurm_mem,
+        slurm_additional_parameters=dict(args.slurm_arg) or None,
+    )
+    with executor.batch():
+        return [executor.submit(CommandFunction([sys.executable, str(RUN_PY), *argv], cwd=os.getcwd()))
+                for argv in pending]
+
+
+def slurm_main(args: argparse.Namespace, plan: list[tuple[list[str], Path]], pending: list[list[str]]) -> int:
+    """Submit the pending runs; print and record (in <output_dir>/slurm/jobs.jsonl) each job id and log path."""
+    if not pending:
+        print(f"sweep: nothing to submit, all {len(plan)} runs are finished")
+        return 0
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if SLURM_CLUSTER == "slurm" and missing:
+        print(f"error: --slurm needs Slurm's {missing[0]}, which is not on PATH: run sweep.py on the cluster's login "
+              "node, or use --print to get the commands", file=sys.stderr)
+        return 1
+    folder = Path(run.parse_args(pending[0]).output_dir).resolve() / "slurm"
+    jobs = submit_to_slurm(args, pending, folder, SLURM_CLUSTER)
+    folder.mkdir(parents=True, exist_ok=True)
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with open(folder / "jobs.jsonl", "a", encoding="utf-8") as record:
+        for job, argv in zip(jobs, pending):
+            command = shlex.join([sys.executable, str(RUN_PY), *argv])
+            print(f"job {job.job_id}: {command}\n    log: {job.paths.stdout}", flush=True)
+            record.write(json.dumps({"job_id": job.job_id, "submitted": submitted, "command": command,
+                                     "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}) + "\n")
+    print(f"sweep: {len(plan)} runs: {len(jobs)} submitted, {len(plan) - len(jobs)} skipped (finished); "
+          f"job ids and logs in {folder / 'jobs.jsonl'}; run the same command again to resubmit unfinished runs")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
     plan = [(argv, results_path(argv)) for argv in run_argvs(args, passthrough)]
     pending = [(argv, results) for argv, results in plan if not results.is_file()]
+    if args.slurm:
+        return slurm_main(args, plan, [argv for argv, _ in pending])
     if args.print:
         for argv, _ in pending:
             print(shlex.join([sys.executable, str(RUN_PY), *argv]))
