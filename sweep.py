@@ -9,6 +9,7 @@ skipped and unfinished ones resume from their checkpoint, so a killed sweep is r
 """
 
 import argparse
+import getpass
 import importlib.util
 import json
 import os
@@ -159,28 +160,62 @@ def submit_to_slurm(args: argparse.Namespace, pending: list[list[str]], folder: 
                 for argv in pending]
 
 
-def slurm_main(args: argparse.Namespace, plan: list[tuple[list[str], Path]], pending: list[list[str]]) -> int:
-    """Submit the pending runs; print and record (in <output_dir>/slurm/jobs.jsonl) each job id and log path."""
+def jobs_in_queue(folder: Path) -> dict[str, str]:
+    """results.json path -> id of the latest job recorded for that run, for the runs whose job is still in Slurm's
+    queue (pending or running): submitting them again would start them twice."""
+    records = folder / "jobs.jsonl"
+    if not records.is_file():
+        return {}
+    latest = {}
+    for line in records.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        latest[record["results"]] = record["job_id"]
+    # -r lists each array task on its own line (4242_0, 4242_1, ...), pending ones included.
+    queue = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i"], capture_output=True,
+                           text=True, check=True)
+    queued = set(queue.stdout.split())
+    return {results: job_id for results, job_id in latest.items() if job_id in queued}
+
+
+def slurm_main(args: argparse.Namespace, plan: list[tuple[list[str], Path]],
+               pending: list[tuple[list[str], Path]]) -> int:
+    """Submit the pending runs not already in the queue; print and record (in <output_dir>/slurm/jobs.jsonl) each
+    job id and log path."""
     if not pending:
         print(f"sweep: nothing to submit, all {len(plan)} runs are finished")
         return 0
-    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
-    if SLURM_CLUSTER == "slurm" and missing:
-        print(f"error: --slurm needs Slurm's {missing[0]}, which is not on PATH: run sweep.py on the cluster's login "
-              "node, or use --print to get the commands", file=sys.stderr)
-        return 1
-    folder = Path(run.parse_args(pending[0]).output_dir).resolve() / "slurm"
-    jobs = submit_to_slurm(args, pending, folder, SLURM_CLUSTER)
+    folder = Path(run.parse_args(pending[0][0]).output_dir).resolve() / "slurm"
+    queued = {}
+    if SLURM_CLUSTER == "slurm":
+        missing = [command for command in ("sbatch", "srun", "squeue") if shutil.which(command) is None]
+        if missing:
+            print(f"error: --slurm needs Slurm's {missing[0]}, which is not on PATH: run sweep.py on the cluster's "
+                  "login node, or use --print to get the commands", file=sys.stderr)
+            return 1
+        try:
+            queued = jobs_in_queue(folder)
+        except subprocess.CalledProcessError as e:
+            print(f"error: squeue failed ({e.stderr.strip() or e.returncode}): cannot tell which runs are still "
+                  "queued", file=sys.stderr)
+            return 1
+    waiting = [(argv, results) for argv, results in pending if str(results.resolve()) in queued]
+    for argv, results in waiting:
+        print(f"still queued or running as job {queued[str(results.resolve())]}: "
+              f"{shlex.join([sys.executable, str(RUN_PY), *argv])}")
+    to_submit = [(argv, results) for argv, results in pending if str(results.resolve()) not in queued]
+    jobs = submit_to_slurm(args, [argv for argv, _ in to_submit], folder, SLURM_CLUSTER) if to_submit else []
     folder.mkdir(parents=True, exist_ok=True)
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    with open(folder / "jobs.jsonl", "a", encoding="utf-8") as record:
-        for job, argv in zip(jobs, pending):
+    with open(folder / "jobs.jsonl", "a", encoding="utf-8") as records:
+        for job, (argv, results) in zip(jobs, to_submit):
             command = shlex.join([sys.executable, str(RUN_PY), *argv])
             print(f"job {job.job_id}: {command}\n    log: {job.paths.stdout}", flush=True)
-            record.write(json.dumps({"job_id": job.job_id, "submitted": submitted, "command": command,
-                                     "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}) + "\n")
-    print(f"sweep: {len(plan)} runs: {len(jobs)} submitted, {len(plan) - len(jobs)} skipped (finished); "
-          f"job ids and logs in {folder / 'jobs.jsonl'}; run the same command again to resubmit unfinished runs")
+            records.write(json.dumps({"job_id": job.job_id, "submitted": submitted, "command": command,
+                                      "results": str(results.resolve()), "stdout": str(job.paths.stdout),
+                                      "stderr": str(job.paths.stderr)}) + "\n")
+    print(f"sweep: {len(plan)} runs: {len(jobs)} submitted, {len(waiting)} still in the queue, "
+          f"{len(plan) - len(pending)} skipped (finished); job ids and logs in {folder / 'jobs.jsonl'}; "
+          "run the same command again to resubmit unfinished runs")
     return 0
 
 
@@ -189,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(argv, results_path(argv)) for argv in run_argvs(args, passthrough)]
     pending = [(argv, results) for argv, results in plan if not results.is_file()]
     if args.slurm:
-        return slurm_main(args, plan, [argv for argv, _ in pending])
+        return slurm_main(args, plan, pending)
     if args.print:
         for argv, _ in pending:
             print(shlex.join([sys.executable, str(RUN_PY), *argv]))

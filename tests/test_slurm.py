@@ -19,7 +19,7 @@ GRID = ["--dataset", "cqa", "--from_pretrained", "t5-small", "--methods", "stand
 
 @pytest.fixture
 def fake_sbatch(tmp_path, monkeypatch) -> Path:
-    """An sbatch (and srun) on PATH: sbatch keeps each submitted file in <tmp>/submitted/ and answers job 4242, 4243, ..."""
+    """Slurm's commands on PATH: squeue lists the job ids in <tmp>/queue.txt, and sbatch keeps each submitted file in <tmp>/submitted/ and answers job 4242, 4243, ..."""
     bin_dir, kept = tmp_path / "bin", tmp_path / "submitted"
     bin_dir.mkdir()
     kept.mkdir()
@@ -27,7 +27,9 @@ def fake_sbatch(tmp_path, monkeypatch) -> Path:
     script.write_text(f'#!/bin/sh\nn=$(ls {kept} | wc -l)\ncp "$1" {kept}/$n.sh\necho "Submitted batch job $((4242 + n))"\n')
     script.chmod(0o755)
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only looks for it; the jobs never run
-    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path}/queue.txt 2>/dev/null\n")  # the ids in queue.txt
+    for name in ("srun", "squeue"):
+        (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     return kept
 
@@ -55,11 +57,14 @@ def test_pending_runs_go_as_one_array_with_the_slurm_flags(fake_sbatch, tmp_path
     for record in records:
         assert f"job {record['job_id']}: {record['command']}\n    log: {record['stdout']}" in printed
         assert record["stdout"].startswith(str(out / "slurm" / "4242_")) and record["stdout"].endswith(".out")
-    assert "4 runs: 3 submitted, 1 skipped (finished)" in printed
+    assert "4 runs: 3 submitted, 0 still in the queue, 1 skipped (finished)" in printed
 
-    assert sweep.main(argv) == 0, "resubmitting what is unfinished"
+    (tmp_path / "queue.txt").write_text("4242_1\n977\n")
+    assert sweep.main(argv) == 0, "resubmitting what is unfinished and not in the queue"
+    assert f"still queued or running as job 4242_1: {records[1]['command']}" in capsys.readouterr().out
     lines = (out / "slurm" / "jobs.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and json.loads(lines[3])["job_id"] == "4243_0", "earlier records are kept"
+    assert [json.loads(line)["job_id"] for line in lines] == ["4242_0", "4242_1", "4242_2", "4243_0", "4243_1"]
+    assert [json.loads(line)["command"] for line in lines[3:]] == [records[0]["command"], records[2]["command"]]
 
 
 @pytest.mark.parametrize(
