@@ -38,6 +38,13 @@ SLURM_CLUSTER = "slurm"
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def slurm_minutes(text: str) -> int:
     """Slurm's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) as whole minutes, rounded up."""
     match = SLURM_TIME.fullmatch(text.strip())
@@ -111,13 +118,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         if clash:
             parser.error(f"{token}: sweep.py sets {clash[0]} for each run; use --methods/--seeds/--alphas/--fractions")
     return args, passthrough
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str]]:
@@ -203,7 +203,14 @@ def slurm_main(args: argparse.Namespace, plan: list[tuple[list[str], Path]],
         print(f"still queued or running as job {queued[str(results.resolve())]}: "
               f"{shlex.join([sys.executable, str(RUN_PY), *argv])}")
     to_submit = [(argv, results) for argv, results in pending if str(results.resolve()) not in queued]
-    jobs = submit_to_slurm(args, [argv for argv, _ in to_submit], folder, SLURM_CLUSTER) if to_submit else []
+    from submitit.core.utils import FailedJobError
+
+    try:
+        jobs = submit_to_slurm(args, [argv for argv, _ in to_submit], folder, SLURM_CLUSTER) if to_submit else []
+    except FailedJobError as e:
+        reason = (str(e).strip().splitlines() or ["no message"])[-1]
+        print(f"error: sbatch refused the jobs ({reason}); check the --slurm_* flags", file=sys.stderr)
+        return 1
     folder.mkdir(parents=True, exist_ok=True)
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(folder / "jobs.jsonl", "a", encoding="utf-8") as records:

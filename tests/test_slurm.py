@@ -24,7 +24,11 @@ def fake_sbatch(tmp_path, monkeypatch) -> Path:
     bin_dir.mkdir()
     kept.mkdir()
     script = bin_dir / "sbatch"
-    script.write_text(f'#!/bin/sh\nn=$(ls {kept} | wc -l)\ncp "$1" {kept}/$n.sh\necho "Submitted batch job $((4242 + n))"\n')
+    script.write_text(
+        "#!/bin/sh\n"
+        'grep -q "partition=nowhere" "$1" && { echo "sbatch: error: invalid partition specified: nowhere" >&2; exit 1; }\n'
+        f'n=$(ls {kept} | wc -l)\ncp "$1" {kept}/$n.sh\necho "Submitted batch job $((4242 + n))"\n'
+    )
     script.chmod(0o755)
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only looks for it; the jobs never run
     (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path}/queue.txt 2>/dev/null\n")  # the ids in queue.txt
@@ -65,6 +69,14 @@ def test_pending_runs_go_as_one_array_with_the_slurm_flags(fake_sbatch, tmp_path
     lines = (out / "slurm" / "jobs.jsonl").read_text().splitlines()
     assert [json.loads(line)["job_id"] for line in lines] == ["4242_0", "4242_1", "4242_2", "4243_0", "4243_1"]
     assert [json.loads(line)["command"] for line in lines[3:]] == [records[0]["command"], records[2]["command"]]
+
+
+def test_sbatch_refusal_is_one_line(fake_sbatch, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert sweep.main([*GRID, "--output_dir", str(out), "--slurm", "--slurm_partition", "nowhere"]) == 1
+    err = capsys.readouterr().err
+    assert "error: sbatch refused the jobs (sbatch: error: invalid partition specified: nowhere)" in err
+    assert "Traceback" not in err and not (out / "slurm" / "jobs.jsonl").exists()
 
 
 @pytest.mark.parametrize(
