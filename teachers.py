@@ -119,6 +119,7 @@ class OpenAITeacher:
             return [task.result() for task in tasks]
 
     async def _samples(self, client: openai.AsyncOpenAI, prompt: str) -> list[str]:
+        """`samples` continuations of one prompt, in as few requests as the server allows."""
         texts: list[str] = []
         while len(texts) < self.samples:
             wanted = self.samples - len(texts)

@@ -174,8 +174,8 @@ def test_hf_teacher_writes_chunks_that_load_data_reads(tiny_causal_lm, tmp_path,
 
 class FakeEndpoint:
     """An OpenAI-compatible server: answers the prompt ending `Q: s<i>\\nA:` with `... So the answer is <i+1>.` for
-    even i and a wrong label for odd i (choice j > 0 of a request for n says `Because <i> #j.`). `plan[key]` scripts the first
-    attempts at one row, misbehaving on purpose: an HTTP status to fail with; ('retry_after', seconds): 429 with
+    even i and a wrong label for odd i (choice j > 0 of a request for n says `Because <i> #j.`). `plan[key]` scripts
+    the first attempts at one row, misbehaving on purpose: an HTTP status to fail with; ('retry_after', seconds): 429 with
     that Retry-After; 'slow': answer after the client's timeout; 'drop': close the connection unanswered;
     'garbage': a 200 whose body is not JSON; 'number': a 200 with `"text": 123`; 'hang': no answer until the
     test ends. `n`: 'takes' (n choices), 'ignores' (one choice) or 'refuses' (400 for n > 1)."""
@@ -372,10 +372,11 @@ def test_dropped_connections_and_retry_after_are_retried(endpoint, tmp_path, mon
     small_chunks(monkeypatch, "custom", 2)
     custom_data(tmp_path, n_train=4)
     fake, url = endpoint({"s0": ["drop", "drop"], "s1": [("retry_after", 1.2)], "s2": ["slow"]})
-    assert annotate.main(openai_flags(tmp_path, url, "--timeout", "0.4", "--max_retries", "2")) == 0, capsys.readouterr().err
+    status = annotate.main(openai_flags(tmp_path, url, "--timeout", "0.4", "--max_retries", "2"))
+    assert status == 0, capsys.readouterr().err
     assert {key: len(times) for key, times in fake.arrivals.items()} == {"s0": 3, "s1": 2, "s2": 2, "s3": 1}
     waited = fake.arrivals["s1"][1] - fake.arrivals["s1"][0]
-    assert waited >= 1.2, f"the server asked for 1.2 s and got {waited:.2f} s (the client's own first backoff is <= 0.5 s)"
+    assert waited >= 1.2, f"the server asked for 1.2 s, got {waited:.2f} s (the client's own first backoff is <= 0.5 s)"
     outputs = json.loads((tmp_path / "custom" / "t1" / "train_CoT_0.json").read_text())
     assert outputs == ["Because 0. So the answer is 1.", "Because 1. So the answer is 3."]
 
@@ -416,7 +417,7 @@ def test_samples_use_n_where_the_server_takes_it(endpoint, server_n, requests_pe
     assert done == [1, 1] and [len(samples) for samples in outputs] == [3, 3]
     assert outputs[0][0] == "Because 0. So the answer is 1." and outputs[1][0] == "Because 1. So the answer is 3."
     if server_n == "takes":
-        assert outputs[0] == ["Because 0. So the answer is 1."] + [f"Because 0 #{j}. So the answer is 1." for j in (1, 2)]
+        assert outputs[0] == ["Because 0. So the answer is 1.", *(f"Because 0 #{j}. So the answer is 1." for j in (1, 2))]
     # 'refuses': the first prompt's refused n=3 costs one request more; later prompts ask without n.
     assert len(fake.requests) == 2 * requests_per_prompt - (1 if server_n == "refuses" else 0)
     body = fake.requests[-1][2]

@@ -19,19 +19,22 @@ GRID = ["--dataset", "cqa", "--from_pretrained", "t5-small", "--methods", "stand
 
 @pytest.fixture
 def fake_sbatch(tmp_path, monkeypatch) -> Path:
-    """Slurm's commands on PATH: squeue lists the job ids in <tmp>/queue.txt, and sbatch keeps each submitted file in <tmp>/submitted/ and answers job 4242, 4243, ..."""
+    """Slurm's commands on PATH: squeue lists the job ids in <tmp>/queue.txt; sbatch keeps each submitted file in
+    <tmp>/submitted/ and answers job 4242, 4243, ... (or refuses partition nowhere)."""
     bin_dir, kept = tmp_path / "bin", tmp_path / "submitted"
     bin_dir.mkdir()
     kept.mkdir()
     script = bin_dir / "sbatch"
     script.write_text(
         "#!/bin/sh\n"
-        'grep -q "partition=nowhere" "$1" && { echo "sbatch: error: invalid partition specified: nowhere" >&2; exit 1; }\n'
+        'if grep -q "partition=nowhere" "$1"; then\n'
+        '  echo "sbatch: error: invalid partition specified: nowhere" >&2; exit 1\n'
+        'fi\n'
         f'n=$(ls {kept} | wc -l)\ncp "$1" {kept}/$n.sh\necho "Submitted batch job $((4242 + n))"\n'
     )
     script.chmod(0o755)
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only looks for it; the jobs never run
-    (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path}/queue.txt 2>/dev/null\n")  # the ids in queue.txt
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\ncat {tmp_path}/queue.txt 2>/dev/null || true\n")  # the ids in queue.txt
     for name in ("srun", "squeue"):
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
@@ -100,7 +103,8 @@ def test_slurm_without_submitit_or_sbatch_says_what_to_do(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "submitit", None)
     with pytest.raises(SystemExit):
         sweep.parse_args([*GRID, "--slurm"])
-    assert "--slurm needs the submitit package, which is not installed: uv sync --extra slurm" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--slurm needs the submitit package, which is not installed: uv sync --extra slurm" in err
     monkeypatch.undo()
 
     monkeypatch.setenv("PATH", str(tmp_path))
