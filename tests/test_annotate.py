@@ -435,14 +435,17 @@ def test_ctrl_c_stops_within_seconds_and_keeps_finished_chunks(endpoint, tmp_pat
     flags = openai_flags(tmp_path, url, "--concurrency", "4", "--timeout", "60", "--max_retries", "5")
     process = subprocess.Popen([sys.executable, "-c", script, str(ROOT), *flags], stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "custom" / "t1"
-    deadline = time.monotonic() + 120
-    while fake.in_flight < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert fake.in_flight == 2, "the second chunk's requests must be in flight when Ctrl-C comes"
-    sent = len(fake.requests)
-    process.send_signal(signal.SIGINT)
-    start = time.monotonic()
-    _, err = process.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while fake.in_flight < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert fake.in_flight == 2, "the second chunk's requests must be in flight when Ctrl-C comes"
+        sent = len(fake.requests)
+        process.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
     assert time.monotonic() - start < 5, "in-flight requests are cancelled, not waited for"
     assert process.returncode == 130 and "Traceback" not in err
     assert f"interrupted: finished chunks are kept in {folder}; run the same command to resume" in err
