@@ -446,6 +446,7 @@ def test_ctrl_c_stops_within_seconds_and_keeps_finished_chunks(endpoint, tmp_pat
         _, err = process.communicate(timeout=30)
     finally:
         process.kill()
+        process.wait()
     assert time.monotonic() - start < 5, "in-flight requests are cancelled, not waited for"
     assert process.returncode == 130 and "Traceback" not in err
     assert f"interrupted: finished chunks are kept in {folder}; run the same command to resume" in err
