@@ -218,6 +218,9 @@ def prepare_splits(args: argparse.Namespace, eos: str, record: dict | None = Non
         record["rationale_counts"] = kept_counts(splits["train"], args.rationales)
         if is_main_process():
             print(describe_counts(record["rationale_counts"]))
+    if uses_samples(args):  # what is kept of the samples is in `rationales` and `llm_label` now
+        for name in splits:
+            splits[name] = splits[name].remove_columns(["llm_rationales", "llm_labels"])
     if args.label_type == "llm":
         splits["train"] = splits["train"].remove_columns("label").rename_column("llm_label", "label")
     if args.llm != "none":
