@@ -12,6 +12,7 @@ The predict view stays one row per input whatever the mode (see model_utils.Task
 loss is not reweighted by the number of rationales.
 """
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -23,9 +24,15 @@ Match = Callable[[str, str], bool]
 
 
 def label_match(metric: str) -> Match:
-    """Whether two labels are the same answer, by the dataset's own metric (exact text, or arithmetic value)."""
+    """Whether two labels are the same answer, by the dataset's own metric (exact text, or arithmetic value).
+    Cached: labels repeat (three classes for NLI), and the metric is called on one pair at a time."""
     score = METRICS[metric]
-    return lambda a, b: score([a], [b]) == 1.0
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def match(a: str, b: str) -> bool:
+        return score([a], [b]) == 1.0
+
+    return match
 
 
 def parsed(label: str) -> bool:

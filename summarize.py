@@ -167,7 +167,8 @@ def file_stem(dataset: str, label: str) -> str:
 
 def teacher_lines(runs: list[dict]) -> dict[str, tuple[float, float | None]]:
     """Teacher -> (first-sample, voted) test accuracy, from the runs that recorded a teacher audit."""
-    return {teacher: (first, voted) for teacher, first, voted in sorted(r["teacher"] for r in runs if r["teacher"])}
+    lines = {teacher: (first, voted) for teacher, first, voted in (r["teacher"] for r in runs if r["teacher"])}
+    return dict(sorted(lines.items()))
 
 
 def plot_fraction(
