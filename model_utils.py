@@ -395,7 +395,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         """alpha * label loss + (1 - alpha) * rationale loss: by grouped_loss (the same value, with one encoder pass
         and less padding) where it applies; by the two-pass formulation where outputs are wanted or it does not."""
         if "expl" in inputs and inputs["expl"] is None:
-            # No input of this batch kept a rationale (--rationales correct/vote): the label loss keeps its weight alpha.
+            # No input of this batch kept a rationale (--rationales all/correct/vote): the label loss keeps weight alpha.
             result = self.compute_loss(model, {"pred": inputs["pred"]}, return_outputs, num_items_in_batch)
             return (self.alpha * result[0], result[1]) if return_outputs else self.alpha * result
         if return_outputs or not self.grouped_loss_applies(model):

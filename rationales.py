@@ -73,7 +73,8 @@ def choose(
         label, agree = vote(labels, match)
         return [r for r, keep in zip(rationales, agree) if keep and parsed(r)], label
     if mode == "correct":
-        return [r for r, label in zip(rationales, labels) if parsed(r) and parsed(label) and match(label, gold)], labels[0]
+        right = [parsed(r) and parsed(label) and match(label, gold) for r, label in zip(rationales, labels)]
+        return [r for r, keep in zip(rationales, right) if keep], labels[0]
     if mode == "all":
         return [r for r in rationales if parsed(r)], labels[0]
     raise ValueError(f"unknown rationale mode {mode!r}; expected one of {', '.join(RATIONALE_MODES)}")

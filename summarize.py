@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="alpha of the dss_* runs shown in the method x fraction table (others: alpha plot)")
     parser.add_argument("--teacher_line", action="store_true",
-                        help="draw the teacher's test accuracy (recorded by --label_type llm runs) on the fraction plot")
+                        help="draw the teacher's test accuracy (recorded by --label_type llm runs) on fraction plots")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")

@@ -170,7 +170,8 @@ def test_hf_teacher_samples_k_continuations_per_prompt(tiny_causal_lm, tmp_path,
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    write_lines(tmp_path / "svamp" / "svamp_test.json", [{"input": f"t{i}", "label": "( 1.0 + 1.0 )"} for i in range(3)])
+    rows = [{"input": f"t{i}", "label": "( 1.0 + 1.0 )"} for i in range(3)]
+    write_lines(tmp_path / "svamp" / "svamp_test.json", rows)
     prompt_file = tmp_path / "one-shot.txt"
     prompt_file.write_text("Q: Tom has 3 apples and eats 1. How many are left?\nA: 3 - 1 = 2. The answer is (3 - 1).\n")
     flags = ["--dataset", "svamp", "--split", "test", "--data_dir", str(tmp_path), "--teacher", "hf", "--model",

@@ -167,7 +167,8 @@ def test_sampled_annotation_layout_audit_and_resume(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "teacher audit, train: 8 inputs x 3 samples" in out and "--rationales all|correct|vote" in out
 
-    assert annotate.main(annotate_flags(data, "train", "--samples", str(K), "--temperature", "1.0", "--top_p", "0.9")) == 1
+    hotter = annotate_flags(data, "train", "--samples", str(K), "--temperature", "1.0", "--top_p", "0.9")
+    assert annotate.main(hotter) == 1
     assert "annotated with --temperature 0.7, not 1.0" in capsys.readouterr().err
 
 
@@ -224,7 +225,7 @@ def explain_targets(texts: list[str], tokenizer) -> list[list[int]]:
 def test_rows_the_trainer_sees(sampled_data, tiny_t5, capsys, mode, kept, inputs_kept):
     from model_utils import LABEL_PAD, TaskPrefixDataCollator
 
-    args, splits, record, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", mode, "--label_type", "llm")
+    _, splits, record, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", mode, "--label_type", "llm")
     counts = record["rationale_counts"]
     expected = {i: [f"think s{i} {letter}." for letter in kept[i % 4].split()] for i in range(8)}
     assert counts == {"mode": mode, "inputs": 8, "inputs_with_rationales": inputs_kept,
@@ -249,7 +250,7 @@ def test_rows_the_trainer_sees(sampled_data, tiny_t5, capsys, mode, kept, inputs
 
 
 def test_first_is_the_first_sample_and_keeps_the_paper_columns(sampled_data, tiny_t5):
-    args, splits, record, train, _ = prepared(sampled_data, tiny_t5)
+    _, splits, record, train, _ = prepared(sampled_data, tiny_t5)
     assert set(splits["train"].column_names) == {"input", "label", "rationale", "llm_label"}
     assert "kept_rationale_labels" not in train.column_names and record == {}
     assert sorted(splits["test"]["rationale"]) == sorted(
@@ -264,7 +265,7 @@ def test_a_batch_without_rationales_weighs_its_label_loss_by_alpha(sampled_data,
 
     from model_utils import TaskPrefixDataCollator, TaskPrefixTrainer
 
-    args, splits, _, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", "correct", "--alpha", "0.3")
+    _, splits, _, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", "correct", "--alpha", "0.3")
     without = [train[n] for n, text in enumerate(splits["train"]["input"]) if int(text[1:]) % 4 == 3]
     batch = TaskPrefixDataCollator(tokenizer)(without)
     assert batch["expl"] is None and batch["pred"]["input_ids"].shape[0] == 2
