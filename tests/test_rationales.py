@@ -191,7 +191,7 @@ def test_one_sample_writes_the_one_string_per_row_layout(tmp_path, monkeypatch):
 
 
 def prepared(data: Path, tiny_t5: Path, *extra: str):
-    """run.py's data for these flags: (args, splits, record, tokenized train with the kept rationales)."""
+    """run.py's data for these flags: (splits, record, tokenized train with the kept rationales, tokenizer)."""
     from transformers import AutoTokenizer
 
     from rationales import tokenize_kept_rationales
@@ -206,7 +206,7 @@ def prepared(data: Path, tiny_t5: Path, *extra: str):
     if args.rationales != "first":
         tokenized["train"] = tokenize_kept_rationales(tokenized["train"], splits["train"]["rationales"], tokenizer,
                                                       MAX_TARGET_LENGTH)
-    return args, splits, record, tokenized["train"], tokenizer
+    return splits, record, tokenized["train"], tokenizer
 
 
 def explain_targets(texts: list[str], tokenizer) -> list[list[int]]:
@@ -225,7 +225,7 @@ def explain_targets(texts: list[str], tokenizer) -> list[list[int]]:
 def test_rows_the_trainer_sees(sampled_data, tiny_t5, capsys, mode, kept, inputs_kept):
     from model_utils import LABEL_PAD, TaskPrefixDataCollator
 
-    _, splits, record, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", mode, "--label_type", "llm")
+    splits, record, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", mode, "--label_type", "llm")
     counts = record["rationale_counts"]
     expected = {i: [f"think s{i} {letter}." for letter in kept[i % 4].split()] for i in range(8)}
     assert counts == {"mode": mode, "inputs": 8, "inputs_with_rationales": inputs_kept,
@@ -250,7 +250,7 @@ def test_rows_the_trainer_sees(sampled_data, tiny_t5, capsys, mode, kept, inputs
 
 
 def test_first_is_the_first_sample_and_keeps_the_paper_columns(sampled_data, tiny_t5):
-    _, splits, record, train, _ = prepared(sampled_data, tiny_t5)
+    splits, record, train, _ = prepared(sampled_data, tiny_t5)
     assert set(splits["train"].column_names) == {"input", "label", "rationale", "llm_label"}
     assert "kept_rationale_labels" not in train.column_names and record == {}
     assert sorted(splits["test"]["rationale"]) == sorted(
@@ -265,7 +265,7 @@ def test_a_batch_without_rationales_weighs_its_label_loss_by_alpha(sampled_data,
 
     from model_utils import TaskPrefixDataCollator, TaskPrefixTrainer
 
-    _, splits, _, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", "correct", "--alpha", "0.3")
+    splits, _, train, tokenizer = prepared(sampled_data, tiny_t5, "--rationales", "correct", "--alpha", "0.3")
     without = [train[n] for n, text in enumerate(splits["train"]["input"]) if int(text[1:]) % 4 == 3]
     batch = TaskPrefixDataCollator(tokenizer)(without)
     assert batch["expl"] is None and batch["pred"]["input_ids"].shape[0] == 2
