@@ -5,6 +5,8 @@
 
 Writes <data_dir>/<dataset>/<llm_name>/<split>_CoT_<i>.json in the chunked layout of PaLM's outputs, so that
 `run.py --dataset <dataset> --llm <llm_name>` trains on them. Finished chunks are kept: run again to resume.
+With --samples K > 1 (and --temperature > 0) each chunk holds a list of K outputs per row; run.py --rationales
+chooses among them. <split>_annotation.json holds the teacher audit (rationales.audit).
 """
 
 import argparse
@@ -25,9 +27,11 @@ from data_utils import (
     chunk_path,
     read_json_list,
     read_rows,
+    samples_per_row,
 )
 from metrics import METRICS
-from run import positive_float, positive_int
+from rationales import audit, describe_audit
+from run import fraction, positive_float, positive_int
 from teachers import HFTeacher, OpenAITeacher, Teacher, TeacherError
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -40,6 +44,13 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -59,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--stop", action="append",
         help="stop sequence, repeatable; \\n means a newline (default: a blank line, the end of an exemplar; "
         "--stop '' for none)")
+    add("--samples", type=positive_int, default=1,
+        help="continuations per input (K); K > 1 needs --temperature > 0 and writes K outputs per row")
+    add("--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 is greedy decoding")
+    add("--top_p", type=fraction, default=1.0, help="nucleus sampling: keep the smallest token set with this mass")
+    add("--seed", type=int, default=0, help="hf: seed of the sampling (a resumed run samples its new chunks afresh)")
     add("--custom_metric", choices=sorted(METRICS), help="--dataset custom: how the teacher's accuracy is scored")
     add("--batch_size", type=positive_int, default=8, help="hf: prompts generated together")
     add("--base_url", help="openai: the endpoint, e.g. http://localhost:8000/v1 or https://api.openai.com/v1")
@@ -79,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"{args.dataset} {args.split} is made of {', '.join(sources)}: annotate that dataset instead")
     if args.custom_metric and spec.from_paper:
         parser.error(f"--custom_metric is for --dataset custom; {args.dataset} is scored as in the paper")
+    if args.samples > 1 and args.temperature == 0:
+        parser.error(f"--samples {args.samples} with --temperature 0 would give {args.samples} identical greedy "
+                     "outputs: pass --temperature > 0 (e.g. 0.7)")
     if args.teacher == "openai" and not args.base_url:
         parser.error("--teacher openai needs --base_url (e.g. http://localhost:8000/v1)")
     if args.llm_name is None:
@@ -125,25 +144,37 @@ def build_query(prompt: str, spec: DatasetSpec, row: dict) -> str:
 
 
 def make_teacher(args: argparse.Namespace) -> Teacher:
+    sampling = {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p}
     if args.teacher == "hf":
-        return HFTeacher(args.model, args.batch_size, args.max_new_tokens, args.stop)
+        return HFTeacher(args.model, args.batch_size, args.max_new_tokens, args.stop, **sampling, seed=args.seed)
     key_env = args.api_key_env or "OPENAI_API_KEY"
     api_key = os.environ.get(key_env)
     if args.api_key_env and not api_key:
         raise TeacherError(f"--api_key_env {key_env}: that environment variable is not set")
     return OpenAITeacher(args.base_url, args.model, args.chat, api_key, args.max_new_tokens, args.stop,
-                         args.concurrency, args.timeout, args.max_retries)
+                         args.concurrency, args.timeout, args.max_retries, **sampling)
 
 
-def read_finished_chunk(path: Path, expected: int) -> list[str] | None:
-    """A chunk written earlier, or None if there is none yet; one of the wrong size is refused, not redone."""
+def read_finished_chunk(path: Path, expected: int, samples: int) -> list[list[str]] | None:
+    """A chunk written earlier (K outputs per row), or None if there is none yet; one of the wrong size or with another
+    number of samples per row is refused, not redone."""
     if not path.is_file():
         return None
     outputs = read_json_list(path)
     if len(outputs) != expected:
         raise DataError(f"{path} holds {len(outputs)} outputs where {expected} were expected (the data changed?); "
                         "delete it, or the whole folder, to annotate it again")
-    return outputs
+    found = len(outputs[0]) if outputs and isinstance(outputs[0], list) else 1
+    if found != samples:
+        raise DataError(f"{path} holds {found} sample(s) per row where --samples {samples} asks for {samples}; "
+                        "pass the --samples of that run to resume it, or another --llm_name for a new annotation")
+    return samples_per_row(outputs)
+
+
+def chunk_layout(outputs: list[list[str]], samples: int) -> list[str] | list[list[str]]:
+    """What a chunk file holds: PaLM's one string per row for K = 1 (so greedy runs write today's files), else the
+    list of K strings per row."""
+    return [output[0] for output in outputs] if samples == 1 else outputs
 
 
 def write_json_atomic(path: Path, data, indent: int | None = None) -> None:
@@ -157,13 +188,29 @@ def output_folder(args: argparse.Namespace) -> Path:
     return Path(args.data_dir) / args.dataset / args.llm_name
 
 
-def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[str]:
-    """Every row's teacher output, chunk by chunk; finished chunks are read back, missing ones generated.
+def check_same_sampling(args: argparse.Namespace) -> None:
+    """Refuse to add chunks sampled otherwise to a split whose earlier run recorded its sampling settings."""
+    path = output_folder(args) / f"{args.split}_annotation.json"
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: not valid JSON; delete it (annotate.py writes it again at the end)") from None
+    for key in ("samples", "temperature", "top_p"):
+        if key in earlier and earlier[key] != getattr(args, key):
+            raise DataError(f"{path}: this split was annotated with --{key} {earlier[key]}, not {getattr(args, key)}; "
+                            "pass the same sampling flags, or another --llm_name for a new annotation")
+
+
+def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[list[str]]:
+    """Every row's teacher outputs (K per row), chunk by chunk; finished chunks are read back, missing ones generated.
     Queries are built one chunk at a time: the few-shot prompt repeated over a whole split would not fit memory."""
     spec = DATASETS[args.dataset]
     chunks = [rows[start : start + spec.chunk_size] for start in range(0, len(rows), spec.chunk_size)]
     paths = [chunk_path(Path(args.data_dir), args.dataset, args.llm_name, args.split, i) for i in range(len(chunks))]
-    finished = [read_finished_chunk(path, len(chunk)) for path, chunk in zip(paths, chunks)]
+    check_same_sampling(args)
+    finished = [read_finished_chunk(path, len(chunk), args.samples) for path, chunk in zip(paths, chunks)]
     todo = [i for i, outputs in enumerate(finished) if outputs is None]
     if todo:
         teacher = make_teacher(args)
@@ -171,23 +218,17 @@ def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[st
         done = len(rows) - sum(len(chunks[i]) for i in todo)
         with tqdm(total=len(rows), initial=done, unit="ex", desc=f"{args.dataset} {args.split}") as bar:
             for i in todo:
-                continuations = teacher([build_query(prompt, spec, row) for row in chunks[i]], bar.update)
-                finished[i] = [samples[0] for samples in continuations]
-                write_json_atomic(paths[i], finished[i])
+                finished[i] = teacher([build_query(prompt, spec, row) for row in chunks[i]], bar.update)
+                write_json_atomic(paths[i], chunk_layout(finished[i], args.samples))
     return [output for outputs in finished for output in outputs]
 
 
-def score(args: argparse.Namespace, outputs: list[str], golds: list[str]) -> dict:
-    """How often the teacher's output parses, and how often its label is right (an unparsed one is wrong)."""
+def score(args: argparse.Namespace, outputs: list[list[str]], golds: list[str]) -> dict:
+    """The teacher audit: how often its outputs parse, how often their labels are right (an unparsed one is wrong),
+    first sample and voted, and how well its samples agree."""
     spec = DATASETS[args.dataset]
-    labels = [spec.parse(output)[1] for output in outputs]
-    metric = args.custom_metric or spec.metric
-    return {
-        "rows": len(outputs),
-        "parse_rate": sum(bool(label.strip()) for label in labels) / len(labels),
-        "accuracy": METRICS[metric](labels, golds),
-        "metric": metric,
-    }
+    labels = [[spec.parse(output)[1] for output in samples] for samples in outputs]
+    return audit(labels, golds, args.custom_metric or spec.metric, spec.classes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         "llm_name": args.llm_name, "prompt_file": args.prompt_file or f"prompts/{args.dataset}.txt",
         "max_new_tokens": args.max_new_tokens, "stop": args.stop, "chunk_size": spec.chunk_size,
         "chunks": math.ceil(len(rows) / spec.chunk_size),
+        "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
+        **({"seed": args.seed} if args.teacher == "hf" else {}),
     }
     write_json_atomic(folder / f"{args.split}_annotation.json", record, indent=2)
-    print(f"{len(outputs)} outputs in {folder}: parse rate {scores['parse_rate']:.4f}, teacher accuracy "
-          f"{scores['accuracy']:.4f} ({scores['metric']}); train on them with run.py --dataset {args.dataset} "
-          f"--llm {args.llm_name}")
+    print(describe_audit(args.split, scores))
+    print(f"{len(outputs)} inputs x {args.samples} outputs in {folder}: parse rate {scores['parse_rate']:.4f}, "
+          f"teacher accuracy {scores['accuracy']:.4f} ({scores['metric']}); train on them with run.py --dataset "
+          f"{args.dataset} --llm {args.llm_name}" + (" --rationales all|correct|vote" if args.samples > 1 else ""))
     return 0
 
 

@@ -157,6 +157,8 @@ class DatasetSpec:
     sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
     query: str = "Q: {input}\nA:"
     optional_splits: tuple[str, ...] = ()
+    # The fixed label set of a classification dataset, for the teacher audit's per-class accuracy.
+    classes: tuple[str, ...] = ()
 
     @property
     def from_paper(self) -> bool:
@@ -179,6 +181,7 @@ DATASETS: dict[str, DatasetSpec] = {
         5500,
         {"train": 100, "valid": 2, "test": 2},
         query="Premise: {premise}\nHypothesis: {hypothesis}\nReasonings:",
+        classes=NLI_LABELS,
     ),
     "anli1": DatasetSpec(
         ("train", "valid", "test"),
@@ -188,6 +191,7 @@ DATASETS: dict[str, DatasetSpec] = {
         5000,
         {"train": 4, "valid": 1, "test": 1},
         query="Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:",
+        classes=NLI_LABELS,
     ),
     "asdiv": DatasetSpec(
         ("train", "test"),
@@ -252,15 +256,29 @@ def read_rows(data_dir: Path, name: str, split: str, eos: str) -> list[dict]:
     return rows
 
 
-def read_json_list(path: Path) -> list[str]:
+def read_json_list(path: Path) -> list[str] | list[list[str]]:
+    """A chunk of teacher outputs: a list of strings (one output per row, PaLM's layout) or a list of equally long
+    lists of strings (K sampled outputs per row, annotate.py --samples K)."""
     try:
         with open(path, encoding="utf-8") as f:
             outputs = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); re-download or regenerate it") from None
-    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
-        raise DataError(f"{path}: expected a JSON list of strings (the teacher's outputs)")
+    one_each = isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)
+    k_each = (
+        isinstance(outputs, list)
+        and all(isinstance(o, list) and o and all(isinstance(s, str) for s in o) for o in outputs)
+        and len({len(o) for o in outputs}) <= 1
+    )
+    if not (one_each or k_each):
+        raise DataError(f"{path}: expected a JSON list of strings (the teacher's outputs), or of equally long lists "
+                        "of strings (several samples per row)")
     return outputs
+
+
+def samples_per_row(outputs: list[str] | list[list[str]]) -> list[list[str]]:
+    """Every row's teacher outputs as a list: [output] in PaLM's one-per-row layout, the K samples otherwise."""
+    return [output if isinstance(output, list) else [output] for output in outputs]
 
 
 def chunk_path(data_dir: Path, name: str, folder: str, split: str, index: int) -> Path:
@@ -278,8 +296,8 @@ def teacher_chunk_count(data_dir: Path, name: str, split: str, llm: str) -> int:
     return max(count, 1)  # at least one, so that a missing folder is reported as a missing first chunk
 
 
-def read_teacher_outputs(data_dir: Path, name: str, split: str, llm: str) -> list[str]:
-    """Raw teacher continuations for one folder's split, chunks concatenated in order."""
+def read_teacher_outputs(data_dir: Path, name: str, split: str, llm: str) -> list[str] | list[list[str]]:
+    """Raw teacher continuations for one folder's split (one or K per row, see read_json_list), chunks in order."""
     if llm == "gpt":
         paths = [data_dir / "gpt-neox" / name / f"{split}.json"]
     else:
@@ -298,8 +316,8 @@ def read_teacher_outputs(data_dir: Path, name: str, split: str, llm: str) -> lis
 
 def _teacher_rationales(
     data_dir: Path, source: str, split: str, llm: str, rows: list[dict]
-) -> tuple[list[dict], list[tuple[str, str]]]:
-    """(the rows the teacher covered, their parsed (rationale, label) pairs)."""
+) -> tuple[list[dict], list[list[tuple[str, str]]]]:
+    """(the rows the teacher covered, per row the parsed (rationale, label) pair of each of its samples)."""
     spec = DATASETS[source]
     outputs = read_teacher_outputs(data_dir, source, split, llm)
     # The train split may run past what the teacher covered; only the covered rows are used.
@@ -310,7 +328,7 @@ def _teacher_rationales(
             f"{source} {split}: {len(outputs)} teacher outputs (--llm {llm}) for {len(rows)} data rows; "
             "they must match one to one: re-download or regenerate the teacher outputs"
         )
-    return rows, [spec.parse(output) for output in outputs]
+    return rows, [[spec.parse(sample) for sample in samples] for samples in samples_per_row(outputs)]
 
 
 def _dataset_rationales(source: str, split: str, rows: list[dict]) -> list[tuple[str, str]]:
@@ -321,14 +339,17 @@ def _dataset_rationales(source: str, split: str, rows: list[dict]) -> list[tuple
                 f"{source} {split}: row {number} has no 'rationale' field, which --llm dataset needs; "
                 "add one to every row or choose another --llm"
             )
-    return [(row["rationale"] or BLANK, row["label"]) for row in rows]
+    return [[(row["rationale"] or BLANK, row["label"])] for row in rows]
 
 
-def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str) -> Dataset:
-    """One split with columns input, label and, when rationales are used, llm_rationale and llm_label."""
+def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str, samples: bool = False) -> Dataset:
+    """One split with columns input, label and, when rationales are used, llm_rationale and llm_label (the first
+    sample's); with samples=True also llm_rationales and llm_labels, every sample's (see rationales.py)."""
     from datasets import Dataset
 
     columns: dict[str, list] = {"input": [], "label": [], "llm_rationale": [], "llm_label": []}
+    if samples:
+        columns |= {"llm_rationales": [], "llm_labels": []}
     for source in DATASETS[name].sources.get(split, (name,)):
         rows = read_rows(data_dir, source, split, eos)
         parsed = []
@@ -336,24 +357,30 @@ def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str) -> Dat
             parsed = _dataset_rationales(source, split, rows)
         elif llm != "none":
             rows, parsed = _teacher_rationales(data_dir, source, split, llm, rows)
-        columns["llm_rationale"] += [rationale for rationale, _ in parsed]
-        columns["llm_label"] += [label for _, label in parsed]
+        columns["llm_rationale"] += [pairs[0][0] for pairs in parsed]
+        columns["llm_label"] += [pairs[0][1] for pairs in parsed]
+        if samples:
+            columns["llm_rationales"] += [[rationale for rationale, _ in pairs] for pairs in parsed]
+            columns["llm_labels"] += [[label for _, label in pairs] for pairs in parsed]
         columns["input"] += [row["input"] for row in rows]
         columns["label"] += [row["label"] for row in rows]
     if llm == "none":
-        del columns["llm_rationale"], columns["llm_label"]
+        columns = {key: columns[key] for key in ("input", "label")}
     return Dataset.from_dict(columns)
 
 
-def load_data(name: str, data_dir: str | Path, llm: str = "palm", eos: str = "</s>") -> DatasetDict:
-    """train/valid/test splits as in the paper: a missing valid split is 10% of train drawn with seed 0."""
+def load_data(
+    name: str, data_dir: str | Path, llm: str = "palm", eos: str = "</s>", samples: bool = False
+) -> DatasetDict:
+    """train/valid/test splits as in the paper: a missing valid split is 10% of train drawn with seed 0.
+    samples=True adds every teacher sample's rationale and label (llm_rationales, llm_labels) to each row."""
     from datasets import DatasetDict
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} not found: {_missing_data_hint(data_dir)}")
     names = split_names(data_dir, name)
-    splits = DatasetDict({split: load_split(data_dir, name, split, llm, eos) for split in names})
+    splits = DatasetDict({split: load_split(data_dir, name, split, llm, eos, samples) for split in names})
     if "valid" not in names:
         if len(splits["train"]) < 10:
             raise DataError(f"{name}: train has {len(splits['train'])} rows; at least 10 are needed to hold out 10% as valid")

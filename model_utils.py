@@ -45,6 +45,9 @@ class TaskPrefixDataCollator:
 
     Each view is padded on its own, since labels are a few tokens and rationales up to 256. Rows are
     pre-tokenised lists of ids, so collation is plain tensor filling.
+
+    Rows with `kept_rationale_labels` (run.py --rationales all/correct/vote) have any number of rationales: the
+    explain view then holds one row per kept rationale of the batch's inputs, and is None where none of them kept one.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
@@ -53,7 +56,18 @@ class TaskPrefixDataCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
         batch = {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels", self.pad_to_multiple_of)}
-        if "expl_input_ids" in features[0]:
+        if "kept_rationale_labels" in features[0]:
+            rows = [
+                {"expl_input_ids": f["expl_input_ids"], "rationale_labels": ids}
+                for f in features
+                for ids in f["kept_rationale_labels"]
+            ]
+            batch["expl"] = (
+                collate_view(rows, self.pad_token_id, "expl_input_ids", "rationale_labels", self.pad_to_multiple_of)
+                if rows
+                else None
+            )
+        elif "expl_input_ids" in features[0]:
             batch["expl"] = collate_view(
                 features, self.pad_token_id, "expl_input_ids", "rationale_labels", self.pad_to_multiple_of
             )
@@ -380,6 +394,10 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """alpha * label loss + (1 - alpha) * rationale loss: by grouped_loss (the same value, with one encoder pass
         and less padding) where it applies; by the two-pass formulation where outputs are wanted or it does not."""
+        if "expl" in inputs and inputs["expl"] is None:
+            # No input of this batch kept a rationale (--rationales all/correct/vote): the label loss keeps weight alpha.
+            result = self.compute_loss(model, {"pred": inputs["pred"]}, return_outputs, num_items_in_batch)
+            return (self.alpha * result[0], result[1]) if return_outputs else self.alpha * result
         if return_outputs or not self.grouped_loss_applies(model):
             loss, outputs = two_pass_loss(model, inputs, self.alpha)
             return (loss, outputs) if return_outputs else loss

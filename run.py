@@ -12,6 +12,15 @@ from pathlib import Path
 
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data, subsample
 from metrics import METRICS
+from rationales import (
+    RATIONALE_MODES,
+    audit,
+    choose_rationales,
+    describe_audit,
+    describe_counts,
+    kept_counts,
+    tokenize_kept_rationales,
+)
 
 # Kept here rather than imported from train_utils, so a mistyped flag is answered before torch loads.
 OPTIMIZER_NAMES = ("AdamW", "Adafactor")
@@ -68,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "holding another teacher's chunks (see annotate.py)")
     add("--custom_metric", choices=sorted(METRICS), help="--dataset custom: compare labels as text (default) or "
         "by arithmetic value (equation)")
+    add("--rationales", default="first", choices=RATIONALE_MODES,
+        help="which teacher samples become rationale rows: first (the paper), all, correct (label matches gold), "
+        "vote (majority label, agreeing rationales); see README, Choosing rationales")
     add("--alpha", type=unit_interval, default=0.5, help="weight of the label loss; 1 - alpha weighs rationales")
     add("--batch_size", type=positive_int, default=64, help="per-device training batch size")
     add("--eval_batch_size", type=positive_int, default=None,
@@ -113,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "or --model_type standard")
     if args.llm == "dataset" and args.label_type == "llm":
         parser.error("--llm dataset has rationales but no teacher labels: use --label_type gt")
+    if args.rationales != "first" and args.llm in ("none", "dataset"):
+        parser.error(f"--rationales {args.rationales} chooses among teacher samples: use it with --llm "
+                     "palm/gpt/<folder>, or leave --rationales first")
+    if args.rationales in ("all", "correct") and args.model_type == "standard":
+        parser.error(f"--rationales {args.rationales} chooses rationales, which --model_type standard does not train "
+                     "on: use --model_type task_prefix, or --rationales vote for voted teacher labels")
     spec = DATASETS[args.dataset]
     if args.llm in ("palm", "gpt") and not spec.from_paper:
         parser.error(f"--dataset {args.dataset} has no PaLM/GPT outputs: annotate it with annotate.py and pass "
@@ -181,22 +199,49 @@ def metric_name(args: argparse.Namespace) -> str:
     return args.custom_metric or DATASETS[args.dataset].metric
 
 
-def prepare_splits(args: argparse.Namespace, eos: str):
-    """The paper's data pipeline: load, carve valid, subsample, then swap in teacher labels if asked."""
+def uses_samples(args: argparse.Namespace) -> bool:
+    """Whether every teacher sample is loaded: to choose among them, or for the teacher audit of --label_type llm."""
+    return args.llm not in ("none", "dataset") and (args.rationales != "first" or args.label_type == "llm")
+
+
+def teacher_audits(args: argparse.Namespace, splits) -> dict[str, dict]:
+    """The teacher audit (rationales.audit) of train, as subsampled, and of test."""
+    classes = DATASETS[args.dataset].classes
+    return {name: audit(splits[name]["llm_labels"], splits[name]["label"], metric_name(args), classes)
+            for name in ("train", "test")}
+
+
+def prepare_splits(args: argparse.Namespace, eos: str, record: dict | None = None):
+    """The paper's data pipeline: load, carve valid, subsample, then swap in teacher labels if asked.
+    With --rationales other than first, train gets the `rationales` chosen per input (rationales.py). `record`, if
+    given, receives what results.json keeps of this: the teacher audit and the kept counts."""
+    record = {} if record is None else record
     if not Path(args.data_dir).is_dir() and DATASETS[args.dataset].from_paper:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise DataError(f"data folder {args.data_dir} not found: download {DATA_URL} and unzip it there before "
                             "launching several processes (they must not all fetch it at once)")
         fetch_data(args.data_url, Path(args.data_dir), ask=not args.download)
-    splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos)
+    splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos, samples=uses_samples(args))
     splits["train"] = subsample(splits["train"], args.subsample, seed=args.run)
-    if args.label_type == "llm":
-        from train_utils import is_main_process
+    from train_utils import is_main_process
 
+    if args.label_type == "llm":
+        record["teacher_audit"] = teacher_audits(args, splits)
         if is_main_process():
             score = METRICS[metric_name(args)]
             print(f"LLM Train Acc: {score(list(splits['train']['llm_label']), list(splits['train']['label'])):.4f}")
             print(f"LLM Test Acc: {score(list(splits['test']['llm_label']), list(splits['test']['label'])):.4f}")
+            for name, split_audit in record["teacher_audit"].items():
+                print(describe_audit(name, split_audit))
+    if args.rationales != "first":
+        splits["train"] = choose_rationales(splits["train"], args.rationales, metric_name(args))
+        record["rationale_counts"] = kept_counts(splits["train"], args.rationales)
+        if is_main_process():
+            print(describe_counts(record["rationale_counts"]))
+    if uses_samples(args):  # what is kept of the samples is in `rationales` and `llm_label` now
+        for name in splits:
+            splits[name] = splits[name].remove_columns(["llm_rationales", "llm_labels"])
+    if args.label_type == "llm":
         splits["train"] = splits["train"].remove_columns("label").rename_column("llm_label", "label")
     if args.llm != "none":
         for name in splits:
@@ -224,9 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
         tokenizer, model = load_student(args)
-        splits = prepare_splits(args, tokenizer.eos_token)
+        record_extra: dict = {}
+        splits = prepare_splits(args, tokenizer.eos_token, record_extra)
         tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
-        record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
+        if args.rationales != "first" and args.model_type == "task_prefix":
+            from train_utils import MAX_TARGET_LENGTH
+
+            tokenized["train"] = tokenize_kept_rationales(
+                tokenized["train"], splits["train"]["rationales"], tokenizer, MAX_TARGET_LENGTH
+            )
+        record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args), record_extra)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

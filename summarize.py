@@ -41,11 +41,24 @@ CSV_FIELDS = ("dataset", "setting", "method", "fraction", "alpha", "n", "mean", 
 
 
 def method_name(config: dict) -> str:
-    """sweep.py's method name; a teacher other than the paper's PaLM is named, so teachers are never pooled."""
+    """sweep.py's method name; a teacher other than the paper's PaLM is named, so teachers are never pooled, and so
+    is a --rationales choice other than the paper's (first)."""
     name = METHOD_NAMES[config["model_type"], config["label_type"]]
     llm = config.get("llm", "palm")
     uses_teacher = config["model_type"] == "task_prefix" or config["label_type"] == "llm"
-    return f"{name} [{llm}]" if uses_teacher and llm != "palm" else name
+    name = f"{name} [{llm}]" if uses_teacher and llm != "palm" else name
+    mode = config.get("rationales", "first")
+    return f"{name} rationales={mode}" if uses_teacher and mode != "first" else name
+
+
+def teacher_accuracy(record: dict) -> tuple[str, float, float | None] | None:
+    """(teacher, test accuracy of its first sample, of its vote where it sampled several), from the teacher audit
+    that --label_type llm runs record; None for other runs."""
+    test = record.get("teacher_audit", {}).get("test")
+    if test is None:
+        return None
+    voted = test["voted_accuracy"] if test.get("samples_per_row", 1) > 1 else None
+    return record["config"].get("llm", "palm"), test["accuracy"], voted
 
 
 def load_runs(root: Path) -> list[dict]:
@@ -64,6 +77,7 @@ def load_runs(root: Path) -> list[dict]:
                 "alpha": float(config["alpha"]) if config["model_type"] == "task_prefix" else None,
                 "seed": int(config["run"]),
                 "accuracy": accuracy,
+                "teacher": teacher_accuracy(record),
             }
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"note: {path} left out: not a readable run record ({type(e).__name__}: {e})", file=sys.stderr)
@@ -151,9 +165,23 @@ def file_stem(dataset: str, label: str) -> str:
     return re.sub(r"[^\w.=-]+", "_", f"{dataset}_{label}" if label else dataset)
 
 
-def plot_fraction(table: dict[tuple[str, float], dict], title: str, path: Path) -> None:
-    """Accuracy against training-set fraction, one line per method, error bars one std over seeds."""
+def teacher_lines(runs: list[dict]) -> dict[str, tuple[float, float | None]]:
+    """Teacher -> (first-sample, voted) test accuracy, from the runs that recorded a teacher audit."""
+    lines = {teacher: (first, voted) for teacher, first, voted in (r["teacher"] for r in runs if r["teacher"])}
+    return dict(sorted(lines.items()))
+
+
+def plot_fraction(
+    table: dict[tuple[str, float], dict], title: str, path: Path,
+    teachers: dict[str, tuple[float, float | None]] | None = None,
+) -> None:
+    """Accuracy against training-set fraction, one line per method, error bars one std over seeds; with teachers, a
+    dotted reference line at each teacher's test accuracy (dashed for its voted accuracy)."""
     fig, ax = plt.subplots(figsize=FIGSIZE)
+    for teacher, (first, voted) in (teachers or {}).items():
+        ax.axhline(100 * first, color="gray", linestyle=":", label=f"teacher [{teacher}]")
+        if voted is not None:
+            ax.axhline(100 * voted, color="gray", linestyle="--", label=f"teacher [{teacher}], voted")
     fractions = sorted({fraction for _, fraction in table})
     for method in ordered_methods(m for m, _ in table):
         points = sorted((f, s) for (m, f), s in table.items() if m == method)
@@ -217,8 +245,11 @@ def csv_rows(dataset: str, label: str, select_on: str, table: dict, alpha: float
     return rows
 
 
-def section(dataset: str, label: str, runs: list[dict], alpha: float, out: Path) -> tuple[str, list[dict]]:
-    """One setting's Markdown section and CSV rows; its plots are drawn into out."""
+def section(
+    dataset: str, label: str, runs: list[dict], alpha: float, out: Path, show_teacher: bool = False
+) -> tuple[str, list[dict]]:
+    """One setting's Markdown section and CSV rows; its plots are drawn into out (with show_teacher, the teacher's
+    test accuracy as a reference line on the fraction plot and a sentence in the section)."""
     select_on = dict(runs[0]["setting"]).get("select_on", "test")
     title = f"{dataset} ({label})" if label else dataset
     table = cells(runs, alpha)
@@ -227,9 +258,15 @@ def section(dataset: str, label: str, runs: list[dict], alpha: float, out: Path)
         f"## {title}\n\nSelected test accuracy (%, checkpoint chosen on {select_on}), mean ± std over seeds "
         f"(n seeds); dss_* methods at alpha={alpha:g} (alphas run: {alphas or 'none'}).\n\n" + markdown_table(table)
     )
+    teachers = teacher_lines(runs) if show_teacher else {}
+    if show_teacher and not teachers:
+        print(f"note: {title}: no --label_type llm run recorded a teacher audit, so no teacher line", file=sys.stderr)
+    for teacher, (first, voted) in teachers.items():
+        markdown += f"\n\nTeacher [{teacher}] test accuracy: {100 * first:.2f}" + (
+            f" (first sample), {100 * voted:.2f} (voted)" if voted is not None else "")
     stem = file_stem(dataset, label)
     if table:
-        plot_fraction(table, title, out / f"{stem}_fraction.png")
+        plot_fraction(table, title, out / f"{stem}_fraction.png", teachers)
     else:
         print(f"note: {title}: no runs at alpha={alpha:g}, so no fraction plot", file=sys.stderr)
     lines = alpha_lines(runs)
@@ -240,14 +277,14 @@ def section(dataset: str, label: str, runs: list[dict], alpha: float, out: Path)
     return markdown, csv_rows(dataset, label, select_on, table, alpha)
 
 
-def summarize(runs: list[dict], out: Path, alpha: float) -> str:
+def summarize(runs: list[dict], out: Path, alpha: float, show_teacher: bool = False) -> str:
     """Write summary.md, summary.csv and the plots into out; return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     sections, rows = [], []
     for dataset in sorted({name for name, _ in groups}):
         for setting, label in differing_settings(groups, dataset).items():
-            markdown, csv_part = section(dataset, label, groups[dataset, setting], alpha, out)
+            markdown, csv_part = section(dataset, label, groups[dataset, setting], alpha, out, show_teacher)
             sections.append(markdown)
             rows += csv_part
     markdown = "# Summary\n\n" + "\n\n".join(sections) + "\n"
@@ -265,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where summary.md, summary.csv and the PNGs go (default: folder)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="alpha of the dss_* runs shown in the method x fraction table (others: alpha plot)")
+    parser.add_argument("--teacher_line", action="store_true",
+                        help="draw the teacher's test accuracy (recorded by --label_type llm runs) on fraction plots")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
@@ -272,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no finished runs (results.json with a test evaluation) under {args.folder}", file=sys.stderr)
         return 1
-    print(summarize(runs, args.out or args.folder, args.alpha), end="")
+    print(summarize(runs, args.out or args.folder, args.alpha, args.teacher_line), end="")
     return 0
 
 

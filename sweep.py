@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import run
+from rationales import RATIONALE_MODES
 from train_utils import run_dirs
 
 RUN_PY = Path(__file__).resolve().with_name("run.py")
@@ -32,7 +33,9 @@ METHODS: dict[str, list[str]] = {
     "dss_llm": ["--model_type", "task_prefix", "--label_type", "llm"],
 }
 # run.py flags the grid sets itself; passing them through would silently fight the grid.
-GRID_FLAGS = ("--model_type", "--label_type", "--run", "--subsample", "--alpha", "--resume", "--overwrite")
+GRID_FLAGS = (
+    "--model_type", "--label_type", "--run", "--subsample", "--alpha", "--rationales", "--resume", "--overwrite",
+)
 # submitit's executor for --slurm; the tests use its "local" one, which runs the jobs as processes on this machine.
 SLURM_CLUSTER = "slurm"
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -88,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help="label-loss weights; only the task_prefix methods (dss_*) run once per alpha")
     add("--fractions", nargs="+", type=run.fraction, default=[0.125, 0.25, 0.5, 1.0],
         help="values of run.py --subsample (the paper's by default)")
+    add("--rationale_modes", nargs="+", default=["first"], choices=RATIONALE_MODES,
+        help="values of run.py --rationales; dss_* run once per mode, standard_distill once for first/all/correct "
+        "(its labels are the first sample's) and once for vote")
     add("--print", action="store_true", help="print the pending runs' commands, one per line, and run nothing")
     slurm = parser.add_argument_group("Slurm (through submitit: uv sync --extra slurm)")
     slurm.add_argument("--slurm", action="store_true",
@@ -116,8 +122,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         # argparse accepts unambiguous prefixes (--sub for --subsample), so match those too.
         clash = [flag for flag in GRID_FLAGS if len(name) > 2 and flag.startswith(name)]
         if clash:
-            parser.error(f"{token}: sweep.py sets {clash[0]} for each run; use --methods/--seeds/--alphas/--fractions")
+            parser.error(f"{token}: sweep.py sets {clash[0]} for each run; use --methods/--seeds/--alphas/--fractions"
+                         "/--rationale_modes")
     return args, passthrough
+
+
+def method_modes(flags: list[str], modes: list[str]) -> list[str]:
+    """The --rationales values that change a method's training: all for task_prefix; for standard distillation only
+    the label, so first/all/correct are one run (as first) and vote another; none for standard finetuning."""
+    if "task_prefix" in flags:
+        return list(dict.fromkeys(modes))
+    if "llm" in flags:
+        return list(dict.fromkeys("vote" if mode == "vote" else "first" for mode in modes))
+    return ["first"]
 
 
 def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str]]:
@@ -129,11 +146,14 @@ def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str
                 flags = METHODS[method]
                 # alpha weighs the rationale loss, which standard models do not have: one run at run.py's default.
                 alphas = dict.fromkeys(args.alphas) if "task_prefix" in flags else [None]
-                for alpha in alphas:
-                    grid = [*flags, "--run", str(seed), "--subsample", str(fraction), "--resume"]
-                    if alpha is not None:
-                        grid += ["--alpha", str(alpha)]
-                    argvs.append(passthrough + grid)
+                for mode in method_modes(flags, args.rationale_modes):
+                    for alpha in alphas:
+                        grid = [*flags, "--run", str(seed), "--subsample", str(fraction), "--resume"]
+                        if alpha is not None:
+                            grid += ["--alpha", str(alpha)]
+                        if mode != "first":  # the paper's choice is run.py's default: its argv stays as it was
+                            grid += ["--rationales", mode]
+                        argvs.append(passthrough + grid)
     return argvs
 
 

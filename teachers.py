@@ -1,8 +1,9 @@
 """Teacher LLMs for annotate.py: a local causal LM through transformers, or an OpenAI-compatible HTTP endpoint.
 
-A teacher is called with a list of prompts and a progress callback (told how many prompts finished) and returns
-each prompt's continuations (a list, of one unless more samples were asked for): the text after the prompt, cut at
-the first stop sequence, leading whitespace dropped (as in PaLM's files).
+A teacher is built with `samples` (K), `temperature` and `top_p`, is called with a list of prompts and a progress
+callback (told how many prompts finished), and returns K continuations per prompt, always as a list (of one for
+K = 1): the text after the prompt, cut at the first stop sequence, leading whitespace dropped (as in PaLM's files).
+Temperature 0 is greedy decoding.
 """
 
 import asyncio
@@ -26,10 +27,14 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 
 class HFTeacher:
-    """A local causal LM: greedy, batched with left padding (so every continuation starts at the same column),
-    bf16 on GPU, spread over the visible GPUs when it does not fit on one."""
+    """A local causal LM: greedy (temperature 0) or sampled, batched with left padding (so every continuation starts
+    at the same column), bf16 on GPU, spread over the visible GPUs when it does not fit on one. Sampling draws from
+    torch's generator, seeded once with `seed`, so a run from scratch repeats."""
 
-    def __init__(self, model: str, batch_size: int, max_new_tokens: int, stops: list[str]):
+    def __init__(
+        self, model: str, batch_size: int, max_new_tokens: int, stops: list[str],
+        samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +52,15 @@ class HFTeacher:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.eval()
         self.batch_size, self.max_new_tokens, self.stops = batch_size, max_new_tokens, stops
+        self.samples = samples
+        # top_k=0 switches off a top-k cut the model's generation config may set: only temperature and top_p shape
+        # the distribution, as for the HTTP teacher.
+        self.decoding = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0, "num_return_sequences": samples}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        torch.manual_seed(seed)
 
     def __call__(self, prompts: list[str], progress: Progress) -> list[list[str]]:
         import torch
@@ -58,11 +72,13 @@ class HFTeacher:
             encoded = encoded.to(self.model.device)
             with torch.inference_mode():
                 ids = self.model.generate(
-                    **encoded, do_sample=False, max_new_tokens=self.max_new_tokens,
+                    **encoded, **self.decoding, max_new_tokens=self.max_new_tokens,
                     pad_token_id=self.tokenizer.pad_token_id, stop_strings=self.stops or None, tokenizer=self.tokenizer,
                 )
             texts = self.tokenizer.batch_decode(ids[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            outputs += [[cut_at_stop(text, self.stops)] for text in texts]
+            texts = [cut_at_stop(text, self.stops) for text in texts]
+            # generate returns each prompt's samples next to each other.
+            outputs += [texts[start : start + self.samples] for start in range(0, len(texts), self.samples)]
             progress(len(batch))
         return outputs
 

@@ -75,6 +75,8 @@ def config_dir(args: argparse.Namespace) -> str:
     ]
     if args.select_on != "test":
         parts.append(f"select_{args.select_on}")
+    if getattr(args, "rationales", "first") != "first":  # the paper's choice keeps the paper's folder names
+        parts.append(f"rationales_{args.rationales}")
     return "/".join(str(part) for part in parts)
 
 
@@ -377,9 +379,11 @@ def check_parallelism(args: argparse.Namespace, trainer: TaskPrefixTrainer) -> N
 
 
 def train_and_evaluate(
-    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str
+    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str,
+    record_extra: dict | None = None,
 ) -> dict | None:
-    """Train with periodic evaluation and checkpoints; save the selected model; return the run record."""
+    """Train with periodic evaluation and checkpoints; save the selected model; return the run record (with
+    record_extra's entries, such as the teacher audit)."""
     ckpt_dir, _ = run_dirs(args)
     trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
     check_parallelism(args, trainer)
@@ -401,6 +405,7 @@ def train_and_evaluate(
         "best_model_dir": str(ckpt_dir / "best"),
         "resumed": bool(resume),
         "world_size": trainer.args.world_size,
+        **(record_extra or {}),
     }
     test = trainer.eval_dataset["test"]
     return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)

@@ -169,6 +169,27 @@ def test_hf_teacher_writes_chunks_that_load_data_reads(tiny_causal_lm, tmp_path,
         assert written[i - 4] == alone.split("\n\n")[0].lstrip()
 
 
+def test_hf_teacher_samples_k_continuations_per_prompt(tiny_causal_lm, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = [{"input": f"t{i}", "label": "( 1.0 + 1.0 )"} for i in range(3)]
+    write_lines(tmp_path / "svamp" / "svamp_test.json", rows)
+    prompt_file = tmp_path / "one-shot.txt"
+    prompt_file.write_text("Q: Tom has 3 apples and eats 1. How many are left?\nA: 3 - 1 = 2. The answer is (3 - 1).\n")
+    flags = ["--dataset", "svamp", "--split", "test", "--data_dir", str(tmp_path), "--teacher", "hf", "--model",
+             str(tiny_causal_lm), "--max_new_tokens", "8", "--batch_size", "2", "--prompt_file", str(prompt_file),
+             "--samples", "4", "--temperature", "1.0", "--top_p", "0.95"]
+    assert annotate.main([*flags, "--llm_name", "a"]) == 0
+    assert annotate.main([*flags, "--llm_name", "b"]) == 0
+    written = json.loads((tmp_path / "svamp" / "a" / "test_CoT_0.json").read_text())
+    assert len(written) == 3 and all(len(samples) == 4 for samples in written)
+    assert len({text for samples in written for text in samples}) > 3, "sampling, not four greedy copies"
+    assert written == json.loads((tmp_path / "svamp" / "b" / "test_CoT_0.json").read_text()), "seeded"
+    record = json.loads((tmp_path / "svamp" / "a" / "test_annotation.json").read_text())
+    assert (record["samples"], record["temperature"], record["top_p"], record["seed"]) == (4, 1.0, 0.95, 0)
+
+
 # ---- the HTTP teacher ----
 
 
@@ -453,6 +474,17 @@ def test_ctrl_c_stops_within_seconds_and_keeps_finished_chunks(endpoint, tmp_pat
     assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json"]
     time.sleep(1.0)
     assert len(fake.requests) == sent, "no retries after Ctrl-C"
+
+
+def test_http_teacher_samples_are_written_per_row(endpoint, tmp_path):
+    custom_data(tmp_path, n_train=3, n_test=1)
+    fake, url = endpoint()
+    flags = openai_flags(tmp_path, url, "--samples", "2", "--temperature", "0.8", "--top_p", "0.9")
+    assert annotate.main(flags) == 0
+    assert len(fake.requests) == 3 and {body["n"] for _, _, body in fake.requests} == {2}
+    assert {(body["temperature"], body["top_p"]) for _, _, body in fake.requests} == {(0.8, 0.9)}
+    written = json.loads((tmp_path / "custom" / "t1" / "train_CoT_0.json").read_text())
+    assert written[1] == ["Because 1. So the answer is 3.", "Because 1 #1. So the answer is 3."]
 
 
 def test_missing_api_key_variable_is_one_line(tmp_path, capsys):
