@@ -139,6 +139,65 @@ def check_devices(args: argparse.Namespace) -> None:
         raise RunError(f"--parallelize needs at least two visible GPUs; {torch.cuda.device_count()} found")
 
 
+HUB_REMEDIES = ("pass --from_pretrained a local directory holding a saved model and tokenizer, set HF_HUB_OFFLINE=1 "
+                "with the model in the Hugging Face cache (HF_HOME), or set HF_ENDPOINT to a reachable mirror")
+# transformers 5 ties every T5's head to its embeddings and says so when a checkpoint (t5-v1_1, and every student
+# saved from one) has its own head; the head is then kept as saved, which is what these models are.
+UNTIED_HEAD_NOTICE = "to tie shared.weight to lm_head.weight, but both are present in the checkpoints with different"
+
+
+def without_untied_head_notice(record) -> bool:
+    return UNTIED_HEAD_NOTICE not in record.getMessage()
+
+
+def quiet_untied_head_notice() -> None:
+    """Drop transformers' warning about a T5 checkpoint's untied head: harmless, and a user cannot act on it."""
+    from transformers.utils import logging
+
+    logging.get_logger("transformers.modeling_utils").addFilter(without_untied_head_notice)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub endpoint (HF_ENDPOINT) gives no answer, or None when it answers: one request and no retries,
+    bounded in time even where name resolution hangs, instead of transformers' minute of retries per file."""
+    import threading
+
+    from huggingface_hub import constants, get_session
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP status is an answer
+            outcome.append(None)
+        except Exception as e:  # whatever the HTTP stack raises, there was no answer
+            outcome.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def hub_options(name: str) -> dict:
+    """from_pretrained options for a hub id: none while the hub answers; local_files_only where it does not but the
+    model is cached; where neither, a RunError naming the remedies."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from train_utils import RunError
+
+    if Path(name).is_dir() or constants.is_offline_mode():
+        return {}
+    reason = hub_unreachable()
+    if reason is None:
+        return {}
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        print(f"the hub ({constants.ENDPOINT}) cannot be reached: using the cached copy of {name}", file=sys.stderr)
+        return {"local_files_only": True}
+    raise RunError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({reason}) to fetch {name!r}, "
+                   f"and it is not in the local cache: {HUB_REMEDIES}")
+
+
 def load_student(args: argparse.Namespace):
     """Tokenizer and model from a local directory or the hub; --parallelize spreads the model over GPUs."""
     import torch
@@ -147,14 +206,26 @@ def load_student(args: argparse.Namespace):
     from train_utils import RunError
 
     placement = {"device_map": "auto"} if args.parallelize else {}
+    source = hub_options(args.from_pretrained)
+    quiet_untied_head_notice()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
-        model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement)
+        tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained, **source)
+        model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement,
+                                                           **source)
     except OSError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); "
                        "pass a local directory holding a saved T5 model and tokenizer, or a reachable hub id") from None
     return tokenizer, model
+
+
+def ensure_data(args: argparse.Namespace) -> None:
+    """A missing data folder is fetched (or offered) before any model loads, so a first run learns of it at once."""
+    if not Path(args.data_dir).is_dir() and DATASETS[args.dataset].from_paper:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DataError(f"data folder {args.data_dir} not found: download {DATA_URL} and unzip it there before "
+                            "launching several processes (they must not all fetch it at once)")
+        fetch_data(args.data_url, Path(args.data_dir), ask=not args.download, dataset=args.dataset)
 
 
 def metric_name(args: argparse.Namespace) -> str:
@@ -163,11 +234,6 @@ def metric_name(args: argparse.Namespace) -> str:
 
 def prepare_splits(args: argparse.Namespace, eos: str):
     """The paper's data pipeline: load, carve valid, subsample, then swap in teacher labels if asked."""
-    if not Path(args.data_dir).is_dir() and DATASETS[args.dataset].from_paper:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise DataError(f"data folder {args.data_dir} not found: download {DATA_URL} and unzip it there before "
-                            "launching several processes (they must not all fetch it at once)")
-        fetch_data(args.data_url, Path(args.data_dir), ask=not args.download)
     splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos)
     splits["train"] = subsample(splits["train"], args.subsample, seed=args.run)
     if args.label_type == "llm":
@@ -201,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 print(f"run already finished: see {ckpt_dir / 'results.json'}")
             return 0
+        ensure_data(args)
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
         tokenizer, model = load_student(args)
