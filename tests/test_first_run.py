@@ -122,17 +122,23 @@ def test_readme_command_offline_in_a_real_process(fake_data_dir, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Hugging Face hub")
 
 
-def test_untied_head_notice_is_silenced(tiny_t5):
+@pytest.mark.parametrize("loader", ["run", "predict"])
+def test_untied_head_notice_is_silenced(tiny_t5, loader):
     """The fixture's head is untied, as in t5-v1_1: transformers 5 warns on every load unless told it is harmless."""
+    import predict
     from transformers.utils import logging as hf_logging
 
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = hf_logging.get_logger("transformers.modeling_utils")
+    logger.removeFilter(run.without_untied_head_notice)  # as in a fresh process
     logger.addHandler(handler)
     try:
-        run.load_student(run.parse_args(["--dataset", "cqa", "--from_pretrained", str(tiny_t5)]))
+        if loader == "run":
+            run.load_student(run.parse_args(["--dataset", "cqa", "--from_pretrained", str(tiny_t5)]))
+        else:
+            predict.load_model(str(tiny_t5))
         logger.warning("another warning still shows")
     finally:
         logger.removeHandler(handler)
