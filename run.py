@@ -141,20 +141,29 @@ def check_devices(args: argparse.Namespace) -> None:
 
 HUB_REMEDIES = ("pass --from_pretrained a local directory holding a saved model and tokenizer, set HF_HUB_OFFLINE=1 "
                 "with the model in the Hugging Face cache (HF_HOME), or set HF_ENDPOINT to a reachable mirror")
-# transformers 5 ties every T5's head to its embeddings and says so when a checkpoint (t5-v1_1, and every student
-# saved from one) has its own head; the head is then kept as saved, which is what these models are.
+# transformers 5 ties every T5's head to its embeddings and warns when a checkpoint (t5-v1_1, and every student
+# saved from one) has its own head, which it then keeps as saved; the Trainer, reloading the best checkpoint, warns
+# that the embeddings tied to `shared` are not in it (they are saved once, as `shared`). Both are what these models
+# are, on every run, and a user cannot act on them.
 UNTIED_HEAD_NOTICE = "to tie shared.weight to lm_head.weight, but both are present in the checkpoints with different"
+MISSING_KEYS_NOTICE = re.compile(r"There were missing keys in the checkpoint model loaded: \[([^\]]*)\]")
+T5_TIED_KEYS = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
 
 
-def without_untied_head_notice(record) -> bool:
-    return UNTIED_HEAD_NOTICE not in record.getMessage()
+def without_tied_weight_notices(record) -> bool:
+    message = record.getMessage()
+    missing = MISSING_KEYS_NOTICE.search(message)
+    if missing:
+        return not set(re.findall(r"'([^']+)'", missing.group(1))) <= T5_TIED_KEYS
+    return UNTIED_HEAD_NOTICE not in message
 
 
-def quiet_untied_head_notice() -> None:
-    """Drop transformers' warning about a T5 checkpoint's untied head: harmless, and a user cannot act on it."""
+def quiet_tied_weight_notices() -> None:
+    """Drop transformers' warnings about a T5 checkpoint's tied and untied weights: harmless, and not actionable."""
     from transformers.utils import logging
 
-    logging.get_logger("transformers.modeling_utils").addFilter(without_untied_head_notice)
+    for name in ("transformers.modeling_utils", "transformers.trainer"):
+        logging.get_logger(name).addFilter(without_tied_weight_notices)
 
 
 def hub_unreachable(timeout: float = 5.0) -> str | None:
@@ -207,7 +216,7 @@ def load_student(args: argparse.Namespace):
 
     placement = {"device_map": "auto"} if args.parallelize else {}
     source = hub_options(args.from_pretrained)
-    quiet_untied_head_notice()
+    quiet_tied_weight_notices()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained, **source)
         model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement,
