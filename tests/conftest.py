@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARED = ROOT.parent / ("shared (hidden by DSS_HIDE_SHARED)" if os.environ.get("DSS_HIDE_SHARED") else "shared")
+SHARED_HIDDEN = os.environ.get("DSS_HIDE_SHARED", "0") not in ("", "0")
+SHARED = ROOT.parent / ("shared (hidden by DSS_HIDE_SHARED)" if SHARED_HIDDEN else "shared")
 SHARED_DATA = SHARED / "datasets"
 SHARED_TOKENIZER = SHARED / "t5-tokenizer"
 
