@@ -114,6 +114,31 @@ def test_unreachable_hub_is_one_line_naming_the_remedies(fake_data_dir, no_hub, 
     assert "local directory" in line and "HF_HUB_OFFLINE=1" in line and "HF_ENDPOINT" in line
 
 
+def test_any_http_answer_means_the_hub_is_reachable(monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from huggingface_hub import constants
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert run.hub_unreachable() is None
+    finally:
+        server.shutdown()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    assert run.hub_unreachable()
+
+
 def test_unreachable_hub_uses_a_cached_model(tiny_t5, no_hub, capsys):
     """The cache layout of huggingface_hub: models--<org>--<name>/refs/main naming a snapshot folder."""
     repo = no_hub / "models--someone--tiny-t5"
