@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:  # `datasets` takes seconds to import; run.py answers flag mistakes before that.
     from datasets import Dataset, DatasetDict
 
-DATA_URL = "https://storage.googleapis.com/distilling-step-by-step/datasets.zip"
+# The paper's README has users unzip the datasets.zip committed in its repository; this is that file.
+DATA_URL = "https://raw.githubusercontent.com/google-research/distilling-step-by-step/refs/heads/main/datasets.zip"
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 # A blank rationale/label marks a teacher output that did not parse; a space, as in the paper's code, so that
 # tokenisation still yields a (one-token) target.
@@ -409,8 +410,15 @@ def _download(url: str, target: Path) -> None:
                 bar.update(len(chunk))
 
 
-def fetch_data(url: str, data_dir: Path, ask: bool) -> None:
-    """Fetch and unpack datasets.zip into data_dir, all or nothing: unpack beside it, then rename into place."""
+def source_folders(name: str) -> set[str]:
+    """The <name>/ folders a dataset reads (asdiv: svamp's too)."""
+    spec = DATASETS[name]
+    return {source for split in spec.splits for source in spec.sources.get(split, (name,))}
+
+
+def fetch_data(url: str, data_dir: Path, ask: bool, dataset: str | None = None) -> None:
+    """Fetch and unpack datasets.zip into data_dir, all or nothing: unpack beside it, check that it holds the paper's
+    <name>/ folders (and `dataset`'s, when given), then rename into place."""
     manual = (
         f"data folder {data_dir} not found: download {DATA_URL}, unzip it and pass the 'datasets' folder as "
         "--data_dir (or run again with --download)"
@@ -441,10 +449,16 @@ def fetch_data(url: str, data_dir: Path, ask: bool) -> None:
                 zf.extractall(unpacked)
         except zipfile.BadZipFile:
             raise DataError(f"{url} is not a zip archive; download {DATA_URL} by hand") from None
+        # The repository's copy unpacks to datasets/<name>/; a re-zipped one may hold the <name>/ folders directly.
         root = unpacked / "datasets" if (unpacked / "datasets").is_dir() else unpacked
         paper = [name for name, spec in DATASETS.items() if spec.from_paper]
-        if not any((root / name).is_dir() for name in paper):
+        found = [name for name in paper if (root / name).is_dir()]
+        if not found:
             raise DataError(f"{url} holds none of the folders {', '.join(paper)}; is it the paper's datasets.zip?")
+        missing = sorted(source_folders(dataset) - set(found)) if dataset else []
+        if missing:
+            raise DataError(f"{url} holds {', '.join(found)} but not {', '.join(m + '/' for m in missing)}, which "
+                            f"--dataset {dataset} reads; is it the whole datasets.zip?")
         shutil.rmtree(root / "__MACOSX", ignore_errors=True)
         os.replace(root, data_dir)
-    print(f"unpacked the data into {data_dir}", file=sys.stderr)
+    print(f"unpacked {', '.join(found)} into {data_dir}", file=sys.stderr)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from run import positive_int
+from run import positive_int, quiet_tied_weight_notices
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
@@ -90,6 +90,7 @@ def load_model(directory: str):
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # stdout/stderr carry predictions and errors only
+    quiet_tied_weight_notices()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -177,6 +177,74 @@ def check_devices(args: argparse.Namespace) -> None:
         raise RunError(f"--parallelize needs at least two visible GPUs; {torch.cuda.device_count()} found")
 
 
+HUB_REMEDIES = ("pass --from_pretrained a local directory holding a saved model and tokenizer, set HF_HUB_OFFLINE=1 "
+                "with the model in the Hugging Face cache (HF_HOME), or set HF_ENDPOINT to a reachable mirror")
+# transformers 5 ties every T5's head to its embeddings and warns when a checkpoint (t5-v1_1, and every student
+# saved from one) has its own head, which it then keeps as saved; the Trainer, reloading the best checkpoint, warns
+# that the embeddings tied to `shared` are not in it (they are saved once, as `shared`). Both are what these models
+# are, on every run, and a user cannot act on them.
+UNTIED_HEAD_NOTICE = "to tie shared.weight to lm_head.weight, but both are present in the checkpoints with different"
+MISSING_KEYS_NOTICE = re.compile(r"There were missing keys in the checkpoint model loaded: \[([^\]]*)\]")
+T5_TIED_KEYS = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
+
+
+def without_tied_weight_notices(record) -> bool:
+    message = record.getMessage()
+    missing = MISSING_KEYS_NOTICE.search(message)
+    if missing:
+        return not set(re.findall(r"'([^']+)'", missing.group(1))) <= T5_TIED_KEYS
+    return UNTIED_HEAD_NOTICE not in message
+
+
+def quiet_tied_weight_notices() -> None:
+    """Drop transformers' warnings about a T5 checkpoint's tied and untied weights: harmless, and not actionable."""
+    from transformers.utils import logging
+
+    for name in ("transformers.modeling_utils", "transformers.trainer"):
+        logging.get_logger(name).addFilter(without_tied_weight_notices)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub endpoint (HF_ENDPOINT) gives no answer, or None when it answers: one request and no retries,
+    bounded in time even where name resolution hangs, instead of transformers' minute of retries per file."""
+    import threading
+
+    from huggingface_hub import constants, get_session
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP status is an answer
+            outcome.append(None)
+        except Exception as e:  # whatever the HTTP stack raises, there was no answer
+            outcome.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def hub_options(name: str) -> dict:
+    """from_pretrained options for a hub id: none while the hub answers; local_files_only where it does not but the
+    model is cached; where neither, a RunError naming the remedies."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from train_utils import RunError
+
+    if Path(name).is_dir() or constants.is_offline_mode():
+        return {}
+    reason = hub_unreachable()
+    if reason is None:
+        return {}
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        print(f"the hub ({constants.ENDPOINT}) cannot be reached: using the cached copy of {name}", file=sys.stderr)
+        return {"local_files_only": True}
+    raise RunError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({reason}) to fetch {name!r}, "
+                   f"and it is not in the local cache: {HUB_REMEDIES}")
+
+
 def load_student(args: argparse.Namespace):
     """Tokenizer and model from a local directory or the hub; --parallelize spreads the model over GPUs."""
     import torch
@@ -185,14 +253,26 @@ def load_student(args: argparse.Namespace):
     from train_utils import RunError
 
     placement = {"device_map": "auto"} if args.parallelize else {}
+    source = hub_options(args.from_pretrained)
+    quiet_tied_weight_notices()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
-        model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement)
+        tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained, **source)
+        model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement,
+                                                           **source)
     except OSError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); "
                        "pass a local directory holding a saved T5 model and tokenizer, or a reachable hub id") from None
     return tokenizer, model
+
+
+def ensure_data(args: argparse.Namespace) -> None:
+    """A missing data folder is fetched (or offered) before any model loads, so a first run learns of it at once."""
+    if not Path(args.data_dir).is_dir() and DATASETS[args.dataset].from_paper:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DataError(f"data folder {args.data_dir} not found: download {DATA_URL} and unzip it there before "
+                            "launching several processes (they must not all fetch it at once)")
+        fetch_data(args.data_url, Path(args.data_dir), ask=not args.download, dataset=args.dataset)
 
 
 def metric_name(args: argparse.Namespace) -> str:
@@ -216,11 +296,6 @@ def prepare_splits(args: argparse.Namespace, eos: str, record: dict | None = Non
     With --rationales other than first, train gets the `rationales` chosen per input (rationales.py). `record`, if
     given, receives what results.json keeps of this: the teacher audit and the kept counts."""
     record = {} if record is None else record
-    if not Path(args.data_dir).is_dir() and DATASETS[args.dataset].from_paper:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise DataError(f"data folder {args.data_dir} not found: download {DATA_URL} and unzip it there before "
-                            "launching several processes (they must not all fetch it at once)")
-        fetch_data(args.data_url, Path(args.data_dir), ask=not args.download)
     splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos, samples=uses_samples(args))
     splits["train"] = subsample(splits["train"], args.subsample, seed=args.run)
     from train_utils import is_main_process
@@ -266,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 print(f"run already finished: see {ckpt_dir / 'results.json'}")
             return 0
+        ensure_data(args)
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
         tokenizer, model = load_student(args)

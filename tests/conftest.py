@@ -1,6 +1,12 @@
-"""Shared fixtures: a tiny T5 student with a SentencePiece vocabulary trained here, and the real data if present."""
+"""Shared fixtures: a tiny T5 student with a SentencePiece vocabulary trained here, data rows in the exact layout of
+the paper's datasets.zip, and the real data of ../shared if present.
+
+Everything but `shared_data` (and the tests asking for the public T5 vocabulary) is built from the tests alone, so a
+fresh clone with nothing beside it passes. DSS_HIDE_SHARED=1 treats ../shared as absent, as on such a clone.
+"""
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,37 +16,66 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARED_DATA = ROOT.parent / "shared" / "datasets"
-SHARED_TOKENIZER = ROOT.parent / "shared" / "t5-tokenizer"
+SHARED_HIDDEN = os.environ.get("DSS_HIDE_SHARED", "0") not in ("", "0")
+SHARED = ROOT.parent / ("shared (hidden by DSS_HIDE_SHARED)" if SHARED_HIDDEN else "shared")
+SHARED_DATA = SHARED / "datasets"
+SHARED_TOKENIZER = SHARED / "t5-tokenizer"
 
 WORDS = (
-    "the a an of to in is was are he she they it what where which who how many much more less each every "
-    "apple apples tree trees bus train station bridge park garden math problem gravity answer choices "
-    "premise hypothesis entailment neutral contradiction so must be something place would live only "
-    "has have had points round rounds game score scored gained same number children kids played tag "
-    "rows pencils crayons books shelf dogs cats birds church choir sings songs ceiling cracks store london"
+    "the a an of to in on at by for from with without into over under after before between about is was are were "
+    "be been has have had do does did can could would should must may might will not no yes and or but if then so "
+    "because than as he she they it we you i his her their its our your this that these those what where which who "
+    "why how many much more less most least each every some any all both few other another same different first "
+    "second last next one two three four five six seven eight nine ten hundred thousand half twice "
+    "apple apples tree trees bus train station bridge park garden math problem gravity answer answers choices choice "
+    "premise hypothesis entailment neutral contradiction something place live lives only points round rounds game "
+    "games score scored gained lost number numbers children child kids played plays tag rows row pencils crayons "
+    "books book shelf shelves dogs dog cats cat birds bird church choir sings songs sang ceiling cracks store stores "
+    "london city town house houses home school schools student students teacher class room rooms door window table "
+    "chair bed kitchen water food bread milk eggs cake cookies candy money dollars cents price cost bought sold buy "
+    "sell paid pay spent spend gave give got get took take made make found find put left right up down out off away "
+    "back again still also very too just now then today yesterday tomorrow morning evening night day days week weeks "
+    "month year years time hours minutes old young big small large little long short tall high low new good bad "
+    "happy sad hot cold man woman men women boy boys girl girls friend friends family mother father brother sister "
+    "people person car cars road street shop market farm farmer animals animal horse cow sheep fish river lake sea "
+    "beach mountain forest field flowers flower grass sun rain snow wind sky picture music movie story letter "
+    "word words question questions reason explain explanation predict example sentence true false people walking "
+    "running sitting standing playing eating drinking reading writing looking holding wearing riding building "
+    "working sleeping near far inside outside together alone shirt hat shoes bag box boxes basket baskets marbles "
+    "stickers toys ball balls cards pages total altogether remaining equal equally per every divided shared among"
 ).split()
+# Pseudo-words give the unigram trainer the variety a 600-piece vocabulary needs; real words above keep
+# ordinary English whole.
+ONSETS = "b c d f g h j k l m n p r s t v w y z bl br ch cl cr dr fl fr gr pl pr sh sl sp st str th tr wh".split()
+VOWELS = "a e i o u ai ea ee oo ou ie".split()
+CODAS = ["", "", "n", "r", "s", "t", "l", "m", "nd", "ng", "st", "ck", "rt", "ll", "ght"]
+# Every printable ASCII character, so that none of them becomes <unk>.
+ASCII_LINE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789 !\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 
 
-def corpus_lines(n: int = 600, seed: int = 0) -> list[str]:
-    """Text to train the test vocabulary on: real rows when ../shared is present, else generated sentences."""
-    lines = []
-    for path in (SHARED_DATA / "cqa" / "cqa_test.json", SHARED_DATA / "svamp" / "svamp_train.json"):
-        if path.is_file():
-            for line in path.read_text().splitlines()[:300]:
-                row = json.loads(line)
-                lines.append(" ".join(str(v) for v in row.values() if isinstance(v, (str, list))))
+def pseudo_word(rng: random.Random) -> str:
+    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.randint(1, 3)))
+
+
+def corpus_lines(n: int = 2000, seed: int = 0) -> list[str]:
+    """Generated text to train the test vocabulary on: questions, multiple choices, equations and answers in the
+    shape of the datasets' rows, never read from disk, so the tiny model is the same on every machine."""
     rng = random.Random(seed)
+    lines = [ASCII_LINE]
     while len(lines) < n:
-        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 15))]
-        numbers = f"( {rng.randint(1, 99)}.0 {rng.choice('+-*/')} {rng.randint(1, 99)}.0 )"
-        lines.append(" ".join(words) + f" (a) (b) (c) (d) (e) {numbers}. So the answer is: predict explain")
+        words = [rng.choice(WORDS) if rng.random() < 0.7 else pseudo_word(rng) for _ in range(rng.randint(5, 15))]
+        words[0] = words[0].capitalize()
+        numbers = f"( {rng.randint(1, 999)}.0 {rng.choice('+-*/')} {rng.randint(1, 99)}.0 )"
+        choices = " ".join(f"({letter}) {rng.choice(WORDS)}" for letter in "abcde")
+        lines.append(" ".join(words) + f"? Answer Choices: {choices} {numbers}. So the answer is: predict explain")
     return lines
 
 
 def build_tiny_t5(directory: Path) -> Path:
-    """Save a randomly initialised 2+2-layer T5 (v1.1 shape) and its tokenizer into directory."""
+    """Save a randomly initialised 2+2-layer T5 (v1.1 shape: gated GELU, untied head) and its tokenizer into
+    directory."""
     import sentencepiece as spm
+    import torch
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,7 +94,11 @@ def build_tiny_t5(directory: Path) -> Path:
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
-    T5ForConditionalGeneration(config).save_pretrained(str(directory))
+    model = T5ForConditionalGeneration(config)
+    # transformers 5 ties a new T5's head to its embeddings whatever the config says; t5-v1_1 checkpoints carry their
+    # own head, and so does this one.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
+    model.save_pretrained(str(directory))
     return directory
 
 
@@ -73,3 +112,62 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "cqa").is_dir() or not (SHARED_DATA / "svamp").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (the paper's datasets.zip, unzipped, beside the checkout)")
     return SHARED_DATA
+
+
+# ---- rows in the exact layout of datasets.zip: <name>/<name>_<split>.json, <name>/llm/<split>_CoT_<i>.json ----
+
+CQA_CHOICES = ("park", "coloring book", "garden center", "math problem", "gravity")
+
+
+def cqa_row(i: int) -> dict:
+    answer = CQA_CHOICES[i % 5]
+    return {"id": f"{i:032x}", "question": f"Where would you find apples number {i}?", "choices": list(CQA_CHOICES),
+            "answer": answer, "abstractive_explanation": f"apples grow in a {answer}",
+            "extractive_explanation": f"where would you find apples number {i}?"}
+
+
+def cqa_output(i: int) -> str:
+    """PaLM's continuation: rationale, answer with its choice letter, then the start of the next exemplar."""
+    letter, answer = "abcde"[(i + i // 5) % 5], CQA_CHOICES[(i + i // 5) % 5]
+    return (f"The answer must be a place with apples. Of the above choices, only {answer} has apples. "
+            f"So the answer is ({letter}) {answer}.\n\nQ: What is this an example of?\nAnswer Choices:\n(a) x\n"
+            "A: The answer must be")
+
+
+def svamp_row(i: int) -> dict:
+    return {"input": f"Luke scored {i + 2} points in 2 rounds of a game.\nHow many points did he score per round?",
+            "label": f"( {i + 2}.0 / 2.0 )"}
+
+
+def svamp_output(i: int) -> str:
+    equation = f"({i + 2} / 2)" if i % 4 else f"({i + 2} * 2)"
+    return f"Luke scored {i + 2} points in 2 rounds. The answer is {equation}.\n\nQ: There are 120 students. A: The"
+
+
+FAKE_ROWS = {"cqa": (cqa_row, cqa_output), "svamp": (svamp_row, svamp_output)}
+
+
+def write_fake_dataset(data_dir: Path, name: str, counts: dict[str, int]) -> None:
+    """`counts` rows per split, with PaLM-style teacher outputs spread over the paper's number of chunks."""
+    from data_utils import DATASETS
+
+    row, output = FAKE_ROWS[name]
+    (data_dir / name / "llm").mkdir(parents=True, exist_ok=True)
+    for split, n in counts.items():
+        lines = "".join(json.dumps(row(i)) + "\n" for i in range(n))
+        (data_dir / name / f"{name}_{split}.json").write_text(lines)
+        chunks = DATASETS[name].chunks[split]
+        per_chunk = -(-n // chunks)
+        for c in range(chunks):
+            outputs = [output(i) for i in range(c * per_chunk, min(n, (c + 1) * per_chunk))]
+            (data_dir / name / "llm" / f"{split}_CoT_{c}.json").write_text(json.dumps(outputs))
+
+
+@pytest.fixture
+def fake_data_dir(tmp_path) -> Path:
+    """A data folder laid out as the paper's datasets.zip, with cqa and svamp rows and PaLM-style chunks written
+    here: for the loaders and end-to-end runs on every machine, ../shared or not."""
+    data_dir = tmp_path / "datasets"
+    write_fake_dataset(data_dir, "cqa", {"train": 40, "test": 6})
+    write_fake_dataset(data_dir, "svamp", {"train": 30, "test": 5})
+    return data_dir

@@ -58,12 +58,12 @@ def test_missing_data_folder_says_how_to_get_it(tiny_t5, tmp_path, capsys, monke
     assert f"data folder {tmp_path / 'none'} not found" in err and "datasets.zip" in err and "--download" in err
 
 
-def test_unreachable_hub_id_is_one_line(tmp_path, capsys, monkeypatch):
+def test_unreachable_hub_id_is_one_line(fake_data_dir, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     status, err = run_cli(["--dataset", "cqa", "--from_pretrained", "nobody/no-such-model-xyz",
-                           "--output_dir", str(tmp_path)], capsys)
+                           "--data_dir", str(fake_data_dir), "--output_dir", str(tmp_path)], capsys)
     assert status == 1
     assert "could not load --from_pretrained 'nobody/no-such-model-xyz'" in err
 

@@ -15,8 +15,9 @@ from conftest import SHARED_TOKENIZER
 
 def test_vocabulary_encodes_ordinary_words(tiny_t5):
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
-    ids = tokenizer("the apple tree is in the park").input_ids
-    assert tokenizer.unk_token_id not in ids
+    for text in ("the apple tree is in the park", "Where does a bum live? The train station.",
+                 "Luke scored 84 points; ( 84.0 / 2.0 ) = 42 [x] {y} ~z"):
+        assert tokenizer.unk_token_id not in tokenizer(text).input_ids, text
     assert len(tokenizer) > 200, "a tokenizer of special tokens only means the SentencePiece model was not loaded"
 
 
