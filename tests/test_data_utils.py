@@ -60,7 +60,8 @@ def test_parse_esnli_label_runs_to_premise():
 def test_parse_anli_drops_final_period_and_cuts_at_premise():
     output = "Oxford Street is in London. So the answer is contradiction.\n\nPremise: x\nAnswer: y. So the answer is neutral."
     assert parse_anli(output) == ("Oxford Street is in London.", "contradiction")
-    assert parse_anli("garbage")[1] == BLANK
+    assert parse_anli("garbage") == ("", ""), "the original's blank for anli is ''"
+    assert parse_anli("R. So the answer is neutral") == ("R.", "neutra"), "the original drops the last character"
 
 
 def write_lines(path: Path, rows: list[dict]) -> None:
