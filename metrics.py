@@ -63,7 +63,7 @@ def _tuple_items(value: tuple, limit: int) -> int:
 def _check_bounds(value):
     if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise TooLarge("integer too large")
-    if isinstance(value, tuple) and (len(value) > MAX_TUPLE_ITEMS or _tuple_items(value, MAX_TUPLE_ITEMS) > MAX_TUPLE_ITEMS):
+    if isinstance(value, tuple) and _tuple_items(value, MAX_TUPLE_ITEMS) > MAX_TUPLE_ITEMS:
         raise TooLarge("tuple too long")
     return value
 

@@ -130,7 +130,7 @@ def original_t5_pretokenization(tokenizer: PreTrainedTokenizerBase) -> PreTraine
     original = copy.deepcopy(tokenizer)
     backend = original.backend_tokenizer
     collapse_spaces = normalizers.Replace(Regex(" {2,}"), " ")
-    backend.normalizer = normalizers.Sequence([backend.normalizer, collapse_spaces] if backend.normalizer else [collapse_spaces])
+    backend.normalizer = normalizers.Sequence([n for n in (backend.normalizer, collapse_spaces) if n is not None])
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     return original
 

@@ -207,15 +207,16 @@ def test_gpt_parsers_follow_the_originals_gpt_rules():
     assert parse_cqa_gpt("no marker") == (BLANK, BLANK) and parse_cqa("\n R. So the answer is (b) x")[0] == "\n R."
     assert parse_equation_gpt(" R. The answer is (1 + 2).") == ("R.", "(1 + 2)")
     assert parse_esnli_gpt(" R.\nAnswer: neutral") == ("R.", "neutral")
-    assert parse_anli_gpt(" R. The answer is neutral.\n\nPremise: x") == ("R.", "neutral"), "falls back to 'The answer is'"
+    assert parse_anli_gpt(" R. The answer is neutral.\n\nPremise: x") == ("R.", "neutral"), "'The answer is' too"
     assert parse_anli("R. The answer is neutral.") == ("", ""), "PaLM's anli parser has no fallback"
     assert parse_anli_gpt("nothing") == ("", "")
     assert DATASETS["asdiv"].parse_gpt is None, "the paper has no GPT-NeoX outputs for asdiv"
 
 
 def test_gpt_parser_is_the_one_used_for_llm_gpt(tmp_path):
-    write_lines(tmp_path / "svamp" / "svamp_train.json", [{"input": f"s{i}", "label": "( 1.0 + 1.0 )"} for i in range(10)])
-    write_lines(tmp_path / "svamp" / "svamp_test.json", [{"input": "t0", "label": "( 1.0 + 1.0 )"}])
+    rows = [{"input": f"s{i}", "label": "( 1.0 + 1.0 )"} for i in range(10)]
+    write_lines(tmp_path / "svamp" / "svamp_train.json", rows)
+    write_lines(tmp_path / "svamp" / "svamp_test.json", rows[:1])
     (tmp_path / "gpt-neox" / "svamp").mkdir(parents=True)
     (tmp_path / "gpt-neox" / "svamp" / "train.json").write_text(json.dumps(["R. The answer is (1 + 1)."] * 10))
     (tmp_path / "gpt-neox" / "svamp" / "test.json").write_text(json.dumps(["\n  R. The answer is (2)."]))
@@ -253,7 +254,7 @@ def test_subsample_then_valid_in_the_originals_order(tmp_path, fraction, seed):
 def test_fixed_valid_is_the_same_rows_for_every_fraction_and_seed(tmp_path):
     write_lines(tmp_path / "cqa" / "cqa_train.json", cqa_rows(100))
     write_lines(tmp_path / "cqa" / "cqa_test.json", cqa_rows(3))
-    runs = [load_data("cqa", tmp_path, llm="none", fraction=f, seed=s, fixed_valid=True) for f, s in ((1.0, 0), (0.5, 2))]
+    runs = [load_data("cqa", tmp_path, llm="none", fraction=f, seed=s, fixed_valid=True) for f, s in ((1, 0), (0.5, 2))]
     assert runs[0]["valid"]["input"] == runs[1]["valid"]["input"] and len(runs[0]["valid"]) == 10
     assert (len(runs[0]["train"]), len(runs[1]["train"])) == (90, 45)
     assert not set(runs[1]["train"]["input"]) & set(runs[1]["valid"]["input"])

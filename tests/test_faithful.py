@@ -27,8 +27,9 @@ def t5_vocabulary():
 @pytest.mark.parametrize("text, ids", [("a ", [3, 9, 3, 1]), (" ", [3, 1]), ("P.</s>H. ", [276, 5, 1, 454, 5, 3, 1]),
                                        ("a  b", [3, 9, 3, 115, 1]), ("", [1])])
 def test_t5_ids_are_the_originals(t5_vocabulary, text, ids):
-    assert original_t5_pretokenization(t5_vocabulary)(text)["input_ids"] == ids
-    assert original_t5_pretokenization(t5_vocabulary)(text, max_length=2, truncation=True)["input_ids"] == ids[:-1][:1] + [1]
+    tokenizer = original_t5_pretokenization(t5_vocabulary)
+    assert tokenizer(text)["input_ids"] == ids
+    assert tokenizer(text, max_length=2, truncation=True)["input_ids"] == ids[:-1][:1] + [1]
 
 
 def test_the_fix_leaves_the_callers_tokenizer_and_other_tokenizers_alone(tiny_t5):
@@ -74,7 +75,8 @@ def test_gen_max_len_counts_the_start_token_and_golds_are_not_cut(tiny_t5, tmp_p
 def test_predictions_are_compared_unstripped(t5_vocabulary):
     evaluator = Evaluator(t5_vocabulary, "text")
     assert evaluator.decode(np.array([[0, 3, 9, 3, 1, -100], [0, 3, 1, -100, -100, -100]])) == ["a ", ""]
-    score = evaluator(argparse.Namespace(predictions=np.array([[0, 3, 9, 3, 1]]), label_ids=np.array([[3, 9, 1, -100, -100]])))
+    pair = argparse.Namespace(predictions=np.array([[0, 3, 9, 3, 1]]), label_ids=np.array([[3, 9, 1, -100, -100]]))
+    score = evaluator(pair)
     assert score == {"accuracy": 0.0}, "'a ' and 'a' differ, as they did in the original"
 
 

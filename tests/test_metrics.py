@@ -163,7 +163,7 @@ def _compose(inner):
         st.tuples(inner, st.sampled_from([" and ", " or "]), inner).map(lambda t: "".join(t)),
         st.lists(st.tuples(st.sampled_from(COMPARE), inner), min_size=1, max_size=3).flatmap(
             lambda links: inner.map(lambda first: first + "".join(f" {op} {x}" for op, x in links))),
-        st.lists(inner, min_size=0, max_size=3).map(lambda items: f"({', '.join(items)}{',' if len(items) == 1 else ''})"),
+        st.lists(inner, max_size=3).map(lambda items: f"({', '.join(items)}{',' if len(items) == 1 else ''})"),
         paren,
     )
 
