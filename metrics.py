@@ -17,8 +17,8 @@ import numpy as np
 
 # Longer strings are refused (wrong): labels and generated answers are a few dozen characters; this bounds the work.
 MAX_EQUATION_CHARS = 2000
-# Integers above this many bits are refused: past float range the original's float arrays could not hold them, and
-# below it arithmetic stays in microseconds.
+# Integers above this many bits are refused: far past any answer (floats end at 1,024 bits), and below it arithmetic
+# stays in microseconds.
 MAX_INT_BITS = 16384
 # Tuples with more items than this, nested items included, are refused (a tuple answer is wrong anyway; this bounds
 # `(1,) * n` and comparisons of nested tuples).
@@ -117,7 +117,8 @@ def _evaluate(root: ast.AST):
                 values.pop()
             todo += [(node, step + 1), (node.values[step], 0)]
         elif isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
-            # step 0: evaluate the left operand; step k >= 1: values[-1] is the left side of link k-1.
+            # step 1: the left operand is on the stack, evaluate the first comparator; step k >= 2: the operands of
+            # link k-2 are on the stack: a false link (or the last) is the result, else its right side stays.
             if step > 0:
                 if step > 1:
                     right, left = values.pop(), values.pop()
