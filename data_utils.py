@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # `datasets` takes seconds to import; run.py answers flag mis
 # The paper's README has users unzip the datasets.zip committed in its repository; this is that file.
 DATA_URL = "https://raw.githubusercontent.com/google-research/distilling-step-by-step/refs/heads/main/datasets.zip"
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-# A blank rationale/label marks a teacher output that did not parse; a space, as in the paper's code, so that
-# tokenisation still yields a (one-token) target.
+# A blank rationale/label marks a teacher output that did not parse: a space, as in the paper's code (which tokenises
+# it as '▁' + </s>); anli's parsers give '' there, as the paper's code does.
 BLANK = " "
 
 
@@ -49,56 +49,97 @@ def _missing_data_hint(data_dir: Path, name: str | None = None) -> str:
 
 
 # ---- teacher-output parsers: text continuation -> (rationale, label) ----
+# Each follows the paper's code rule for rule (its _parse_llm_output / _parse_gpt_output), so targets are the same
+# strings: a blank is ' ' for cqa, svamp and esnli and '' for anli, as there. Where that code crashes (a cqa output
+# without exactly one 'So the answer is'), both targets are ' ' instead.
 
 
-def _split_answer(text: str, marker: str) -> tuple[str, str] | None:
+def _split_once(text: str, marker: str) -> tuple[str, str] | None:
+    """(before, after) where marker occurs exactly once, as the paper's `rationale, label = text.split(marker)`."""
     parts = text.split(marker)
-    if len(parts) != 2:
-        return None
-    return parts[0].rstrip(), parts[1]
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def _choice_text(answer: str) -> str:
+    """`' (d) math problem.'` -> 'math problem': the text after the first `(x)` choice letter, final '.' dropped."""
+    choice = re.split(r"\(.\)", answer)
+    if len(choice) < 2 or not choice[1].strip():
+        return BLANK
+    label = choice[1].strip()
+    return label[:-1] if label.endswith(".") else label
+
+
+def _cqa(output: str, lstrip: bool) -> tuple[str, str]:
+    text = output.split("Q:")[0].rstrip()
+    split = _split_once(text.lstrip() if lstrip else text, "So the answer is")
+    if split is None:
+        return BLANK, BLANK
+    return split[0].rstrip(), _choice_text(split[1])
 
 
 def parse_cqa(output: str) -> tuple[str, str]:
-    """`... So the answer is (d) math problem.` -> (rationale, 'math problem')."""
-    split = _split_answer(output.split("Q:")[0].rstrip(), "So the answer is")
+    """PaLM: `... So the answer is (d) math problem.\n\nQ: ...` -> (rationale, 'math problem')."""
+    return _cqa(output, lstrip=False)
+
+
+def parse_cqa_gpt(output: str) -> tuple[str, str]:
+    """GPT-NeoX: as parse_cqa, with leading whitespace dropped."""
+    return _cqa(output, lstrip=True)
+
+
+def _equation(output: str, lstrip: bool) -> tuple[str, str]:
+    text = output.split("Q:")[0].rstrip()
+    split = _split_once(text.lstrip() if lstrip else text, "The answer is")
     if split is None:
         return BLANK, BLANK
-    rationale, answer = split
-    choice = re.split(r"\(.\)", answer)
-    if len(choice) < 2 or not choice[1].strip():
-        return rationale, BLANK
-    label = choice[1].strip()
-    return rationale, label[:-1] if label.endswith(".") else label
+    equation = re.search(r"\(.*\)", split[1])
+    return split[0].rstrip(), equation.group(0) if equation else BLANK
 
 
 def parse_equation(output: str) -> tuple[str, str]:
-    """`... The answer is (84 / 2).` -> (rationale, '(84 / 2)'); used for svamp and asdiv."""
-    split = _split_answer(output.split("Q:")[0].rstrip(), "The answer is")
-    if split is None:
-        return BLANK, BLANK
-    rationale, answer = split
-    equation = re.search(r"\(.*\)", answer)
-    return rationale, equation.group(0) if equation else BLANK
+    """PaLM: `... The answer is (84 / 2).` -> (rationale, '(84 / 2)'); used for svamp and asdiv."""
+    return _equation(output, lstrip=False)
+
+
+def parse_equation_gpt(output: str) -> tuple[str, str]:
+    """GPT-NeoX (svamp): as parse_equation, with leading whitespace dropped."""
+    return _equation(output, lstrip=True)
+
+
+def _esnli(output: str, lstrip: bool) -> tuple[str, str]:
+    rationale = output.split("Answer:")[0].rstrip()
+    parts = output.split("Answer: ")
+    label = parts[1].split("Premise")[0].rstrip() if len(parts) > 1 else BLANK
+    return rationale.lstrip() if lstrip else rationale, label
 
 
 def parse_esnli(output: str) -> tuple[str, str]:
-    """`<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral')."""
-    rationale = output.split("Answer:")[0].rstrip()
-    parts = output.split("Answer: ")
-    if len(parts) < 2:
-        return rationale or BLANK, BLANK
-    return rationale or BLANK, parts[1].split("Premise")[0].strip() or BLANK
+    """PaLM: `<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral')."""
+    return _esnli(output, lstrip=False)
+
+
+def parse_esnli_gpt(output: str) -> tuple[str, str]:
+    """GPT-NeoX: as parse_esnli, with the rationale's leading whitespace dropped."""
+    return _esnli(output, lstrip=True)
+
+
+def _anli(text: str, markers: tuple[str, ...]) -> tuple[str, str]:
+    for marker in markers:
+        split = _split_once(text, marker)
+        if split is not None:
+            # The paper's code drops the label's last character whatever it is (normally the final '.').
+            return split[0].rstrip(), split[1].lstrip()[:-1]
+    return "", ""
 
 
 def parse_anli(output: str) -> tuple[str, str]:
-    """`... So the answer is contradiction.\n\nPremise: ...` -> (rationale, 'contradiction')."""
-    split = _split_answer(output.split("Premise:")[0].rstrip(), "So the answer is")
-    if split is None:
-        return BLANK, BLANK
-    rationale, answer = split
-    label = answer.strip()
-    label = label[:-1] if label.endswith(".") else label
-    return rationale, label or BLANK
+    """PaLM: `... So the answer is contradiction.\n\nPremise: ...` -> (rationale, 'contradiction')."""
+    return _anli(output.split("Premise:")[0].rstrip(), ("So the answer is",))
+
+
+def parse_anli_gpt(output: str) -> tuple[str, str]:
+    """GPT-NeoX: leading whitespace dropped, and `The answer is` read where `So the answer is` is not."""
+    return _anli(output.split("Premise:")[0].rstrip().lstrip(), ("So the answer is", "The answer is"))
 
 
 def parse_answer(output: str) -> tuple[str, str]:
@@ -146,7 +187,8 @@ def _custom_row(row: dict, eos: str) -> dict:
 class DatasetSpec:
     """How one dataset is read. `sources` lists, per split, which folders' files make it up; `query` is the teacher's
     prompt for one row (formatted with its raw fields and input), ending where the exemplars' answers begin;
-    `optional_splits` are read only if their file exists."""
+    `optional_splits` are read only if their file exists; `parse_gpt` reads GPT-NeoX's outputs (--llm gpt), where the
+    paper's code has a parser for them."""
 
     splits: tuple[str, ...]
     fields: tuple[str, ...]
@@ -160,6 +202,7 @@ class DatasetSpec:
     optional_splits: tuple[str, ...] = ()
     # The fixed label set of a classification dataset, for the teacher audit's per-class accuracy.
     classes: tuple[str, ...] = ()
+    parse_gpt: Callable[[str], tuple[str, str]] | None = None
 
     @property
     def from_paper(self) -> bool:
@@ -169,10 +212,12 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "cqa": DatasetSpec(
-        ("train", "test"), ("question", "choices", "answer"), _cqa_row, parse_cqa, 1000, {"train": 10, "test": 2}
+        ("train", "test"), ("question", "choices", "answer"), _cqa_row, parse_cqa, 1000, {"train": 10, "test": 2},
+        parse_gpt=parse_cqa_gpt,
     ),
     "svamp": DatasetSpec(
-        ("train", "test"), ("input", "label"), _plain_row, parse_equation, 500, {"train": 2, "test": 1}, "equation"
+        ("train", "test"), ("input", "label"), _plain_row, parse_equation, 500, {"train": 2, "test": 1}, "equation",
+        parse_gpt=parse_equation_gpt,
     ),
     "esnli": DatasetSpec(
         ("train", "valid", "test"),
@@ -183,6 +228,7 @@ DATASETS: dict[str, DatasetSpec] = {
         {"train": 100, "valid": 2, "test": 2},
         query="Premise: {premise}\nHypothesis: {hypothesis}\nReasonings:",
         classes=NLI_LABELS,
+        parse_gpt=parse_esnli_gpt,
     ),
     "anli1": DatasetSpec(
         ("train", "valid", "test"),
@@ -193,6 +239,7 @@ DATASETS: dict[str, DatasetSpec] = {
         {"train": 4, "valid": 1, "test": 1},
         query="Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:",
         classes=NLI_LABELS,
+        parse_gpt=parse_anli_gpt,
     ),
     "asdiv": DatasetSpec(
         ("train", "test"),
@@ -329,7 +376,10 @@ def _teacher_rationales(
             f"{source} {split}: {len(outputs)} teacher outputs (--llm {llm}) for {len(rows)} data rows; "
             "they must match one to one: re-download or regenerate the teacher outputs"
         )
-    return rows, [[spec.parse(sample) for sample in samples] for samples in samples_per_row(outputs)]
+    parse = spec.parse_gpt if llm == "gpt" else spec.parse
+    if parse is None:
+        raise DataError(f"--llm gpt: the paper's GPT-NeoX outputs do not cover {source}; choose another --llm")
+    return rows, [[parse(sample) for sample in samples] for samples in samples_per_row(outputs)]
 
 
 def _dataset_rationales(source: str, split: str, rows: list[dict]) -> list[tuple[str, str]]:
@@ -371,10 +421,23 @@ def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str, sample
 
 
 def load_data(
-    name: str, data_dir: str | Path, llm: str = "palm", eos: str = "</s>", samples: bool = False
+    name: str,
+    data_dir: str | Path,
+    llm: str = "palm",
+    eos: str = "</s>",
+    fraction: float = 1.0,
+    seed: int = 0,
+    fixed_valid: bool = False,
+    samples: bool = False,
 ) -> DatasetDict:
-    """train/valid/test splits as in the paper: a missing valid split is 10% of train drawn with seed 0.
-    samples=True adds every teacher sample's rationale and label (llm_rationales, llm_labels) to each row."""
+    """train/valid/test as the paper's code prepares them.
+
+    Train is the `fraction` of the train file drawn with `seed` (--subsample, --run); a dataset without a valid file
+    then holds out 10% of that subsample as valid (seed 0), so valid shrinks with the fraction and changes with the
+    seed, and train comes out shuffled even at 1.0. `fixed_valid` holds out 10% of the whole train file first (seed 0)
+    and subsamples the rest: the same valid rows for every fraction and seed, but more of them than the budget.
+    samples=True adds every teacher sample's rationale and label (llm_rationales, llm_labels) to each row.
+    """
     from datasets import DatasetDict
 
     data_dir = Path(data_dir)
@@ -382,16 +445,29 @@ def load_data(
         raise DataError(f"data folder {data_dir} not found: {_missing_data_hint(data_dir)}")
     names = split_names(data_dir, name)
     splits = DatasetDict({split: load_split(data_dir, name, split, llm, eos, samples) for split in names})
-    if "valid" not in names:
-        if len(splits["train"]) < 10:
-            raise DataError(f"{name}: train has {len(splits['train'])} rows; at least 10 are needed to hold out 10% as valid")
-        train_valid = splits["train"].train_test_split(test_size=0.1, seed=0)
-        splits = DatasetDict({"train": train_valid["train"], "valid": train_valid["test"], "test": splits["test"]})
-    return splits
+    if "valid" in names:
+        splits["train"] = subsample(splits["train"], fraction, seed)
+        return splits
+    train = splits["train"]
+    if fixed_valid:
+        train, valid = hold_out_valid(train, name)
+        train = subsample(train, fraction, seed)
+    else:
+        train, valid = hold_out_valid(subsample(train, fraction, seed), name)
+    return DatasetDict({"train": train, "valid": valid, "test": splits["test"]})
+
+
+def hold_out_valid(train: Dataset, name: str) -> tuple[Dataset, Dataset]:
+    """(train, valid): 10% of the rows as valid, drawn with seed 0 as in the paper's code."""
+    if len(train) < 10:
+        raise DataError(f"{name}: train has {len(train)} rows (after --subsample); at least 10 are needed to hold out "
+                        "10% as valid")
+    parts = train.train_test_split(test_size=0.1, seed=0)
+    return parts["train"], parts["test"]
 
 
 def subsample(train: Dataset, fraction: float, seed: int) -> Dataset:
-    """A fraction of train, drawn with the run's seed as in the paper."""
+    """A fraction of train, drawn with the run's seed as in the paper (kept in the draw's order)."""
     if fraction >= 1.0:
         return train
     if int(len(train) * fraction) < 1:

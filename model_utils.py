@@ -419,13 +419,14 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             tokens = self.model.generate(
                 input_ids=view["input_ids"],
                 attention_mask=view["attention_mask"],
-                max_new_tokens=self.gen_max_len,
+                # gen_max_len counts the decoder's start token, as the original's generation_max_length did.
+                max_new_tokens=self.gen_max_len - 1,
                 num_beams=1,
                 do_sample=False,
                 synced_gpus=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
             )
         # Pad to a fixed width so batches can be concatenated and gathered across processes.
-        width = self.gen_max_len + 1
+        width = self.gen_max_len
         pad = self.processing_class.pad_token_id
         return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=pad)
 
@@ -443,7 +444,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             if self.output_rationale and "expl" in inputs:
                 predictions = (predictions, self._generate(inputs["expl"]))
         labels = inputs["pred"]["labels"]
-        width = self.gen_max_len + 1
-        if labels.shape[1] < width:
-            labels = torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=LABEL_PAD)
-        return None, predictions, labels[:, :width]
+        # Padded to the generation width as Seq2SeqTrainer does, never cut: gold labels are scored whole.
+        if labels.shape[1] < self.gen_max_len:
+            labels = torch.nn.functional.pad(labels, (0, self.gen_max_len - labels.shape[1]), value=LABEL_PAD)
+        return None, predictions, labels

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data, subsample
+from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data
 from metrics import METRICS
 from rationales import (
     RATIONALE_MODES,
@@ -94,7 +94,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
     add("--max_eval_samples", type=positive_int, default=None,
         help="for debugging and smoke tests: evaluate on the first N rows of valid/test only (not the paper's protocol)")
-    add("--gen_max_len", type=positive_int, default=64, help="tokens generated per prediction at evaluation")
+    add("--gen_max_len", type=positive_int, default=64, help="generation length at evaluation, counting the decoder's "
+        "start token as the original's generation_max_length did (64: up to 63 generated tokens)")
+    add("--fixed_valid", action="store_true", help="hold out valid (10%%, seed 0) from the whole train file before "
+        "--subsample, so every fraction and seed shares it (the original holds it out of the subsample)")
+    add("--tolerant_equations", action="store_true", help="svamp/asdiv/--custom_metric equation: values within 1e-9 "
+        "(relative or absolute) count as equal (the original: exact equality)")
+    add("--dump_data", metavar="FILE", help="write every prepared row (text and token ids, train/valid/test) to FILE "
+        "as JSON lines and exit without training; needs only the tokenizer of --from_pretrained")
     add("--output_rationale", action="store_true", help="also generate rationales at evaluation and record them")
     add("--bf16", action="store_true", help="bfloat16 mixed precision")
     add("--report_to", nargs="+", default=["tensorboard"], choices=[*TRACKERS, "none"], metavar="TRACKER",
@@ -135,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.llm in ("palm", "gpt") and not spec.from_paper:
         parser.error(f"--dataset {args.dataset} has no PaLM/GPT outputs: annotate it with annotate.py and pass "
                      "--llm <llm_name>, or choose --llm dataset/none")
+    if args.llm == "gpt" and spec.parse_gpt is None:
+        parser.error(f"--llm gpt: the paper has no GPT-NeoX outputs for --dataset {args.dataset}; choose --llm palm")
     if args.custom_metric and spec.from_paper:
         parser.error(f"--custom_metric is for --dataset custom; {args.dataset} is scored as in the paper")
     if args.no_log:
@@ -148,6 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         package, install = TRACKERS[tracker]
         if importlib.util.find_spec(package) is None:
             parser.error(f"--report_to {tracker} needs the {package} package, which is not installed: {install}")
+    if args.gen_max_len < 2:
+        parser.error("--gen_max_len counts the decoder's start token, as the original's generation_max_length: "
+                     "use 2 or more")
+    if args.tolerant_equations and (args.custom_metric or spec.metric) != "equation":
+        parser.error(f"--tolerant_equations applies to equation answers; --dataset {args.dataset} is scored as text")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other: choose one")
     if args.parallelize and args.deepspeed:
@@ -276,7 +290,8 @@ def ensure_data(args: argparse.Namespace) -> None:
 
 
 def metric_name(args: argparse.Namespace) -> str:
-    return args.custom_metric or DATASETS[args.dataset].metric
+    name = args.custom_metric or DATASETS[args.dataset].metric
+    return "equation_tolerant" if name == "equation" and args.tolerant_equations else name
 
 
 def uses_samples(args: argparse.Namespace) -> bool:
@@ -292,12 +307,12 @@ def teacher_audits(args: argparse.Namespace, splits) -> dict[str, dict]:
 
 
 def prepare_splits(args: argparse.Namespace, eos: str, record: dict | None = None):
-    """The paper's data pipeline: load, carve valid, subsample, then swap in teacher labels if asked.
+    """The paper's data pipeline: load, subsample, carve valid, then swap in teacher labels if asked.
     With --rationales other than first, train gets the `rationales` chosen per input (rationales.py). `record`, if
     given, receives what results.json keeps of this: the teacher audit and the kept counts."""
     record = {} if record is None else record
-    splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos, samples=uses_samples(args))
-    splits["train"] = subsample(splits["train"], args.subsample, seed=args.run)
+    splits = load_data(args.dataset, args.data_dir, llm=args.llm, eos=eos, fraction=args.subsample, seed=args.run,
+                       fixed_valid=args.fixed_valid, samples=uses_samples(args))
     from train_utils import is_main_process
 
     if args.label_type == "llm":
@@ -321,8 +336,8 @@ def prepare_splits(args: argparse.Namespace, eos: str, record: dict | None = Non
     if args.llm != "none":
         for name in splits:
             splits[name] = splits[name].rename_column("llm_rationale", "rationale")
-    # Only what is evaluated gets tokenised: valid only when it selects the checkpoint.
-    if args.select_on != "valid":
+    # Only what is evaluated gets tokenised: valid only when it selects the checkpoint (or is dumped).
+    if args.select_on != "valid" and not args.dump_data:
         del splits["valid"]
     if args.max_eval_samples:
         for name in splits.keys() - {"train"}:
@@ -330,11 +345,37 @@ def prepare_splits(args: argparse.Namespace, eos: str, record: dict | None = Non
     return splits
 
 
+def dump_data(args: argparse.Namespace) -> None:
+    """--dump_data: the prepared rows and their token ids, from the tokenizer alone (no model weights are read)."""
+    from transformers import AutoTokenizer
+
+    from train_utils import RunError, tokenize, write_prepared_rows
+
+    path = Path(args.dump_data)
+    if path.exists():
+        raise RunError(f"--dump_data {path} already exists: remove it or choose another file")
+    if not path.parent.is_dir():
+        raise RunError(f"--dump_data {path}: folder {path.parent} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"could not load the tokenizer of --from_pretrained {args.from_pretrained!r} ({first_line}); "
+                       "pass a local directory holding it, or a reachable hub id") from None
+    splits = prepare_splits(args, tokenizer.eos_token)
+    tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+    count = write_prepared_rows(path, splits, tokenized, args.model_type)
+    print(f"wrote {count} rows ({', '.join(f'{name} {len(split)}' for name, split in splits.items())}) to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
 
     try:
+        if args.dump_data:
+            dump_data(args)
+            return 0
         check_devices(args)
         ckpt_dir, log_dir = run_dirs(args)
         if args.resume and (ckpt_dir / "results.json").is_file():

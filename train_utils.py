@@ -1,6 +1,7 @@
 """Training and evaluation setup: tokenisation, run folders, the trainer, and the per-run record."""
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -77,6 +78,11 @@ def config_dir(args: argparse.Namespace) -> str:
         parts.append(f"select_{args.select_on}")
     if getattr(args, "rationales", "first") != "first":  # the paper's choice keeps the paper's folder names
         parts.append(f"rationales_{args.rationales}")
+    # Runs on other data or scored otherwise than the paper's land apart from the faithful ones.
+    if getattr(args, "fixed_valid", False):
+        parts.append("fixed_valid")
+    if getattr(args, "tolerant_equations", False):
+        parts.append("tolerant_equations")
     return "/".join(str(part) for part in parts)
 
 
@@ -107,6 +113,31 @@ def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone:
     wait_for_everyone()
 
 
+def original_t5_pretokenization(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A copy of a T5 tokenizer that gives the token ids the paper's T5 tokenizer gave; any other tokenizer as is.
+
+    transformers 5 builds T5's tokenizer with a whitespace split before SentencePiece's Metaspace, which drops a
+    whitespace-only piece ('▁', id 3) that the tokenizer of the paper's day (transformers 4.x, tokenizers 0.13) kept
+    where a text, or the text before a literal </s>, ends in whitespace: anli inputs whose hypothesis ends in a space,
+    blank targets (' '). That tokenizer collapsed runs of spaces and split at '▁' alone; the copy does the same.
+    """
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers import T5Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(tokenizer, T5Tokenizer) or backend is None or backend.pre_tokenizer is None:
+        return tokenizer
+    steps = [step["type"] for step in json.loads(backend.pre_tokenizer.__getstate__()).get("pretokenizers", [])]
+    if steps != ["WhitespaceSplit", "Metaspace"]:
+        return tokenizer
+    original = copy.deepcopy(tokenizer)
+    backend = original.backend_tokenizer
+    collapse_spaces = normalizers.Replace(Regex(" {2,}"), " ")
+    backend.normalizer = normalizers.Sequence([n for n in (backend.normalizer, collapse_spaces) if n is not None])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return original
+
+
 def tokenize(
     splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, model_type: str, max_input_length: int
 ) -> DatasetDict:
@@ -114,6 +145,7 @@ def tokenize(
 
     # Standard mode has no explain view, and its input has no task prefix, as in the paper.
     prefix = "predict: " if model_type == "task_prefix" else ""
+    tokenizer = original_t5_pretokenization(tokenizer)
 
     def encode(batch: dict) -> dict:
         encoded = {
@@ -141,6 +173,27 @@ def tokenize(
     return tokenized
 
 
+def write_prepared_rows(path: Path, splits: DatasetDict, tokenized: DatasetDict, model_type: str) -> int:
+    """--dump_data: every prepared row as a JSON line, text beside the token ids the student gets, split after split
+    in the prepared order (train, valid, test), rows in split order; returns how many rows were written."""
+    text_columns, id_columns = ["input", "label"], ["input_ids", "labels"]
+    if model_type == "task_prefix":
+        text_columns, id_columns = text_columns + ["rationale"], id_columns + ["expl_input_ids", "rationale_labels"]
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as out:
+        for name, split in splits.items():
+            texts = {column: list(split[column]) for column in text_columns}
+            ids = {column: list(tokenized[name][column]) for column in id_columns}
+            for idx in range(len(split)):
+                row = {"split": name, "idx": idx, **{column: values[idx] for column, values in texts.items()}}
+                row |= {column: values[idx] for column, values in ids.items()}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += len(split)
+    os.replace(tmp, path)
+    return count
+
+
 def sort_by_length(split: Dataset) -> Dataset:
     lengths = [len(ids) for ids in split["input_ids"]]
     return split.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
@@ -155,8 +208,9 @@ class Evaluator:
         self.last: dict[str, list[str]] = {}
 
     def decode(self, ids: np.ndarray) -> list[str]:
+        """Text as the original compared it: special tokens skipped, nothing stripped."""
         ids = np.where(ids == LABEL_PAD, self.tokenizer.pad_token_id, ids)
-        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def __call__(self, eval_pred) -> dict[str, float]:
         predictions = eval_pred.predictions

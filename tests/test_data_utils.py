@@ -60,7 +60,8 @@ def test_parse_esnli_label_runs_to_premise():
 def test_parse_anli_drops_final_period_and_cuts_at_premise():
     output = "Oxford Street is in London. So the answer is contradiction.\n\nPremise: x\nAnswer: y. So the answer is neutral."
     assert parse_anli(output) == ("Oxford Street is in London.", "contradiction")
-    assert parse_anli("garbage")[1] == BLANK
+    assert parse_anli("garbage") == ("", ""), "the original's blank for anli is ''"
+    assert parse_anli("R. So the answer is neutral") == ("R.", "neutra"), "the original drops the last character"
 
 
 def write_lines(path: Path, rows: list[dict]) -> None:
@@ -187,3 +188,75 @@ def test_subsample_is_seeded_by_run():
     a, b, c = subsample(train, 0.25, 0), subsample(train, 0.25, 0), subsample(train, 0.25, 1)
     assert len(a) == 25 and a["input"] == b["input"] and a["input"] != c["input"]
     assert subsample(train, 1.0, 0) is train
+
+
+# ---- the original's rules, where they differ from the obvious ----
+
+
+def test_parsers_keep_the_originals_blanks_and_cuts():
+    assert parse_esnli("  R.\nAnswer:  neutral \n\nPremise: x") == ("  R.", " neutral"), "label only right-stripped"
+    assert parse_esnli("Answer: entailment") == ("", "entailment"), "an empty rationale stays empty"
+    assert parse_equation("R. The answer is 42.") == ("R.", BLANK)
+    assert parse_cqa("R. So the answer is (a) .") == ("R.", ""), "the original strips, then drops the final period"
+
+
+def test_gpt_parsers_follow_the_originals_gpt_rules():
+    from data_utils import DATASETS, parse_anli_gpt, parse_cqa_gpt, parse_equation_gpt, parse_esnli_gpt
+
+    assert parse_cqa_gpt("  \n R. So the answer is (b) park.\n\nQ: next") == ("R.", "park")
+    assert parse_cqa_gpt("no marker") == (BLANK, BLANK) and parse_cqa("\n R. So the answer is (b) x")[0] == "\n R."
+    assert parse_equation_gpt(" R. The answer is (1 + 2).") == ("R.", "(1 + 2)")
+    assert parse_esnli_gpt(" R.\nAnswer: neutral") == ("R.", "neutral")
+    assert parse_anli_gpt(" R. The answer is neutral.\n\nPremise: x") == ("R.", "neutral"), "'The answer is' too"
+    assert parse_anli("R. The answer is neutral.") == ("", ""), "PaLM's anli parser has no fallback"
+    assert parse_anli_gpt("nothing") == ("", "")
+    assert DATASETS["asdiv"].parse_gpt is None, "the paper has no GPT-NeoX outputs for asdiv"
+
+
+def test_gpt_parser_is_the_one_used_for_llm_gpt(tmp_path):
+    rows = [{"input": f"s{i}", "label": "( 1.0 + 1.0 )"} for i in range(10)]
+    write_lines(tmp_path / "svamp" / "svamp_train.json", rows)
+    write_lines(tmp_path / "svamp" / "svamp_test.json", rows[:1])
+    (tmp_path / "gpt-neox" / "svamp").mkdir(parents=True)
+    (tmp_path / "gpt-neox" / "svamp" / "train.json").write_text(json.dumps(["R. The answer is (1 + 1)."] * 10))
+    (tmp_path / "gpt-neox" / "svamp" / "test.json").write_text(json.dumps(["\n  R. The answer is (2)."]))
+    assert load_data("svamp", tmp_path, llm="gpt")["test"]["llm_rationale"] == ["R."]
+
+
+def cqa_rows(n: int) -> list[dict]:
+    return [{"id": str(i), "question": f"Q{i}?", "choices": ["a", "b", "c", "d", "e"], "answer": "c",
+             "abstractive_explanation": "", "extractive_explanation": ""} for i in range(n)]
+
+
+@pytest.mark.parametrize("fraction, seed", [(1.0, 0), (0.5, 1), (0.25, 3)])
+def test_subsample_then_valid_in_the_originals_order(tmp_path, fraction, seed):
+    """The original (parity README): subsample = a numpy default_rng(seed) permutation without its first
+    ceil((1 - fraction) * n) positions; valid = the first ceil(0.1 * m) positions of a default_rng(0) permutation of
+    that subsample, train the rest, both in permuted order."""
+    import math
+
+    import numpy as np
+
+    n = 40
+    write_lines(tmp_path / "cqa" / "cqa_train.json", cqa_rows(n))
+    write_lines(tmp_path / "cqa" / "cqa_test.json", cqa_rows(3))
+    questions = [f"Q{i}?" for i in range(n)]
+    kept = questions
+    if fraction < 1.0:
+        kept = [questions[i] for i in np.random.default_rng(seed).permutation(n)[math.ceil((1 - fraction) * n):]]
+    order = [kept[i] for i in np.random.default_rng(0).permutation(len(kept))]
+    cut = math.ceil(0.1 * len(kept))
+    splits = load_data("cqa", tmp_path, llm="none", fraction=fraction, seed=seed)
+    assert [text.split("\n")[0] for text in splits["valid"]["input"]] == order[:cut]
+    assert [text.split("\n")[0] for text in splits["train"]["input"]] == order[cut:]
+
+
+def test_fixed_valid_is_the_same_rows_for_every_fraction_and_seed(tmp_path):
+    write_lines(tmp_path / "cqa" / "cqa_train.json", cqa_rows(100))
+    write_lines(tmp_path / "cqa" / "cqa_test.json", cqa_rows(3))
+    runs = [load_data("cqa", tmp_path, llm="none", fraction=f, seed=s, fixed_valid=True) for f, s in ((1, 0), (0.5, 2))]
+    assert runs[0]["valid"]["input"] == runs[1]["valid"]["input"] and len(runs[0]["valid"]) == 10
+    assert (len(runs[0]["train"]), len(runs[1]["train"])) == (90, 45)
+    assert not set(runs[1]["train"]["input"]) & set(runs[1]["valid"]["input"])
+    faithful = load_data("cqa", tmp_path, llm="none", fraction=0.5, seed=2)
+    assert (len(faithful["train"]), len(faithful["valid"])) == (45, 5), "the original: valid is 10% of the subsample"

@@ -49,8 +49,8 @@ def greedy_labels(model_dir: Path, inputs: list[str], batch_size: int) -> list[s
         batch = tokenizer([f"predict: {text}" for text in inputs[start : start + batch_size]], max_length=64,
                           truncation=True, padding=True, return_tensors="pt")
         with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=4, num_beams=1, do_sample=False)
-        labels += [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            ids = model.generate(**batch, max_new_tokens=3, num_beams=1, do_sample=False)  # --gen_max_len 4
+        labels += tokenizer.batch_decode(ids, skip_special_tokens=True)
     return labels
 
 

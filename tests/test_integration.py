@@ -23,7 +23,7 @@ def results(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("ckpts/**/results.json"))]
 
 
-@pytest.mark.parametrize("dataset, train_acc, test_acc", [("cqa", "0.7431", "0.7723"), ("svamp", "0.7264", "0.7400")])
+@pytest.mark.parametrize("dataset, train_acc, test_acc", [("cqa", "0.7431", "0.7723"), ("svamp", "0.7292", "0.7400")])
 def test_teacher_accuracy_as_the_parsing_rules_give_it(shared_data, tmp_path, capsys, dataset, train_acc, test_acc):
     args = run.parse_args(["--dataset", dataset, "--data_dir", str(shared_data), "--label_type", "llm"])
     splits = run.prepare_splits(args, eos="</s>")
