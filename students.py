@@ -269,6 +269,8 @@ def add_lora(model, args: argparse.Namespace):
     from peft import LoraConfig, get_peft_model
 
     family = family_of(model.config)
+    # LoRA's A matrices are drawn from torch's generator before the Trainer seeds it: seed by --run, so runs repeat.
+    torch.manual_seed(args.run)
     targets = args.lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
     config = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
@@ -321,3 +323,50 @@ def lora_name(args: argparse.Namespace) -> str:
     """The run folder part that keeps LoRA runs apart from full finetuning and from each other."""
     targets = "+".join(args.lora_targets) if args.lora_targets else "default"
     return f"lora_r{args.lora_r}_a{args.lora_alpha:g}_d{args.lora_dropout:g}_{targets}"
+
+
+def causal_generate(
+    tokenizer: PreTrainedTokenizerBase, model, texts: list[str], max_input_length: int, max_new_tokens: int,
+    chat_template: bool = False,
+) -> list[str]:
+    """A decoder-only student's greedy continuations of prompts built as in training (left-padded), decoded."""
+    prompts = causal_prompts(tokenizer, texts, max_input_length, chat_template)
+    input_ids = pad_rows(prompts, tokenizer.pad_token_id, left=True).to(model.device)
+    with torch.inference_mode():
+        tokens = model.generate(
+            input_ids=input_ids, attention_mask=length_mask(prompts, left=True).to(model.device),
+            max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **GREEDY,
+        )
+    continuations = tokens[:, input_ids.shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+
+
+def load_saved(directory: str | Path):
+    """(family, tokenizer, model) of a saved student: a full model folder (a run's best/), or a LoRA adapter folder
+    (best/adapter, a LoRA checkpoint) on top of the base model its adapter_config.json names."""
+    import json
+
+    adapter_config = Path(directory) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return load_student(str(directory))
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    family, _, model = load_student(base)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    prepare_tokenizer(tokenizer, model)
+    return family, tokenizer, PeftModel.from_pretrained(model, str(directory))
+
+
+def student_record(model) -> dict:
+    """For results.json: the student's architecture, family, parameter counts and LoRA settings (None: full)."""
+    trainable, total = parameter_counts(model)
+    lora = None
+    if is_peft(model):
+        config = next(iter(model.peft_config.values()))
+        lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                "targets": sorted(config.target_modules) if isinstance(config.target_modules, set)
+                else config.target_modules}
+    return {"model_type": model.config.model_type, "family": family_of(model.config).name,
+            "trainable_parameters": trainable, "total_parameters": total, "lora": lora}

@@ -25,7 +25,7 @@ from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer, speed_up_student
-from students import StudentFamily, family_of, lora_name, save_best
+from students import StudentFamily, family_of, lora_name, save_best, student_record
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
@@ -266,8 +266,8 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
         # Without CUDA a launched process would otherwise run alone (the Trainer only goes multi-CPU when told).
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         deepspeed=args.deepspeed,
-        gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=getattr(args, "gradient_checkpointing", False),
+        activation_checkpointing_kwargs={"use_reentrant": False},
         # Both views use every weight; looking for unused ones costs DDP an extra graph walk per step.
         ddp_find_unused_parameters=False,
     )
@@ -379,6 +379,7 @@ def train_and_evaluate(
     """Train with periodic evaluation and checkpoints; save the selected model; return the run record."""
     ckpt_dir, _ = run_dirs(args)
     trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
+    student = student_record(model)  # before save_best, which merges LoRA adapters into the model
     check_parallelism(args, trainer)
     prepare_run_dirs(args, trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone)
     resume = args.resume and any(ckpt_dir.glob("checkpoint-*"))
@@ -398,6 +399,7 @@ def train_and_evaluate(
         "best_model_dir": str(ckpt_dir / "best"),
         "resumed": bool(resume),
         "world_size": trainer.args.world_size,
+        "student": student,
     }
     test = trainer.eval_dataset["test"]
     return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)
