@@ -169,10 +169,11 @@ def load_student(args: argparse.Namespace):
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
                        "directory holding a saved seq2seq or causal LM and its tokenizer, or a reachable hub id") from None
-    if args.chat_template and not family.prompt_in_output:
+    chat_template = getattr(args, "chat_template", False)  # bench.py passes only what loading needs
+    if chat_template and not family.prompt_in_output:
         raise RunError(f"--chat_template is for decoder-only students; {args.from_pretrained} is {family.name}: "
                        "drop --chat_template")
-    if args.chat_template and not tokenizer.chat_template:
+    if chat_template and not tokenizer.chat_template:
         raise RunError(f"--chat_template: the tokenizer of {args.from_pretrained} has no chat template; use an "
                        "instruct model or drop --chat_template")
     if is_main_process():

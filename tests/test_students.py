@@ -248,3 +248,23 @@ def test_flag_errors(tiny_students, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--lora_r" in capsys.readouterr().err
     assert run.main(run_flags(tiny_students["bart"], data, tmp_path, "--chat_template")) == 1
     assert "--chat_template is for decoder-only students" in capsys.readouterr().err
+
+
+def test_summary_names_the_student_and_keeps_lora_runs_apart(tmp_path, capsys):
+    import summarize
+
+    def write(name: str, accuracy: float, **config) -> None:
+        config = {"dataset": "cqa", "from_pretrained": "/models/Qwen2.5-0.5B/", "model_type": "task_prefix",
+                  "label_type": "llm", "llm": "palm", "alpha": 0.5, "subsample": 1.0, "run": 0, "lr": 5e-5,
+                  "select_on": "test", "lora_r": None, "lora_targets": None, **config}
+        path = tmp_path / "runs" / name / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"config": config, "selected_test_accuracy": accuracy}))
+
+    write("full", 0.5)
+    write("lora", 0.7, lora_r=8, lora_targets=["q_proj", "v_proj"])
+    assert summarize.main([str(tmp_path / "runs"), "--out", str(tmp_path / "summary")]) == 0
+    markdown = capsys.readouterr().out
+    assert "## cqa, Qwen2.5-0.5B (lora_r=None, lora_targets=None)" in markdown
+    assert "## cqa, Qwen2.5-0.5B, LoRA r=8 (lora_r=8, lora_targets=('q_proj', 'v_proj'))" in markdown
+    assert "| dss_llm | 50.00 (n=1) |" in markdown and "| dss_llm | 70.00 (n=1) |" in markdown
