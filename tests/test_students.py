@@ -174,8 +174,10 @@ def only_record(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("kind, extra", [("bart", ()), ("qwen2", ()), ("gpt2", ("--model_type", "standard")),
-                                         ("llama", ("--lora_r", "4", "--output_rationale"))])
+@pytest.mark.parametrize("kind, extra", [
+    ("bart", ()), ("qwen2", ("--bf16",)), ("gpt2", ("--model_type", "standard", "--gradient_checkpointing")),
+    ("llama", ("--lora_r", "4", "--output_rationale")), ("t5", ("--lora_r", "4", "--gradient_checkpointing")),
+])
 def test_a_short_run_trains_evaluates_saves_reloads_and_predicts(tiny_students, tmp_path, capsys, kind, extra):
     data = custom_data(tmp_path / "data")
     assert run.main(run_flags(tiny_students[kind], data, tmp_path / "out", *extra)) == 0
@@ -195,12 +197,13 @@ def test_a_short_run_trains_evaluates_saves_reloads_and_predicts(tiny_students, 
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 0 and [row["input"] for row in rows] == ["where do apples grow?", "a bus?"]
     if "--lora_r" in extra:
-        assert student["lora"]["r"] == 4 and student["trainable_parameters"] < student["total_parameters"] / 5
+        assert student["lora"]["r"] == 4 and student["trainable_parameters"] < student["total_parameters"] / 3
         assert record["config_dir"].endswith("/lora_r4_a16_d0.05_default")
         assert (best / "adapter" / "adapter_config.json").is_file() and not (best / "adapter_config.json").exists()
         assert predict.main(["--model", str(best / "adapter"), "--max_new_tokens", "3", "--json", "--rationale",
                              "where do apples grow?", "a bus?"]) == 0
         assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    if "--output_rationale" in extra:
         predictions = (best.parent / "predictions.jsonl").read_text().splitlines()
         assert len(predictions) == 4 and "pred_rationale" in json.loads(predictions[0])
 
