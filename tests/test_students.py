@@ -175,7 +175,7 @@ def only_record(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("kind, extra", [
-    ("bart", ()), ("qwen2", ("--bf16",)), ("gpt2", ("--model_type", "standard", "--gradient_checkpointing")),
+    ("bart", ()), ("qwen2", ()), ("gpt2", ("--model_type", "standard", "--gradient_checkpointing")),
     ("llama", ("--lora_r", "4", "--output_rationale")), ("t5", ("--lora_r", "4", "--gradient_checkpointing")),
 ])
 def test_a_short_run_trains_evaluates_saves_reloads_and_predicts(tiny_students, tmp_path, capsys, kind, extra):
@@ -271,3 +271,39 @@ def test_summary_names_the_student_and_keeps_lora_runs_apart(tmp_path, capsys):
     assert "## cqa, Qwen2.5-0.5B (lora_r=None, lora_targets=None)" in markdown
     assert "## cqa, Qwen2.5-0.5B, LoRA r=8 (lora_r=8, lora_targets=('q_proj', 'v_proj'))" in markdown
     assert "| dss_llm | 50.00 (n=1) |" in markdown and "| dss_llm | 70.00 (n=1) |" in markdown
+
+
+def test_causal_fast_loss_under_bf16_autocast_matches_the_plain_formulation(tiny_students):
+    family, tokenizer, model = load_student(str(tiny_students["llama"]))
+    model.eval()
+    batch = CausalViewsCollator(tokenizer)(list(tokenize(splits(), tokenizer, "task_prefix", 64, family)["train"]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = family.fast_loss(model, [batch["pred"], batch["expl"]], [0.5, 0.5])
+        plain = two_pass_loss(model, batch, 0.5)[0]
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, plain.float(), rtol=2e-2, atol=0)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_lora_decoder_only_student(tiny_students, tmp_path):
+    import os
+    import subprocess
+
+    from test_distributed import torchrun
+
+    data = custom_data(tmp_path / "data", n_test=5)
+    out = tmp_path / "out"
+    cmd = [*torchrun(), "run.py", *run_flags(tiny_students["qwen2"], data, out, "--lora_r", "4", "--output_rationale",
+                                             "--batch_size", "2", "--eval_batch_size", "2")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = only_record(out)
+    assert record["world_size"] == 2 and record["effective_batch_size"] == 4
+    run_dir = out / "ckpts" / record["config_dir"] / "0"
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    test_inputs = [json.loads(line)["input"] for line in (data / "custom" / "custom_test.json").read_text().splitlines()]
+    assert sorted(row["input"] for row in predictions) == sorted(test_inputs), "each test row scored exactly once"
+    assert (run_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "best").config.model_type == "qwen2"
