@@ -153,17 +153,20 @@ def tokenize_causal(
     return tokenized
 
 
+# Config fields of architectures whose forward changes the logits after the head (soft-capping: Gemma 2/3; scaling:
+# Granite, Cohere), with the values that leave them unchanged.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0.0), "logits_scaling": (None, 1.0), "logit_scale": (None, 1.0)}
+
+
 def causal_fast_loss_applies(model) -> bool:
-    """causal_grouped_loss computes logits as hidden @ lm_head.weight.T: not for heads with a bias, soft-capping or
-    scaling of logits (Gemma 2, Granite), which the plain formulation handles."""
+    """causal_grouped_loss computes logits as hidden @ lm_head.weight.T: not for heads with a bias or models that
+    transform logits after the head, which the plain formulation handles."""
     head = model.get_output_embeddings()
-    config = model.config
     return (
         model.base_model is not model
         and isinstance(head, torch.nn.Linear)
         and head.bias is None
-        and not getattr(config, "final_logit_softcapping", None)
-        and getattr(config, "logits_scaling", 1.0) == 1.0
+        and all(getattr(model.config, name, None) in neutral for name, neutral in LOGIT_TRANSFORMS.items())
     )
 
 

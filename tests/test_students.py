@@ -307,3 +307,10 @@ def test_torchrun_trains_a_lora_decoder_only_student(tiny_students, tmp_path):
     assert sorted(row["input"] for row in predictions) == sorted(test_inputs), "each test row scored exactly once"
     assert (run_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
     assert AutoModelForCausalLM.from_pretrained(run_dir / "best").config.model_type == "qwen2"
+
+
+def test_models_that_transform_logits_after_the_head_take_the_plain_formulation(tiny_students):
+    _, _, model = load_student(str(tiny_students["llama"]))
+    assert causal_fast_loss_applies(model)
+    model.config.final_logit_softcapping = 30.0
+    assert not causal_fast_loss_applies(model)
