@@ -175,7 +175,7 @@ def only_record(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("kind, extra", [
-    ("bart", ()), ("qwen2", ()), ("gpt2", ("--model_type", "standard", "--gradient_checkpointing")),
+    ("bart", ()), ("qwen2", ("--chat_template",)), ("gpt2", ("--model_type", "standard", "--gradient_checkpointing")),
     ("llama", ("--lora_r", "4", "--output_rationale")), ("t5", ("--lora_r", "4", "--gradient_checkpointing")),
 ])
 def test_a_short_run_trains_evaluates_saves_reloads_and_predicts(tiny_students, tmp_path, capsys, kind, extra):
@@ -188,12 +188,15 @@ def test_a_short_run_trains_evaluates_saves_reloads_and_predicts(tiny_students, 
     assert [e["step"] for e in record["evaluations"]] == [2, 4]
     assert all(0.0 <= e["test_accuracy"] <= 1.0 for e in record["evaluations"])
     assert record["config_dir"].split("/")[1] == f"tiny-{kind}0"
+    assert record["config_dir"].endswith("/chat_template") == ("--chat_template" in extra)
     best = tmp_path / "out" / "ckpts" / record["config_dir"] / "0" / "best"
     auto = AutoModelForSeq2SeqLM if FAMILY[kind] == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(best)  # plain from_pretrained, LoRA runs included (the merged model)
     assert model.config.model_type == kind
-    code = predict.main(["--model", str(best), "--max_new_tokens", "3", "--json", *(
-        ["--no_prefix"] if "standard" in extra else ["--rationale"]), "where do apples grow?", "a bus?"])
+    flags = ["--no_prefix"] if "standard" in extra else ["--rationale"]
+    flags += ["--chat_template"] if "--chat_template" in extra else []
+    code = predict.main(["--model", str(best), "--max_new_tokens", "3", "--json", *flags, "where do apples grow?",
+                         "a bus?"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 0 and [row["input"] for row in rows] == ["where do apples grow?", "a bus?"]
     if "--lora_r" in extra:
