@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
         tokenizer, model = load_student(args)
-        splits = prepare_splits(args, tokenizer.eos_token)
+        splits = prepare_splits(args, family_of(model.config).segment_joiner(tokenizer))
         tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length, family_of(model.config),
                              args.chat_template)
         record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))

@@ -225,18 +225,22 @@ class StudentFamily:
     fast_loss_applies: Callable[[PreTrainedModel], bool]
     fast_loss: Callable
     generation: dict  # generate() settings at evaluation, over the student's generation_config
+    # What joins an input's parts (e-SNLI/ANLI: premise and hypothesis): T5's </s>, as the paper's code does; for
+    # decoder-only students a newline, since their EOS inside a prompt would read as the end of the text (or turn).
+    segment_joiner: Callable[[PreTrainedTokenizerBase], str]
 
 
 FAMILIES = {
     "seq2seq": StudentFamily(
         name="seq2seq", auto_class=AutoModelForSeq2SeqLM, peft_task_type="SEQ_2_SEQ_LM", prompt_in_output=False,
         tokenize=None, make_collator=seq2seq_collator, fast_loss_applies=seq2seq_fast_loss_applies,
-        fast_loss=grouped_loss, generation=GREEDY,
+        fast_loss=grouped_loss, generation=GREEDY, segment_joiner=lambda tokenizer: tokenizer.eos_token,
     ),
     "causal": StudentFamily(
         name="causal", auto_class=AutoModelForCausalLM, peft_task_type="CAUSAL_LM", prompt_in_output=True,
         tokenize=tokenize_causal, make_collator=lambda tokenizer, model_type: CausalViewsCollator(tokenizer),
         fast_loss_applies=causal_fast_loss_applies, fast_loss=causal_grouped_loss, generation=GREEDY,
+        segment_joiner=lambda tokenizer: SEPARATOR,
     ),
 }
 

@@ -48,6 +48,8 @@ def test_family_is_read_from_the_config(tiny_students, kind):
     expected = AutoModelForSeq2SeqLM if family.name == "seq2seq" else AutoModelForCausalLM
     assert type(model) is type(expected.from_pretrained(tiny_students[kind]))
     assert tokenizer.pad_token_id is not None
+    # Premise and hypothesis: joined by T5's </s> as in the paper, by a newline in a decoder-only prompt.
+    assert family.segment_joiner(tokenizer) == (tokenizer.eos_token if family.name == "seq2seq" else "\n")
 
 
 def test_decoder_only_views_are_prompt_separator_target_eos(tiny_students):
