@@ -319,3 +319,17 @@ def test_models_that_transform_logits_after_the_head_take_the_plain_formulation(
     assert causal_fast_loss_applies(model)
     model.config.final_logit_softcapping = 30.0
     assert not causal_fast_loss_applies(model)
+
+
+def test_sweep_passes_student_flags_and_keeps_lora_runs_apart(tiny_students, tmp_path, capsys):
+    import sweep
+
+    common = ["--methods", "dss_gt", "--fractions", "1.0", "--dataset", "custom", "--llm", "dataset",
+              "--from_pretrained", str(tiny_students["qwen2"]), "--output_dir", str(tmp_path)]
+    assert sweep.main(["--print", *common, "--lora_r", "8", "--chat_template"]) == 0
+    [command] = capsys.readouterr().out.splitlines()
+    assert "--lora_r 8 --chat_template" in command
+    [lora_argv], [full_argv] = sweep.run_argvs(*sweep.parse_args([*common, "--lora_r", "8"])), sweep.run_argvs(
+        *sweep.parse_args(common))
+    lora, full = sweep.results_path(lora_argv), sweep.results_path(full_argv)
+    assert lora != full and "lora_r8_a16_d0.05_default" in lora.parts and "tiny-qwen20" in full.parts
