@@ -614,7 +614,8 @@ def causal_batches(args, tokenizer, device) -> list[dict]:
 
     train = load_data(args.dataset, args.data_dir, llm="palm")["train"].rename_column("llm_rationale", "rationale")
     rows = train.select(range(min(len(train), args.batch_size * (args.warmup + args.steps))))
-    tokenized = list(tokenize_causal(DatasetDict({"train": rows}), tokenizer, "task_prefix", args.max_input_length)["train"])
+    tokenized = tokenize_causal(DatasetDict({"train": rows}), tokenizer, "task_prefix", args.max_input_length)
+    tokenized = list(tokenized["train"])
     collate = CausalViewsCollator(tokenizer)
     batches = [collate(tokenized[i : i + args.batch_size]) for i in range(0, len(tokenized), args.batch_size)]
     return [{view: {k: t.to(device) for k, t in batch[view].items()} for view in ("pred", "expl")} for batch in batches]
@@ -683,7 +684,8 @@ def causal_main(args, device: str) -> int:
     report = {"config": vars(args), "device": device, "versions": library_versions(), **causal_bench(args, device)}
     t, loss = report["train"], report["step0_loss"]
     print(f"decoder-only {args.random_causal} x {args.causal_layers} layers ({report['model']['parameters']:,} "
-          f"parameters, vocabulary {report['model']['vocab_size']:,}), {args.dataset}, batch {args.batch_size}, {device}")
+          f"parameters, vocabulary {report['model']['vocab_size']:,}), {args.dataset}, batch {args.batch_size}, "
+          f"{device}")
     for name in ("optimized", "two_pass"):
         print(f"  {name:9s} {t[name]['examples_per_s']:8.2f} ex/s  step {t[name]['median_step_s']:.3f} s  "
               f"peak memory {t[name]['peak_memory_bytes'] / 2**30:.2f} GiB  "

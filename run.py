@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--dataset", required=True, choices=sorted(DATASETS),
         help="which dataset of datasets.zip, or custom (your own, in <data_dir>/custom/)")
     add("--from_pretrained", default="google/t5-v1_1-base",
-        help="student: hub id or local model directory of any seq2seq or causal LM (the family is read from its config)")
+        help="student: hub id or local model directory of any seq2seq or causal LM (family read from its config)")
     add("--model_type", default="task_prefix", choices=["task_prefix", "standard"],
         help="task_prefix: distilling step-by-step (label + rationale); standard: input -> label only")
     add("--label_type", default="gt", choices=["gt", "llm"], help="train on ground-truth or teacher labels")
@@ -168,7 +168,8 @@ def load_student(args: argparse.Namespace):
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
-                       "directory holding a saved seq2seq or causal LM and its tokenizer, or a reachable hub id") from None
+                       "directory holding a saved seq2seq or causal LM and its tokenizer, or a reachable hub "
+                       "id") from None
     chat_template = getattr(args, "chat_template", False)  # bench.py passes only what loading needs
     if chat_template and not family.prompt_in_output:
         raise RunError(f"--chat_template is for decoder-only students; {args.from_pretrained} is {family.name}: "

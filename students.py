@@ -105,8 +105,7 @@ def prompt_frame(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> tup
             [{"role": "user", "content": PROMPT_MARK}], tokenize=False, add_generation_prompt=True
         )
         head, tail = rendered.split(PROMPT_MARK)
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        return encode(head), encode(tail)
+        return tuple(tokenizer(part, add_special_tokens=False)["input_ids"] for part in (head, tail))
     bos = [t for t in tokenizer("")["input_ids"] if t == tokenizer.bos_token_id]
     return bos, tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
 
@@ -136,7 +135,9 @@ def tokenize_causal(
 
     def encode(batch: dict) -> dict:
         encoded = {
-            "input_ids": causal_prompts(tokenizer, [prefix + t for t in batch["input"]], max_input_length, chat_template),
+            "input_ids": causal_prompts(
+                tokenizer, [prefix + t for t in batch["input"]], max_input_length, chat_template
+            ),
             "labels": causal_targets(tokenizer, batch["label"]),
         }
         if model_type == "task_prefix":
@@ -177,10 +178,11 @@ def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: li
     the positions that predict a target token (lm_head_loss: no logits for prompts or padding, chunked)."""
     device = views[0]["input_ids"].device
     width = max(v["input_ids"].shape[1] for v in views)
-    widen = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
-    input_ids = torch.cat([widen(v["input_ids"], 0) for v in views])
-    attention_mask = torch.cat([widen(v["attention_mask"], 0) for v in views])
-    labels = torch.cat([widen(v["labels"], LABEL_PAD) for v in views])
+
+    def stack(key: str, value: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(v[key], (0, width - v[key].shape[1]), value=value) for v in views])
+
+    input_ids, attention_mask, labels = stack("input_ids", 0), stack("attention_mask", 0), stack("labels", LABEL_PAD)
     row_weights = torch.cat([
         torch.full((v["labels"].shape[0],), w / max(int((v["labels"][:, 1:] != LABEL_PAD).sum()), 1), device=device)
         for v, w in zip(views, weights)

@@ -15,7 +15,7 @@ import run
 import train_utils
 from model_utils import LABEL_PAD, two_pass_loss
 from students import (
-    SEPARATOR, CausalViewsCollator, causal_fast_loss_applies, family_of, load_saved, load_student, tokenize_causal,
+    SEPARATOR, VIEWS, CausalViewsCollator, causal_fast_loss_applies, family_of, load_saved, load_student, tokenize_causal,
 )
 from train_utils import build_trainer, tokenize, training_arguments
 
@@ -56,14 +56,16 @@ def test_decoder_only_views_are_prompt_separator_target_eos(tiny_students):
     tokenizer = AutoTokenizer.from_pretrained(tiny_students["gpt2"])
     tokenizer.pad_token = tokenizer.eos_token  # as load_student does for GPT-2: pad is EOS
     rows = list(tokenize_causal(splits(), tokenizer, "task_prefix", 64)["train"])
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
     eos = tokenizer.eos_token_id
     for row, text, label, rationale in zip(rows, ROWS["input"], ROWS["label"], ROWS["rationale"]):
         assert row["input_ids"] == encode(f"predict: {text}") + encode(SEPARATOR)
         assert row["expl_input_ids"] == encode(f"explain: {text}") + encode(SEPARATOR)
         assert row["labels"] == encode(label) + [eos] and row["rationale_labels"] == encode(rationale) + [eos]
     batch = CausalViewsCollator(tokenizer)(rows)
-    for view, prompt_key, target_key in (("pred", "input_ids", "labels"), ("expl", "expl_input_ids", "rationale_labels")):
+    for view, prompt_key, target_key in VIEWS:
         train, prompt = batch[view], batch[view + "_prompt"]
         for i, row in enumerate(rows):
             n_prompt, n_target = len(row[prompt_key]), len(row[target_key])
@@ -77,7 +79,8 @@ def test_decoder_only_views_are_prompt_separator_target_eos(tiny_students):
             assert prompt["input_ids"][i, width - n_prompt :].tolist() == row[prompt_key]  # left-padded
             assert prompt["attention_mask"][i].tolist() == [0] * (width - n_prompt) + [1] * n_prompt
             assert prompt["labels"][i, :n_target].tolist() == row[target_key]
-    assert "expl" not in CausalViewsCollator(tokenizer)(list(tokenize_causal(splits(), tokenizer, "standard", 64)["train"]))
+    standard = list(tokenize_causal(splits(), tokenizer, "standard", 64)["train"])
+    assert "expl" not in CausalViewsCollator(tokenizer)(standard)
 
 
 def test_chat_template_wraps_the_prompt_and_the_target_ends_the_turn(tiny_students):
@@ -219,8 +222,11 @@ class Died(Exception):
 
 def test_lora_changes_only_adapters_and_a_resumed_run_ends_the_same(tiny_students, tmp_path, monkeypatch):
     data = custom_data(tmp_path / "data")
-    argv = lambda out, *extra: run_flags(tiny_students["qwen2"], data, out, "--lora_r", "4", "--lora_dropout", "0",  # noqa: E731
-                                         "--lora_targets", "q_proj", "v_proj", "--max_steps", "6", *extra)
+    lora = ["--lora_r", "4", "--lora_dropout", "0", "--lora_targets", "q_proj", "v_proj", "--max_steps", "6"]
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return run_flags(tiny_students["qwen2"], data, out, *lora, *extra)
+
     assert run.main(argv(tmp_path / "whole")) == 0
     whole = only_record(tmp_path / "whole")
     assert whole["student"]["lora"]["targets"] == ["q_proj", "v_proj"]
@@ -245,7 +251,9 @@ def test_lora_changes_only_adapters_and_a_resumed_run_ends_the_same(tiny_student
     assert run.main(argv(tmp_path / "killed", "--resume")) == 0
     resumed = only_record(tmp_path / "killed")
     assert resumed["resumed"] is True
-    trajectory = lambda r: [(e["step"], round(e["train_loss"], 6), e["test_accuracy"]) for e in r["evaluations"]]  # noqa: E731
+    def trajectory(record: dict) -> list[tuple]:
+        return [(e["step"], round(e["train_loss"], 6), e["test_accuracy"]) for e in record["evaluations"]]
+
     assert trajectory(resumed) == trajectory(whole)
 
 
@@ -308,7 +316,8 @@ def test_torchrun_trains_a_lora_decoder_only_student(tiny_students, tmp_path):
     assert record["world_size"] == 2 and record["effective_batch_size"] == 4
     run_dir = out / "ckpts" / record["config_dir"] / "0"
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    test_inputs = [json.loads(line)["input"] for line in (data / "custom" / "custom_test.json").read_text().splitlines()]
+    test_rows = (data / "custom" / "custom_test.json").read_text().splitlines()
+    test_inputs = [json.loads(line)["input"] for line in test_rows]
     assert sorted(row["input"] for row in predictions) == sorted(test_inputs), "each test row scored exactly once"
     assert (run_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
     assert AutoModelForCausalLM.from_pretrained(run_dir / "best").config.model_type == "qwen2"
