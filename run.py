@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--output_rationale", action="store_true", help="also generate rationales at evaluation and record them")
     add("--bf16", action="store_true", help="bfloat16 mixed precision")
     add("--gradient_checkpointing", action="store_true",
-        help="recompute activations in the backward pass: less memory, about a third more time per step")
+        help="recompute activations in the backward pass: less memory, one more forward pass per step")
     add("--chat_template", action="store_true",
         help="decoder-only students: wrap prompts in the tokenizer's chat template (instruct models)")
     add("--lora_r", type=positive_int, default=None, help="train LoRA adapters of this rank instead of all weights")
