@@ -158,13 +158,12 @@ def check_devices(args: argparse.Namespace) -> None:
 def load_student(args: argparse.Namespace):
     """Tokenizer and model (seq2seq or causal LM, LoRA-wrapped with --lora_r) from a local directory or the hub;
     --parallelize spreads the model over GPUs."""
-    from students import load_student as load, parameter_counts
+    from students import add_lora, load_student as load, parameter_counts
     from train_utils import RunError, is_main_process
 
     placement = {"device_map": "auto"} if args.parallelize else {}
     try:
-        family, tokenizer, model = load(args.from_pretrained, lora=args if getattr(args, "lora_r", None) else None,
-                                        **placement)
+        family, tokenizer, model = load(args.from_pretrained, **placement)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
@@ -177,6 +176,12 @@ def load_student(args: argparse.Namespace):
     if chat_template and not tokenizer.chat_template:
         raise RunError(f"--chat_template: the tokenizer of {args.from_pretrained} has no chat template; use an "
                        "instruct model or drop --chat_template")
+    if getattr(args, "lora_r", None):
+        try:
+            model = add_lora(model, args)
+        except ValueError as e:  # peft: target modules not found in the model
+            raise RunError(f"--lora_targets: {str(e).strip().splitlines()[0]}; name modules of "
+                           f"{model.config.model_type} (see print(model)) or leave --lora_targets out") from None
     if is_main_process():
         trainable, total = parameter_counts(model)
         print(f"student {model.config.model_type} ({family.name}): {trainable:,} of {total:,} parameters trainable")

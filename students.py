@@ -300,9 +300,8 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_student(path: str, dtype=torch.float32, lora: argparse.Namespace | None = None, **placement):
-    """(family, tokenizer, model) of any Hugging Face seq2seq or causal LM, the family read from its config;
-    a LoRA-wrapped model when lora.lora_r is set."""
+def load_student(path: str, dtype=torch.float32, **placement):
+    """(family, tokenizer, model) of any Hugging Face seq2seq or causal LM, the family read from its config."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
@@ -310,8 +309,6 @@ def load_student(path: str, dtype=torch.float32, lora: argparse.Namespace | None
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = family.auto_class.from_pretrained(path, dtype=dtype, **placement)
     prepare_tokenizer(tokenizer, model)
-    if lora is not None and lora.lora_r:
-        model = add_lora(model, lora)
     return family, tokenizer, model
 
 

@@ -264,6 +264,9 @@ def test_flag_errors(tiny_students, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--lora_r" in capsys.readouterr().err
     assert run.main(run_flags(tiny_students["bart"], data, tmp_path, "--chat_template")) == 1
     assert "--chat_template is for decoder-only students" in capsys.readouterr().err
+    assert run.main(run_flags(tiny_students["gpt2"], data, tmp_path, "--lora_r", "2", "--lora_targets", "nope")) == 1
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith("error: --lora_targets: ") and "nope" in last_line
 
 
 def test_summary_names_the_student_and_keeps_lora_runs_apart(tmp_path, capsys):
