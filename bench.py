@@ -79,6 +79,16 @@ REFERENCE = {
     "import_rss_bytes": 519 * 2**20,
 }
 TARGETS = {"task_prefix": 1.6, "standard": 1.2, "eval": 2.0}
+# Decoder-only students (--random_causal): real architectures' widths and vocabulary sizes, at the depth
+# --causal_layers gives; "tiny" keeps Qwen2's 151,936-token vocabulary on a 64-wide model, for CI.
+CAUSAL_CONFIGS = {
+    "qwen2.5-0.5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "llama-3.2-1b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": True},
+    "tiny": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
+}
 LOSS_RTOL = 1e-5
 
 
@@ -109,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--bf16", action="store_true", help="bfloat16 mixed precision (the loss check stays fp32)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--seed", type=int, default=0)
+    add("--random_causal", choices=sorted(CAUSAL_CONFIGS),
+        help="instead: the decoder-only configuration, a random model of this shape, task_prefix training steps by "
+        "students.causal_grouped_loss against the plain formulation (one forward pass per view, full logits)")
+    add("--causal_layers", type=int, default=2, help="--random_causal: decoder layers")
     add("--out", default="bench.json", help="where the JSON report goes")
     add("--overwrite", action="store_true", help="replace an existing --out report")
     args = parser.parse_args(argv)
@@ -591,6 +605,104 @@ def print_table(report: dict) -> None:
             print(line)
 
 
+def causal_batches(args, tokenizer, device) -> list[dict]:
+    """task_prefix batches of decoder-only sequences from the dataset's train rows and PaLM rationales."""
+    from datasets import DatasetDict
+
+    from data_utils import load_data
+    from students import CausalViewsCollator, tokenize_causal
+
+    train = load_data(args.dataset, args.data_dir, llm="palm")["train"].rename_column("llm_rationale", "rationale")
+    rows = train.select(range(min(len(train), args.batch_size * (args.warmup + args.steps))))
+    tokenized = tokenize_causal(DatasetDict({"train": rows}), tokenizer, "task_prefix", args.max_input_length)
+    tokenized = list(tokenized["train"])
+    collate = CausalViewsCollator(tokenizer)
+    batches = [collate(tokenized[i : i + args.batch_size]) for i in range(0, len(tokenized), args.batch_size)]
+    return [{view: {k: t.to(device) for k, t in batch[view].items()} for view in ("pred", "expl")} for batch in batches]
+
+
+def causal_bench(args, device: str) -> dict:
+    """Loss, backward and time per training step of a decoder-only student: the fused path against the plain one."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from model_utils import two_pass_loss
+    from students import FAMILIES
+
+    shape = dict(CAUSAL_CONFIGS[args.random_causal])
+    config = AutoConfig.for_model(shape.pop("model_type"), num_hidden_layers=args.causal_layers, **shape)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    # The tokenizer only turns text into ids; they all fall within the larger vocabulary of the model.
+    batches = causal_batches(args, AutoTokenizer.from_pretrained(args.tokenizer), device)
+    alpha = 0.5
+    paths = {
+        "optimized": lambda b: FAMILIES["causal"].fast_loss(model, [b["pred"], b["expl"]], [alpha, 1 - alpha]),
+        "two_pass": lambda b: two_pass_loss(model, b, alpha)[0],
+    }
+    model.eval()
+    with torch.no_grad():
+        check = {name: float(loss(batches[0])) for name, loss in paths.items()}
+    rel = abs(check["optimized"] - check["two_pass"]) / abs(check["two_pass"])
+    model.train()
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
+    timings = {name: [] for name in paths}
+    cpu_times = {name: [] for name in paths}  # process CPU time: less disturbed than wall time on shared cores
+    memory = {}
+    for r in range(args.rounds):
+        for name in (("optimized", "two_pass") if r % 2 == 0 else ("two_pass", "optimized")):
+            reset_peak_memory()
+            for i, batch in enumerate(batches):
+                synchronize()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                with autocast:
+                    loss = paths[name](batch)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                synchronize()
+                if i >= args.warmup:
+                    timings[name].append(time.perf_counter() - start)
+                    cpu_times[name].append(time.process_time() - cpu_start)
+            memory[name] = max(memory.get(name, 0), peak_memory()["peak_memory_bytes"])
+    rows = args.batch_size * 2  # both views
+    result = {name: {"median_step_s": statistics.median(t), "examples_per_s": args.batch_size / statistics.median(t),
+                     "cpu_s_per_step": statistics.median(cpu_times[name]), "peak_memory_bytes": memory[name]}
+              for name, t in timings.items()}
+    targets = sum(int((b[v]["labels"] != -100).sum()) for b in batches for v in ("pred", "expl"))
+    positions = sum(b[v]["input_ids"].numel() for b in batches for v in ("pred", "expl"))
+    return {
+        "model": {"shape": args.random_causal, "layers": args.causal_layers, "vocab_size": config.vocab_size,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "step0_loss": {**check, "rel_diff": rel, "equal": rel <= LOSS_RTOL},
+        "train": {**result, "speedup": result["two_pass"]["median_step_s"] / result["optimized"]["median_step_s"],
+                  "cpu_speedup": result["two_pass"]["cpu_s_per_step"] / result["optimized"]["cpu_s_per_step"],
+                  "memory_ratio": result["optimized"]["peak_memory_bytes"] / result["two_pass"]["peak_memory_bytes"]},
+        "logit_rows_per_step": {"two_pass": positions / len(batches), "optimized": targets / len(batches)},
+        "rows_per_step": rows,
+    }
+
+
+def causal_main(args, device: str) -> int:
+    from train_utils import library_versions
+
+    report = {"config": vars(args), "device": device, "versions": library_versions(), **causal_bench(args, device)}
+    t, loss = report["train"], report["step0_loss"]
+    print(f"decoder-only {args.random_causal} x {args.causal_layers} layers ({report['model']['parameters']:,} "
+          f"parameters, vocabulary {report['model']['vocab_size']:,}), {args.dataset}, batch {args.batch_size}, "
+          f"{device}")
+    for name in ("optimized", "two_pass"):
+        print(f"  {name:9s} {t[name]['examples_per_s']:8.2f} ex/s  step {t[name]['median_step_s']:.3f} s "
+              f"(CPU {t[name]['cpu_s_per_step']:.3f} s)  "
+              f"peak memory {t[name]['peak_memory_bytes'] / 2**30:.2f} GiB  "
+              f"logit rows/step {report['logit_rows_per_step'][name]:.0f}")
+    print(f"  speed-up {t['speedup']:.2f}x (CPU time {t['cpu_speedup']:.2f}x), memory {t['memory_ratio']:.2f}x; "
+          f"step-0 loss {loss['optimized']:.6f} vs {loss['two_pass']:.6f} ({loss['rel_diff']:.1e} relative, "
+          f"must be <= {LOSS_RTOL:g})")
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nreport in {args.out}")
+    return 0 if loss["equal"] else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
@@ -602,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and device != "cuda":
         print("error: --device cuda but no GPU is visible", file=sys.stderr)
         return 1
+    if args.random_causal:
+        return causal_main(args, device)
     from train_utils import library_versions
 
     load_start = os.getloadavg()

@@ -358,6 +358,11 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=False)[0]
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft wrapper (its LoRA layers stay injected there), else the model itself."""
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+
+
 class TaskPrefixTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer whose loss is alpha * label loss + (1 - alpha) * rationale loss, and whose evaluation
     only generates (greedy), skipping the loss forward pass that accuracy does not need.
@@ -370,21 +375,28 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         gen_max_len: int = 64,
         output_rationale: bool = False,
         max_length_groups: int = 4,
+        family=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
+        # The student's students.StudentFamily (fast loss, generation settings); None: a T5-like seq2seq student.
+        self.family = family
         # Length groups per encoder/decoder call in training (see grouped_loss); 1 only trims trailing padding.
         self.max_length_groups = max_length_groups
         self.gen_max_len = gen_max_len
         self.output_rationale = output_rationale
+        self.generation_overrides = family.generation if family else {}
 
     def grouped_loss_applies(self, model) -> bool:
         """grouped_loss calls the encoder and decoder directly, which a DDP/FSDP/DeepSpeed wrapper does not allow
         (their gradient sync and parameter gathering hang on the wrapper's forward), nor a model split over GPUs."""
+        model = unwrap_peft(model)
+        applies = self.family.fast_loss_applies if self.family else lambda m: all(
+            hasattr(m, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
         return (
             isinstance(model, PreTrainedModel)
-            and all(hasattr(model, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
+            and applies(model)
             and self.accelerator.num_processes == 1
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
             # --parallelize spreads layers over GPUs; the regrouped tensors would cross devices.
@@ -404,7 +416,8 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         views, weights = [inputs["pred"]], [1.0]
         if "expl" in inputs:
             views, weights = [inputs["pred"], inputs["expl"]], [self.alpha, 1.0 - self.alpha]
-        return grouped_loss(model, views, weights, max_groups=self.max_length_groups)
+        fast_loss = self.family.fast_loss if self.family else grouped_loss
+        return fast_loss(unwrap_peft(model), views, weights, max_groups=self.max_length_groups)
 
     def _generate(self, view: dict[str, torch.Tensor]) -> torch.Tensor:
         # With sharded weights (ZeRO-3, FSDP) every process must keep stepping until all have finished
@@ -424,7 +437,10 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
                 num_beams=1,
                 do_sample=False,
                 synced_gpus=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+                **self.generation_overrides,
             )
+        if self.family and self.family.prompt_in_output:
+            tokens = tokens[:, view["input_ids"].shape[1] :]  # decoder-only: score the continuation only
         # Pad to a fixed width so batches can be concatenated and gathered across processes.
         width = self.gen_max_len
         pad = self.processing_class.pad_token_id
@@ -439,11 +455,13 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         inputs = self._prepare_inputs(inputs)
+        # Decoder-only students generate from their views' prompts alone ("<view>_prompt", see students.py).
+        pred, expl = inputs.get("pred_prompt", inputs["pred"]), inputs.get("expl_prompt", inputs.get("expl"))
         with torch.no_grad():
-            predictions = self._generate(inputs["pred"])
-            if self.output_rationale and "expl" in inputs:
-                predictions = (predictions, self._generate(inputs["expl"]))
-        labels = inputs["pred"]["labels"]
+            predictions = self._generate(pred)
+            if self.output_rationale and expl is not None:
+                predictions = (predictions, self._generate(expl))
+        labels = pred["labels"]
         # Padded to the generation width as Seq2SeqTrainer does, never cut: gold labels are scored whole.
         if labels.shape[1] < self.gen_max_len:
             labels = torch.nn.functional.pad(labels, (0, self.gen_max_len - labels.shape[1]), value=LABEL_PAD)

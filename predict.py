@@ -1,11 +1,13 @@
-"""Label new inputs with a trained student (a run's best/ folder), optionally with its rationales.
+"""Label new inputs with a trained student (a run's best/ folder, or a LoRA adapter folder such as best/adapter),
+optionally with its rationales. Seq2seq and decoder-only students alike.
 
     python predict.py --model ckpts/<config>/0/best "Where would you find a bus? Answer Choices: ..."
     python predict.py --model ckpts/<config>/0/best --rationale --json --file questions.jsonl
 
 Inputs come from the arguments, from --file (one input per line, or JSON lines with an "input" field for inputs
 spanning lines), or from stdin. They get the task prefixes used in training: `predict: ` for the label and
-`explain: ` for the rationale; --no_prefix is for models trained with --model_type standard.
+`explain: ` for the rationale; --no_prefix is for models trained with --model_type standard. Decoder-only students
+get the prompts they were trained on (see students.py); pass --chat_template if the run did.
 """
 
 import argparse
@@ -28,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("inputs", nargs="*", help="inputs to label (default: --file, else stdin)")
-    add("--model", required=True, help="a saved student: a run's best/ folder (model and tokenizer)")
+    add("--model", required=True, help="a saved student: a run's best/ folder (model and tokenizer), or a LoRA "
+        "adapter folder (best/adapter)")
+    add("--chat_template", action="store_true", help="decoder-only students trained with --chat_template")
     add("--file", help="read inputs from this file: plain lines, or JSON lines with an \"input\" field")
     add("--rationale", action="store_true", help="also generate each input's rationale (task_prefix models)")
     add("--json", action="store_true", help="print JSON lines {input, label[, rationale]} instead of text")
@@ -84,15 +88,15 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
 
 
 def load_model(directory: str):
-    """Tokenizer and model of a saved student, on the GPU when there is one."""
+    """Tokenizer and model of a saved student (either family, full or LoRA adapter), on the GPU when there is one."""
     import torch
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
     from transformers.utils import logging
+
+    from students import load_saved
 
     logging.disable_progress_bar()  # stdout/stderr carry predictions and errors only
     quiet_tied_weight_notices()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = T5ForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    _, tokenizer, model = load_saved(directory)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return tokenizer, model
 
@@ -101,10 +105,14 @@ def generate(tokenizer, model, texts: list[str], args: argparse.Namespace) -> li
     """Greedy decoding, as at evaluation in training."""
     import torch
 
+    from students import GREEDY, causal_generate, family_of
+
+    if family_of(model.config).prompt_in_output:
+        return causal_generate(tokenizer, model, texts, args.max_input_length, args.max_new_tokens, args.chat_template)
     batch = tokenizer(texts, max_length=args.max_input_length, truncation=True, padding=True, return_tensors="pt")
     with torch.inference_mode():
         tokens = model.generate(
-            **batch.to(model.device), max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=False
+            **batch.to(model.device), max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=False, **GREEDY
         )
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
@@ -132,8 +140,8 @@ def format_row(row: dict[str, str], as_json: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (Path(args.model) / "config.json").is_file():
-        print(f"error: --model {args.model} is not a saved model folder (no config.json there); "
+    if not any((Path(args.model) / name).is_file() for name in ("config.json", "adapter_config.json")):
+        print(f"error: --model {args.model} is not a saved model folder (no config.json or adapter_config.json); "
               "pass a run's best/ folder, e.g. ckpts/<config>/<run>/best", file=sys.stderr)
         return 1
     try:

@@ -1,4 +1,5 @@
-"""Distilling step-by-step: train a T5 student on labels and teacher rationales (Hsieh et al., 2023).
+"""Distilling step-by-step: train a student (T5, BART, any seq2seq or decoder-only causal LM, fully or with LoRA) on
+labels and teacher rationales (Hsieh et al., 2023).
 
     python run.py --dataset cqa --from_pretrained google/t5-v1_1-base --model_type task_prefix --label_type llm
 """
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--dataset", required=True, choices=sorted(DATASETS),
         help="which dataset of datasets.zip, or custom (your own, in <data_dir>/custom/)")
-    add("--from_pretrained", default="google/t5-v1_1-base", help="student: hub id or local model directory")
+    add("--from_pretrained", default="google/t5-v1_1-base",
+        help="student: hub id or local model directory of any seq2seq or causal LM (family read from its config)")
     add("--model_type", default="task_prefix", choices=["task_prefix", "standard"],
         help="task_prefix: distilling step-by-step (label + rationale); standard: input -> label only")
     add("--label_type", default="gt", choices=["gt", "llm"], help="train on ground-truth or teacher labels")
@@ -104,6 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "as JSON lines and exit without training; needs only the tokenizer of --from_pretrained")
     add("--output_rationale", action="store_true", help="also generate rationales at evaluation and record them")
     add("--bf16", action="store_true", help="bfloat16 mixed precision")
+    add("--gradient_checkpointing", action="store_true",
+        help="recompute activations in the backward pass: less memory, one more forward pass per step")
+    add("--chat_template", action="store_true",
+        help="decoder-only students: wrap prompts in the tokenizer's chat template (instruct models)")
+    add("--lora_r", type=positive_int, default=None, help="train LoRA adapters of this rank instead of all weights")
+    add("--lora_alpha", type=positive_float, default=16.0, help="LoRA scaling numerator (scale = alpha / r)")
+    add("--lora_dropout", type=unit_interval, default=0.05, help="dropout on the LoRA branch")
+    add("--lora_targets", nargs="+", metavar="MODULE", default=None,
+        help="module names LoRA adapts (default: the family's attention and MLP projections, see students.py)")
     add("--report_to", nargs="+", default=["tensorboard"], choices=[*TRACKERS, "none"], metavar="TRACKER",
         help=f"where training is logged, one or more of {', '.join(TRACKERS)}; or none")
     add("--no_log", action="store_true", help="log nowhere (the same as --report_to none)")
@@ -170,6 +181,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--deepspeed {args.deepspeed!r}: no such file")
     if not re.fullmatch(r"[\w.-]+", args.llm):
         parser.error(f"--llm {args.llm!r}: expected palm, gpt, none or a folder name")
+    if args.lora_r is None and args.lora_targets:
+        parser.error("--lora_targets needs --lora_r (the adapters' rank)")
+    if args.lora_r and (args.parallelize or args.deepspeed):
+        parser.error("--lora_r is not supported with --parallelize or --deepspeed: train LoRA on one GPU or with "
+                     "torchrun/accelerate data parallel")
     if not Path(args.from_pretrained).is_dir() and not HUB_ID.fullmatch(args.from_pretrained):
         parser.error(f"--from_pretrained {args.from_pretrained!r} is neither a readable directory nor a hub id "
                      "(such as google/t5-v1_1-base)")
@@ -260,23 +276,37 @@ def hub_options(name: str) -> dict:
 
 
 def load_student(args: argparse.Namespace):
-    """Tokenizer and model from a local directory or the hub; --parallelize spreads the model over GPUs."""
-    import torch
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
-
-    from train_utils import RunError
+    """Tokenizer and model (seq2seq or causal LM, LoRA-wrapped with --lora_r) from a local directory or the hub;
+    --parallelize spreads the model over GPUs."""
+    from students import add_lora, load_student as load, parameter_counts
+    from train_utils import RunError, is_main_process
 
     placement = {"device_map": "auto"} if args.parallelize else {}
     source = hub_options(args.from_pretrained)
     quiet_tied_weight_notices()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained, **source)
-        model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement,
-                                                           **source)
-    except OSError as e:
+        family, tokenizer, model = load(args.from_pretrained, source=source, **placement)
+    except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); "
-                       "pass a local directory holding a saved T5 model and tokenizer, or a reachable hub id") from None
+        raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
+                       "directory holding a saved seq2seq or causal LM and its tokenizer, or a reachable hub "
+                       "id") from None
+    chat_template = getattr(args, "chat_template", False)  # bench.py passes only what loading needs
+    if chat_template and not family.prompt_in_output:
+        raise RunError(f"--chat_template is for decoder-only students; {args.from_pretrained} is {family.name}: "
+                       "drop --chat_template")
+    if chat_template and not tokenizer.chat_template:
+        raise RunError(f"--chat_template: the tokenizer of {args.from_pretrained} has no chat template; use an "
+                       "instruct model or drop --chat_template")
+    if getattr(args, "lora_r", None):
+        try:
+            model = add_lora(model, args)
+        except ValueError as e:  # peft: target modules not found in the model
+            raise RunError(f"--lora_targets: {str(e).strip().splitlines()[0]}; name modules of "
+                           f"{model.config.model_type} (see print(model)) or leave --lora_targets out") from None
+    if is_main_process():
+        trainable, total = parameter_counts(model)
+        print(f"student {model.config.model_type} ({family.name}): {trainable:,} of {total:,} parameters trainable")
     return tokenizer, model
 
 
@@ -370,6 +400,7 @@ def dump_data(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from students import family_of
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
 
     try:
@@ -386,14 +417,19 @@ def main(argv: list[str] | None = None) -> int:
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
         tokenizer, model = load_student(args)
+        family = family_of(model.config)
+        if args.rationales != "first" and family.prompt_in_output:
+            raise RunError(f"--rationales {args.rationales} is implemented for encoder-decoder students only; "
+                           "use --rationales first with a decoder-only student")
         record_extra: dict = {}
-        splits = prepare_splits(args, tokenizer.eos_token, record_extra)
-        tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+        splits = prepare_splits(args, family.segment_joiner(tokenizer), record_extra)
+        tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length, family, args.chat_template)
         if args.rationales != "first" and args.model_type == "task_prefix":
-            from train_utils import MAX_TARGET_LENGTH
+            from train_utils import MAX_TARGET_LENGTH, original_t5_pretokenization
 
             tokenized["train"] = tokenize_kept_rationales(
-                tokenized["train"], splits["train"]["rationales"], tokenizer, MAX_TARGET_LENGTH
+                tokenized["train"], splits["train"]["rationales"], original_t5_pretokenization(tokenizer),
+                MAX_TARGET_LENGTH,
             )
         record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args), record_extra)
     except (DataError, RunError) as e:

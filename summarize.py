@@ -34,6 +34,7 @@ METHOD_ORDER = list(METHOD_NAMES.values())
 SETTING_KEYS = (
     "from_pretrained", "max_input_length", "batch_size", "grad_steps", "lr", "optimizer_name",
     "max_steps", "eval_steps", "gen_max_len", "bf16", "select_on",
+    "chat_template", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
 )
 FIGSIZE = (6.4, 4.8)
 DPI = 100
@@ -61,6 +62,18 @@ def teacher_accuracy(record: dict) -> tuple[str, float, float | None] | None:
     return record["config"].get("llm", "palm"), test["accuracy"], voted
 
 
+def hashable(value):
+    """A setting's value as a dict key: lists (--lora_targets) become tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def student_name(setting: tuple) -> str:
+    """The student as tables and plots name it: its folder or hub name, and its LoRA rank if any."""
+    config = dict(setting)
+    name = Path(str(config.get("from_pretrained", "?")).rstrip("/")).name
+    return f"{name}, LoRA r={config['lora_r']}" if config.get("lora_r") else name
+
+
 def load_runs(root: Path) -> list[dict]:
     """One flat row per results.json under root; unreadable or unfinished records are reported and left out."""
     runs, seen = [], set()
@@ -71,7 +84,7 @@ def load_runs(root: Path) -> list[dict]:
             accuracy = record["selected_test_accuracy"]
             row = {
                 "dataset": config["dataset"],
-                "setting": tuple((key, config[key]) for key in SETTING_KEYS if key in config),
+                "setting": tuple((key, hashable(config[key])) for key in SETTING_KEYS if key in config),
                 "method": method_name(config),
                 "fraction": float(config["subsample"]),
                 "alpha": float(config["alpha"]) if config["model_type"] == "task_prefix" else None,
@@ -251,7 +264,8 @@ def section(
     """One setting's Markdown section and CSV rows; its plots are drawn into out (with show_teacher, the teacher's
     test accuracy as a reference line on the fraction plot and a sentence in the section)."""
     select_on = dict(runs[0]["setting"]).get("select_on", "test")
-    title = f"{dataset} ({label})" if label else dataset
+    student = student_name(runs[0]["setting"])
+    title = f"{dataset}, {student} ({label})" if label else f"{dataset}, {student}"
     table = cells(runs, alpha)
     alphas = ", ".join(f"{a:g}" for a in sorted({run["alpha"] for run in runs if run["alpha"] is not None}))
     markdown = (

@@ -25,7 +25,8 @@ from transformers import (
 from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
-from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer, speed_up_student
+from model_utils import LABEL_PAD, TaskPrefixTrainer, speed_up_student
+from students import StudentFamily, family_of, lora_name, save_best, student_record
 from trackers import track_run
 
 MAX_TARGET_LENGTH = 256
@@ -83,6 +84,10 @@ def config_dir(args: argparse.Namespace) -> str:
         parts.append("fixed_valid")
     if getattr(args, "tolerant_equations", False):
         parts.append("tolerant_equations")
+    if getattr(args, "chat_template", False):
+        parts.append("chat_template")
+    if getattr(args, "lora_r", None):
+        parts.append(lora_name(args))
     return "/".join(str(part) for part in parts)
 
 
@@ -139,9 +144,12 @@ def original_t5_pretokenization(tokenizer: PreTrainedTokenizerBase) -> PreTraine
 
 
 def tokenize(
-    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, model_type: str, max_input_length: int
+    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, model_type: str, max_input_length: int,
+    family: StudentFamily | None = None, chat_template: bool = False,
 ) -> DatasetDict:
     """Token ids for both views, computed once; text columns input/label stay for the prediction records."""
+    if family is not None and family.tokenize is not None:  # decoder-only students: students.tokenize_causal
+        return family.tokenize(splits, tokenizer, model_type, max_input_length, chat_template)
 
     # Standard mode has no explain view, and its input has no task prefix, as in the paper.
     prefix = "predict: " if model_type == "task_prefix" else ""
@@ -326,6 +334,8 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
         # Without CUDA a launched process would otherwise run alone (the Trainer only goes multi-CPU when told).
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         deepspeed=args.deepspeed,
+        activation_checkpointing=getattr(args, "gradient_checkpointing", False),
+        activation_checkpointing_kwargs={"use_reentrant": False},
         # Both views use every weight; looking for unused ones costs DDP an extra graph walk per step.
         ddp_find_unused_parameters=False,
     )
@@ -340,20 +350,21 @@ def build_trainer(
     eval_splits = ("valid", "test") if args.select_on == "valid" else ("test",)
     # Longest rows first: batches of similar length pad less, and an out-of-memory shows at the first batch.
     eval_sets = {split: sort_by_length(tokenized[split]) for split in eval_splits}
-    collator_class = TaskPrefixDataCollator if args.model_type == "task_prefix" else StandardDataCollator
+    family = family_of(model.config)
     speed_up_student(model)
     trainer = TaskPrefixTrainer(
         model=model,
         args=training_args,
         train_dataset=tokenized["train"],
         eval_dataset=eval_sets,
-        data_collator=collator_class(tokenizer),
+        data_collator=family.make_collator(tokenizer, args.model_type),
         processing_class=tokenizer,
         compute_metrics=evaluator,
         callbacks=[recorder],
         alpha=args.alpha,
         gen_max_len=args.gen_max_len,
         output_rationale=args.output_rationale,
+        family=family,
     )
     if training_args.report_to:
         track_run(trainer, vars(args), lambda log_history: paper_metrics(log_history, args.select_on))
@@ -440,6 +451,7 @@ def train_and_evaluate(
     record_extra's entries, such as the teacher audit)."""
     ckpt_dir, _ = run_dirs(args)
     trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
+    student = student_record(model)  # before save_best, which merges LoRA adapters into the model
     check_parallelism(args, trainer)
     prepare_run_dirs(args, trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone)
     resume = args.resume and any(ckpt_dir.glob("checkpoint-*"))
@@ -449,7 +461,7 @@ def train_and_evaluate(
     if trainer.is_fsdp_enabled:
         # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(ckpt_dir / "best"))  # on every process: under FSDP/ZeRO-3 gathering is collective
+    save_best(trainer, ckpt_dir / "best")  # on every process: under FSDP/ZeRO-3 gathering is collective
     if not trainer.is_world_process_zero():
         return None
     extra = {
@@ -459,6 +471,7 @@ def train_and_evaluate(
         "best_model_dir": str(ckpt_dir / "best"),
         "resumed": bool(resume),
         "world_size": trainer.args.world_size,
+        "student": student,
         **(record_extra or {}),
     }
     test = trainer.eval_dataset["test"]

@@ -61,3 +61,28 @@ def test_flops_formula_counts_what_a_hand_count_gives():
     decoder = 2 * (128 + 64 + 192) + 3 * 64 + 2 * 2 * 2 * 2 * 4 + 2 * 2 * 2 * 3 * 4
     head = 2 * 2 * 4 * 10
     assert forward_flops(config, 3, 2) == encoder + decoder + head
+
+
+def test_bench_decoder_only_configuration(shared_data, tmp_path):
+    import pytest
+
+    from conftest import SHARED_TOKENIZER
+
+    if not (SHARED_TOKENIZER / "spiece.model").is_file():
+        pytest.skip(f"public T5 vocabulary not found at {SHARED_TOKENIZER}")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "bench.py"), "--random_causal", "tiny", "--causal_layers", "1", "--data_dir",
+           str(shared_data), "--tokenizer", str(SHARED_TOKENIZER), "--batch_size", "2", "--max_input_length", "64",
+           "--steps", "1", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["model"]["vocab_size"] == 151936
+    loss = report["step0_loss"]
+    assert loss["equal"] and abs(loss["optimized"] - loss["two_pass"]) <= 1e-5 * abs(loss["two_pass"])
+    rows = report["logit_rows_per_step"]
+    assert 0 < rows["optimized"] < rows["two_pass"], "the fused path computes logits at target positions only"
+    for path in ("optimized", "two_pass"):
+        assert report["train"][path]["examples_per_s"] > 0 and report["train"][path]["peak_memory_bytes"] > 0
+    assert "speed-up" in proc.stdout

@@ -51,7 +51,7 @@ def test_summary_averages_seeds_only(tmp_path, capsys):
     printed, notes = capsys.readouterr()
     markdown = (out / "summary.md").read_text()
     assert printed == markdown
-    assert "## cqa (lr=5e-05)" in markdown and "## cqa (lr=0.001)" in markdown
+    assert "## cqa, t5-small (lr=5e-05)" in markdown and "## cqa, t5-small (lr=0.001)" in markdown
     assert "| standard_finetune | 60.00 ± 8.16 (n=4) | – |" in markdown
     assert "| dss_llm | – | 85.00 ± 7.07 (n=2) |" in markdown
     assert "| dss_llm [gpt] | – | 30.00 (n=1) |" in markdown

@@ -1,0 +1,380 @@
+"""Student families: what differs between seq2seq students (T5, Flan-T5, mT5, BART) and decoder-only ones (GPT-2,
+Llama, Qwen2, SmolLM, Gemma), kept as data in one small spec per family. The method itself (two views, the
+alpha-weighted loss, the trainer) is model_utils'.
+
+Decoder-only views: each view is one sequence, `<prompt><SEPARATOR><target><EOS>`, with the loss on the target and
+EOS only; at evaluation the model continues the left-padded `<prompt><SEPARATOR>` greedily until EOS.
+"""
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from model_utils import (
+    LABEL_PAD,
+    StandardDataCollator,
+    TaskPrefixDataCollator,
+    grouped_loss,
+    length_groups,
+    lm_head_loss,
+    unwrap_peft,
+    used_lengths,
+)
+
+# Between a decoder-only student's prompt and its target (label or rationale): `predict: <input>\n<label><eos>`.
+SEPARATOR = "\n"
+MAX_TARGET_LENGTH = 256  # as train_utils: labels and rationales are cut at 256 tokens, EOS included
+PROMPT_MARK = "\x00dss-input\x00"  # stands for the input text while a chat template is rendered
+# The two views: (batch key, prompt column, target column); standard mode has the first only.
+VIEWS = (("pred", "input_ids", "labels"), ("expl", "expl_input_ids", "rationale_labels"))
+# Plain greedy decoding (the trainer sets num_beams=1, do_sample=False) whatever a student's generation_config adds
+# (BART checkpoints ship n-gram blocking and a minimum length); for T5 these are its defaults, so nothing changes.
+GREEDY = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0}
+
+# LoRA's default target modules: the attention and MLP projections of each architecture; others get peft's
+# "all-linear" (every linear layer but the output head).
+LORA_TARGETS = {
+    **dict.fromkeys(("t5", "mt5", "umt5"), ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]),
+    **dict.fromkeys(("bart", "mbart"), ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **dict.fromkeys(
+        ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2", "granite"),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+}
+
+
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            start = width - len(row) if left else 0
+            out[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def length_mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
+    """1 at real tokens. From lengths, not ids: a decoder-only student's pad token is often its EOS, a real target."""
+    return pad_rows([[1] * len(r) for r in rows], 0, left)
+
+
+class CausalViewsCollator:
+    """Each view as decoder-only sequences. Per view v:
+
+    - batch[v]: prompt + target, right-padded; labels are -100 at the prompt and padding (the training loss);
+    - batch[v + "_prompt"]: the prompts alone, left-padded, and the targets as labels (generation and scoring).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+        batch = {}
+        for view, prompt_key, target_key in VIEWS:
+            if prompt_key not in features[0]:
+                continue
+            prompts, targets = [f[prompt_key] for f in features], [f[target_key] for f in features]
+            sequences = [p + t for p, t in zip(prompts, targets)]
+            batch[view] = {
+                "input_ids": pad_rows(sequences, self.pad_token_id),
+                "attention_mask": length_mask(sequences),
+                "labels": pad_rows([[LABEL_PAD] * len(p) + t for p, t in zip(prompts, targets)], LABEL_PAD),
+            }
+            batch[view + "_prompt"] = {
+                "input_ids": pad_rows(prompts, self.pad_token_id, left=True),
+                "attention_mask": length_mask(prompts, left=True),
+                "labels": pad_rows(targets, LABEL_PAD),
+            }
+        return batch
+
+
+def prompt_frame(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> tuple[list[int], list[int]]:
+    """Token ids before and after a decoder-only prompt's text: the tokenizer's BOS (if it adds one) and SEPARATOR,
+    or, with chat_template, the chat template's user turn around the text and its generation prompt."""
+    if chat_template:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat_template: the student's tokenizer has no chat template (use an instruct model or "
+                             "drop --chat_template)")
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT_MARK}], tokenize=False, add_generation_prompt=True
+        )
+        head, tail = rendered.split(PROMPT_MARK)
+        return tuple(tokenizer(part, add_special_tokens=False)["input_ids"] for part in (head, tail))
+    bos = [t for t in tokenizer("")["input_ids"] if t == tokenizer.bos_token_id]
+    return bos, tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+
+
+def causal_prompts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_input_length: int, chat_template: bool
+) -> list[list[int]]:
+    """Prompt token ids; the text is truncated so that the whole prompt fits max_input_length."""
+    head, tail = prompt_frame(tokenizer, chat_template)
+    room = max(1, max_input_length - len(head) - len(tail))
+    body = tokenizer(texts, add_special_tokens=False, max_length=room, truncation=True)["input_ids"]
+    return [head + ids + tail for ids in body]
+
+
+def causal_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    ids = tokenizer(texts, add_special_tokens=False, max_length=MAX_TARGET_LENGTH - 1, truncation=True)["input_ids"]
+    return [t + [tokenizer.eos_token_id] for t in ids]
+
+
+def tokenize_causal(
+    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, model_type: str, max_input_length: int,
+    chat_template: bool = False,
+) -> DatasetDict:
+    """The same columns as train_utils.tokenize gives seq2seq students (prompts in input_ids/expl_input_ids,
+    targets ending in EOS in labels/rationale_labels); CausalViewsCollator joins them into sequences."""
+    prefix = "predict: " if model_type == "task_prefix" else ""
+
+    def encode(batch: dict) -> dict:
+        encoded = {
+            "input_ids": causal_prompts(
+                tokenizer, [prefix + t for t in batch["input"]], max_input_length, chat_template
+            ),
+            "labels": causal_targets(tokenizer, batch["label"]),
+        }
+        if model_type == "task_prefix":
+            encoded["expl_input_ids"] = causal_prompts(
+                tokenizer, [f"explain: {t}" for t in batch["input"]], max_input_length, chat_template
+            )
+            encoded["rationale_labels"] = causal_targets(tokenizer, batch["rationale"])
+        return encoded
+
+    tokenized = DatasetDict()
+    for name, split in splits.items():
+        drop = [c for c in split.column_names if c not in ("input", "label")]
+        tokenized[name] = split.map(encode, batched=True, remove_columns=drop, desc=f"tokenizing {name}")
+    return tokenized
+
+
+# Config fields of architectures whose forward changes the logits after the head (soft-capping: Gemma 2/3; scaling:
+# Granite, Cohere), with the values that leave them unchanged.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0.0), "logits_scaling": (None, 1.0), "logit_scale": (None, 1.0)}
+
+
+def causal_fast_loss_applies(model) -> bool:
+    """causal_grouped_loss computes logits as hidden @ lm_head.weight.T: not for heads with a bias or models that
+    transform logits after the head, which the plain formulation handles."""
+    head = model.get_output_embeddings()
+    return (
+        model.base_model is not model
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and all(getattr(model.config, name, None) in neutral for name, neutral in LOGIT_TRANSFORMS.items())
+    )
+
+
+def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float], max_groups: int = 4):
+    """sum_v weights[v] * (mean token cross-entropy of view v's targets): the value of one full forward pass per
+    view (model(**view).loss), with less work. Both views' sequences run through the decoder together, sorted by
+    length in a few length groups each trimmed to its longest row, and the lm_head and cross-entropy run only at
+    the positions that predict a target token (lm_head_loss: no logits for prompts or padding, chunked)."""
+    device = views[0]["input_ids"].device
+    width = max(v["input_ids"].shape[1] for v in views)
+
+    def stack(key: str, value: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(v[key], (0, width - v[key].shape[1]), value=value) for v in views])
+
+    input_ids, attention_mask, labels = stack("input_ids", 0), stack("attention_mask", 0), stack("labels", LABEL_PAD)
+    row_weights = torch.cat([
+        torch.full((v["labels"].shape[0],), w / max(int((v["labels"][:, 1:] != LABEL_PAD).sum()), 1), device=device)
+        for v, w in zip(views, weights)
+    ])
+    lengths = used_lengths(attention_mask.bool()).tolist()
+    hidden, targets, token_weights = [], [], []
+    for rows in length_groups(lengths, max_groups):
+        index = torch.tensor(rows, device=device)
+        length = lengths[rows[0]]
+        states = model.base_model(input_ids=input_ids[index, :length], attention_mask=attention_mask[index, :length])
+        shifted = labels[index, 1:length]  # position i predicts token i + 1
+        keep = shifted != LABEL_PAD
+        hidden.append(states.last_hidden_state[:, :-1][keep])
+        targets.append(shifted[keep])
+        token_weights.append(row_weights[index, None].expand_as(shifted)[keep])
+    head = model.get_output_embeddings()
+    return lm_head_loss(torch.cat(hidden), head.weight, torch.cat(targets), torch.cat(token_weights))
+
+
+def seq2seq_fast_loss_applies(model) -> bool:
+    """grouped_loss runs T5's encoder and decoder directly; other seq2seq students (BART: final_logits_bias, its
+    own shifting) take the plain formulation."""
+    return all(hasattr(model, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
+
+
+def seq2seq_collator(tokenizer: PreTrainedTokenizerBase, model_type: str):
+    return (TaskPrefixDataCollator if model_type == "task_prefix" else StandardDataCollator)(tokenizer)
+
+
+@dataclass(frozen=True)
+class StudentFamily:
+    """What differs between model families; everything else is shared."""
+
+    name: str
+    auto_class: type  # the Auto class that loads it
+    peft_task_type: str
+    # generate() returns the prompt before the continuation, which evaluation strips.
+    prompt_in_output: bool
+    # None: train_utils.tokenize's own (seq2seq) branch.
+    tokenize: Callable | None
+    make_collator: Callable[[PreTrainedTokenizerBase, str], Callable]
+    fast_loss_applies: Callable[[PreTrainedModel], bool]
+    fast_loss: Callable
+    generation: dict  # generate() settings at evaluation, over the student's generation_config
+    # What joins an input's parts (e-SNLI/ANLI: premise and hypothesis): T5's </s>, as the paper's code does; for
+    # decoder-only students a newline, since their EOS inside a prompt would read as the end of the text (or turn).
+    segment_joiner: Callable[[PreTrainedTokenizerBase], str]
+
+
+FAMILIES = {
+    "seq2seq": StudentFamily(
+        name="seq2seq", auto_class=AutoModelForSeq2SeqLM, peft_task_type="SEQ_2_SEQ_LM", prompt_in_output=False,
+        tokenize=None, make_collator=seq2seq_collator, fast_loss_applies=seq2seq_fast_loss_applies,
+        fast_loss=grouped_loss, generation=GREEDY, segment_joiner=lambda tokenizer: tokenizer.eos_token,
+    ),
+    "causal": StudentFamily(
+        name="causal", auto_class=AutoModelForCausalLM, peft_task_type="CAUSAL_LM", prompt_in_output=True,
+        tokenize=tokenize_causal, make_collator=lambda tokenizer, model_type: CausalViewsCollator(tokenizer),
+        fast_loss_applies=causal_fast_loss_applies, fast_loss=causal_grouped_loss, generation=GREEDY,
+        segment_joiner=lambda tokenizer: SEPARATOR,
+    ),
+}
+
+
+def family_of(config) -> StudentFamily:
+    """From the model's config: encoder-decoder models are seq2seq, the rest decoder-only."""
+    return FAMILIES["seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"]
+
+
+def is_peft(model) -> bool:
+    return unwrap_peft(model) is not model
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model) -> None:
+    """Decoder-only tokenizers often have no pad token (GPT-2, Llama): pad with EOS, which the collator masks by
+    length. Generation stops at the EOS the targets end with, and pads with the tokenizer's pad token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    generation = model.generation_config
+    stops = generation.eos_token_id
+    stops = list(stops) if isinstance(stops, (list, tuple)) else [] if stops is None else [stops]
+    if tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+        generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def add_lora(model, args: argparse.Namespace):
+    """Wrap the student in peft LoRA adapters (--lora_r, --lora_alpha, --lora_dropout, --lora_targets)."""
+    from peft import LoraConfig, get_peft_model
+
+    family = family_of(model.config)
+    # LoRA's A matrices are drawn from torch's generator before the Trainer seeds it: seed by --run, so runs repeat.
+    torch.manual_seed(args.run)
+    targets = args.lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+        task_type=family.peft_task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters, each shared tensor counted once."""
+    seen, trainable, total = set(), 0, 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return trainable, total
+
+
+def load_student(path: str, dtype=torch.float32, source: dict | None = None, **placement):
+    """(family, tokenizer, model) of any Hugging Face seq2seq or causal LM, the family read from its config.
+    `source` holds hub options for all three loads (local_files_only when the hub is unreachable, see run.py)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = source or {}
+    config = AutoConfig.from_pretrained(path, **source)
+    family = family_of(config)
+    tokenizer = AutoTokenizer.from_pretrained(path, **source)
+    model = family.auto_class.from_pretrained(path, dtype=dtype, **placement, **source)
+    prepare_tokenizer(tokenizer, model)
+    return family, tokenizer, model
+
+
+def save_best(trainer, directory: Path) -> None:
+    """The selected model: save_pretrained + tokenizer. A LoRA student saves its adapter in best/adapter and the
+    merged model in best/ itself, which plain from_pretrained loads."""
+    if not is_peft(trainer.model):
+        trainer.save_model(str(directory))
+        return
+    trainer.save_model(str(directory / "adapter"))
+    if trainer.is_world_process_zero():
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(directory))
+        trainer.processing_class.save_pretrained(str(directory))
+
+
+def lora_name(args: argparse.Namespace) -> str:
+    """The run folder part that keeps LoRA runs apart from full finetuning and from each other."""
+    targets = "+".join(args.lora_targets) if args.lora_targets else "default"
+    return f"lora_r{args.lora_r}_a{args.lora_alpha:g}_d{args.lora_dropout:g}_{targets}"
+
+
+def causal_generate(
+    tokenizer: PreTrainedTokenizerBase, model, texts: list[str], max_input_length: int, max_new_tokens: int,
+    chat_template: bool = False,
+) -> list[str]:
+    """A decoder-only student's greedy continuations of prompts built as in training (left-padded), decoded."""
+    prompts = causal_prompts(tokenizer, texts, max_input_length, chat_template)
+    input_ids = pad_rows(prompts, tokenizer.pad_token_id, left=True).to(model.device)
+    with torch.inference_mode():
+        tokens = model.generate(
+            input_ids=input_ids, attention_mask=length_mask(prompts, left=True).to(model.device),
+            max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **GREEDY,
+        )
+    continuations = tokens[:, input_ids.shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+
+
+def load_saved(directory: str | Path):
+    """(family, tokenizer, model) of a saved student: a full model folder (a run's best/), or a LoRA adapter folder
+    (best/adapter, a LoRA checkpoint) on top of the base model its adapter_config.json names."""
+    import json
+
+    adapter_config = Path(directory) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return load_student(str(directory))
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    family, _, model = load_student(base)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    prepare_tokenizer(tokenizer, model)
+    return family, tokenizer, PeftModel.from_pretrained(model, str(directory))
+
+
+def student_record(model) -> dict:
+    """For results.json: the student's architecture, family, parameter counts and LoRA settings (None: full)."""
+    trainable, total = parameter_counts(model)
+    lora = None
+    if is_peft(model):
+        config = next(iter(model.peft_config.values()))
+        lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                "targets": sorted(config.target_modules) if isinstance(config.target_modules, set)
+                else config.target_modules}
+    return {"model_type": model.config.model_type, "family": family_of(model.config).name,
+            "trainable_parameters": trainable, "total_parameters": total, "lora": lora}
