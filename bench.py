@@ -299,7 +299,7 @@ def set_reference(trainer):
     """Turn a trainer from build_trainer into the paper's formulation: two passes, stock modules, foreach AdamW."""
     from transformers.training_args import OptimizerNames
 
-    from model_utils import speed_up_student
+    from speedups import speed_up_student
 
     speed_up_student(trainer.model, enable=False)
     trainer.grouped_loss_applies = lambda model: False  # compute_loss then takes its two-pass branch
@@ -381,7 +381,7 @@ class Bench:
         argv = [str(ROOT / "run.py"), *self.run_argv(mode, model_dir), "--output_dir", str(out / f"run-{mode}"),
                 "--max_eval_samples", "8", "--no_log"]
         peak = child_peak_rss(f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')")
-        imports = child_peak_rss("import run, train_utils, model_utils, data_utils, metrics")
+        imports = child_peak_rss("import run, train_utils, model_utils, speedups, data_utils, metrics")
         return {"run_py_peak_rss_bytes": peak, "import_rss_bytes": imports, "working_bytes": peak - imports}
 
     def trainer(self, mode: str, run_args, tokenized, reference: bool):

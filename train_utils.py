@@ -24,7 +24,8 @@ from transformers import (
 from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
-from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer, speed_up_student
+from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer
+from speedups import speed_up_student
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
