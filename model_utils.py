@@ -8,7 +8,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from speedups import grouped_loss
+from speedups import enabled, grouped_loss
 
 LABEL_PAD = -100
 
@@ -106,6 +106,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
             # --parallelize spreads layers over GPUs; the regrouped tensors would cross devices.
             and len(set(getattr(model, "hf_device_map", {}).values())) <= 1
+            and enabled("grouped_loss")
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

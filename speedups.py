@@ -10,8 +10,14 @@ it faster. Each trick, where it applies:
 - GELUTanh for T5 v1.1's gelu_new (all devices);
 - SkinnyLinear: the lm_head of a decoding step as weight @ x.T (CPU, no autograd: evaluation);
 - CPUDropout / cpu_dropout: dropout masks from numpy's SFC64 (CPU training);
-- t5_attention: SDPA attention but for CPU training, where its probabilities' dropout is cpu_dropout (CPU training).
+- t5_attention: SDPA attention but for CPU training, where its probabilities' dropout is cpu_dropout (CPU training);
+- fused AdamW: torch's fused kernel instead of the foreach one (train_utils.training_arguments; CPU and CUDA).
+
+Each can be switched off on its own, for the benchmark or to rule it out when something looks wrong:
+DSS_DISABLE_SPEEDUPS=cpu_dropout,length_groups python run.py ... (or =all: the paper's formulation, stock modules).
 """
+
+import os
 
 import numpy as np
 import torch
@@ -23,6 +29,27 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The labels' padding (model_utils.LABEL_PAD): Hugging Face's losses ignore it.
 IGNORE_INDEX = -100
+
+# Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
+SPEEDUPS = ("grouped_loss", "length_groups", "shared_embedding", "fused_head", "gelu_tanh", "skinny_linear",
+            "cpu_dropout", "t5_attention", "fused_adamw")
+DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
+
+
+def disabled_speedups() -> frozenset[str]:
+    """The tricks switched off by DSS_DISABLE_SPEEDUPS (comma-separated names, or all); ValueError on a typo."""
+    names = {name.strip() for name in os.environ.get(DISABLE_VARIABLE, "").split(",") if name.strip()}
+    if "all" in names:
+        return frozenset(SPEEDUPS)
+    unknown = sorted(names - set(SPEEDUPS))
+    if unknown:
+        raise ValueError(f"{DISABLE_VARIABLE}: unknown speed-up {', '.join(unknown)}; "
+                         f"choose among {', '.join(SPEEDUPS)}, or all")
+    return frozenset(names)
+
+
+def enabled(name: str) -> bool:
+    return name not in disabled_speedups()
 
 # A length group is split off only where that saves at least this many padded tokens: each extra encoder or
 # decoder call costs about as much as this many tokens of the tiny T5 on a CPU, and relatively less on bigger models.
@@ -101,21 +128,23 @@ def speed_up_student(model, enable: bool = True):
     - the lm_head becomes a SkinnyLinear, and every nn.Dropout a CPUDropout (by changing their class, so tied weights
       and device hooks stay);
     - T5's SDPA attention becomes t5_attention (SDPA but for the dropout of attention probabilities in CPU training).
-    enable=False puts the stock modules back (the benchmark's reference formulation).
+    Tricks named in DSS_DISABLE_SPEEDUPS are left out; enable=False puts the stock modules back (the benchmark's
+    reference formulation).
     """
-    old, new = (NewGELUActivation, GELUTanh) if enable else (GELUTanh, NewGELUActivation)
+    swap = {name: enable and enabled(name) for name in ("gelu_tanh", "skinny_linear", "cpu_dropout", "t5_attention")}
+    old, new = (NewGELUActivation, GELUTanh) if swap["gelu_tanh"] else (GELUTanh, NewGELUActivation)
     for module in model.modules():
         for name, child in module.named_children():
             if type(child) is old:
                 setattr(module, name, new())
         if type(module) in (torch.nn.Dropout, CPUDropout):
-            module.__class__ = CPUDropout if enable else torch.nn.Dropout
+            module.__class__ = CPUDropout if swap["cpu_dropout"] else torch.nn.Dropout
     head = model.get_output_embeddings()
     if type(head) in (torch.nn.Linear, SkinnyLinear):
-        head.__class__ = SkinnyLinear if enable else torch.nn.Linear
+        head.__class__ = SkinnyLinear if swap["skinny_linear"] else torch.nn.Linear
     attention = getattr(model.config, "_attn_implementation", None)
     if getattr(model.config, "model_type", None) in ("t5", "mt5") and attention in ("sdpa", T5_ATTENTION):
-        model.set_attn_implementation(T5_ATTENTION if enable else "sdpa")
+        model.set_attn_implementation(T5_ATTENTION if swap["t5_attention"] else "sdpa")
     return model
 
 
@@ -151,7 +180,7 @@ def embed(model, input_ids: torch.Tensor, decoder_ids: list[torch.Tensor]) -> li
     """Token embeddings of the encoder input and of each decoder input, in one lookup where encoder and decoder share
     the table (as T5's do): every lookup's backward writes a dense vocabulary-sized gradient."""
     encoder_table, decoder_table = model.encoder.embed_tokens, model.decoder.embed_tokens
-    if encoder_table.weight is not decoder_table.weight:
+    if encoder_table.weight is not decoder_table.weight or not enabled("shared_embedding"):
         return [encoder_table(input_ids), *(decoder_table(ids) for ids in decoder_ids)]
     every = [input_ids, *decoder_ids]
     flat = encoder_table(torch.cat([ids.reshape(-1) for ids in every]))
@@ -170,6 +199,8 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
     Dropout draws differ, so in training mode the two formulations agree in distribution, not draw by draw.
     """
     device = views[0]["input_ids"].device
+    if not enabled("length_groups"):
+        max_groups = 1
     width = max(view["input_ids"].shape[1] for view in views)
     input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
     attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
@@ -287,6 +318,8 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
 
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor):
     """sum_i token_weights[i] * cross_entropy(hidden[i] @ weight.T, targets[i]), without [tokens, vocab] tensors."""
+    if not enabled("fused_head"):
+        return (F.cross_entropy(hidden @ weight.T, targets, reduction="none").float() * token_weights).sum()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LMHeadLoss.apply(hidden, weight, targets, token_weights)
     return lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=False)[0]

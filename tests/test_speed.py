@@ -305,3 +305,42 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
     speed_up_student(fast, enable=False)
     assert fast.config._attn_implementation == "sdpa"
     assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+
+
+@pytest.mark.parametrize("switched_off", ["length_groups", "shared_embedding", "fused_head", "all"])
+def test_grouped_loss_with_a_speedup_switched_off_still_equals_two_passes(tokenizer, model, monkeypatch, switched_off):
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, switched_off)
+    inputs = batch(tokenizer, "task_prefix")
+    expected, expected_grads = loss_and_grads(model, lambda: two_pass_loss(model, inputs, 0.3)[0])
+    got, grads = loss_and_grads(model, lambda: grouped_loss(model, [inputs["pred"], inputs["expl"]], [0.3, 0.7]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for name, grad in grads.items():
+        assert (grad - expected_grads[name]).norm() / expected_grads[name].norm() < 1e-3, name
+
+
+def test_each_module_swap_has_its_own_switch(model, monkeypatch):
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "gelu_tanh, cpu_dropout")
+    fast = speed_up_student(copy.deepcopy(model))
+    assert any(isinstance(m, NewGELUActivation) for m in fast.modules()), "gelu_tanh off keeps gelu_new"
+    assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+    assert type(fast.lm_head) is SkinnyLinear and fast.config._attn_implementation == speedups.T5_ATTENTION
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "skinny_linear,t5_attention")
+    fast = speed_up_student(copy.deepcopy(model))
+    assert type(fast.lm_head) is torch.nn.Linear and fast.config._attn_implementation == "sdpa"
+    assert any(isinstance(m, GELUTanh) for m in fast.modules())
+
+
+def test_switches_reach_the_trainer_and_a_typo_is_one_clear_error(monkeypatch, tmp_path):
+    import argparse
+
+    from train_utils import RunError, training_arguments
+
+    args = argparse.Namespace(
+        no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, deepspeed=None,
+    )
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "fused_adamw")
+    assert training_arguments(args, tmp_path / "ckpt", tmp_path / "log").optim == "adamw_torch"
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "fused_adam")
+    with pytest.raises(RunError, match="unknown speed-up fused_adam; choose among .*fused_adamw"):
+        training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
