@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--overwrite", action="store_true", help="delete this configuration's earlier logs and checkpoints first")
     add("--download", action="store_true", help=f"fetch and unpack the paper's datasets.zip into --data_dir if missing")
     add("--data_url", default=DATA_URL, help="where --download fetches datasets.zip from (URL or local path)")
+    add("--cache_dir", default=None, help="where tokenised splits are kept for reruns, resumes and sweeps "
+        "(default: $DSS_CACHE, else ~/.cache/dss)")
+    add("--no_cache", action="store_true", help="tokenise without reading or writing the cache")
     args = parser.parse_args(argv)
 
     if args.llm == "none" and args.label_type == "llm":
@@ -193,6 +196,7 @@ def prepare_splits(args: argparse.Namespace, eos: str):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
+    from token_cache import cached_tokenize, default_cache_dir
 
     try:
         check_devices(args)
@@ -205,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         training_args = training_arguments(args, ckpt_dir, log_dir)
         tokenizer, model = load_student(args)
         splits = prepare_splits(args, tokenizer.eos_token)
-        tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+        cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        tokenized = cached_tokenize(cache_dir, tokenize, splits, tokenizer, args.model_type, args.max_input_length,
+                                    write=is_main_process())
         record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
