@@ -2,17 +2,20 @@
 
     OMP_NUM_THREADS=2 python bench_original.py --original_src /tmp/original/src \
         --original_python /tmp/original/venv/bin/python --from_pretrained /tmp/ref-t5 \
-        --data_dir ../shared/datasets --rounds 7 --eval --out bench_original.json
+        --data_dir ../shared/datasets --rounds 9 --block 6 --eval --out bench_original.json
 
-Each round runs every side once per mode (task_prefix, standard), in alternating order (ABBA), as its own process
-under bench_probe.py, which timestamps the end of each optimizer step inside the process. A side's step time is
-the median interval between consecutive steps after --warmup steps, in wall time and in process CPU time (which
-other load on shared cores disturbs less); the ratio of a round is the first side's step time over each other
-side's. Reported per mode: the median of the rounds' ratios and their spread (min, max), never a figure divided
-by one from another run. Start-up (process start to the first step: imports, data, model and tokenisation or a
-read of its cache), the time in datasets' map (tokenisation), and working memory (peak RSS minus the RSS after
-importing the script's modules) are reported separately. --eval adds runs of one step with one evaluation of the
-whole test split per side (the Trainer's evaluate call alone, as each side runs it).
+Per mode (task_prefix, standard), each side trains in one long-lived process under bench_probe.py, which
+timestamps the end of every optimizer step inside the process and stops the process (SIGSTOP) after --warmup
+steps and after every further --block steps. The driver starts the sides one at a time, then resumes them in
+turn, one running at a time, alternating the order every round (ABBA), so each round is one block of steps per
+side under the same load, and start-ups are paid once. A block's step time is the median interval between its
+step ends, in wall time and in process CPU time (which other load on shared cores disturbs less); a round's ratio
+is the first side's block time over each other side's. Reported per mode: the median of the rounds' ratios and
+their spread (min, max), never a figure divided by one from another run. Start-up (process start to the first
+step: imports, data, model and tokenisation, cold for both sides), the time in datasets' map (tokenisation), and
+working memory (peak RSS minus the RSS after importing the script's modules) are reported separately. --eval adds
+runs of one step with one evaluation of the whole test split per side (the Trainer's evaluate call alone, as each
+side runs it: batch sizes and loss passes are each side's own).
 
 Sides: `original` (its run.py, its own interpreter, cwd with datasets/ linked to --data_dir), `project`, and
 `project-without=NAME+NAME` (the project with those speedups.SPEEDUPS switched off: each trick's own gain is
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -48,9 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--data_dir", type=Path, required=True, help="the unzipped datasets.zip folder")
     add("--dataset", default="cqa")
     add("--modes", nargs="+", default=list(MODES), choices=MODES)
-    add("--rounds", type=int, default=7)
-    add("--steps", type=int, default=16, help="training steps per run")
-    add("--warmup", type=int, default=4, help="first steps left out of the step times")
+    add("--rounds", type=int, default=9, help="blocks of steps per side, alternating between the sides")
+    add("--block", type=int, default=6, help="training steps per block")
+    add("--warmup", type=int, default=4, help="steps before the first block, left out of the step times")
     add("--batch_size", type=int, default=8)
     add("--max_input_length", type=int, default=256)
     add("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")), help="OMP_NUM_THREADS of each side")
@@ -74,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--original_python {args.original_python}: no such interpreter")
     if "original" in args.sides and args.eval_rows:
         parser.error("--eval_rows: the original evaluates the whole test split; leave it out")
-    if args.warmup + 2 > args.steps:
-        parser.error("--steps must exceed --warmup by at least 2 (one interval to time)")
+    if min(args.rounds, args.block, args.warmup) < 1:
+        parser.error("--rounds, --block and --warmup must be at least 1")
     return args
 
 
@@ -101,83 +105,124 @@ def side_command(args: argparse.Namespace, side: str, mode: str, steps: int, eva
     return [sys.executable, str(ROOT / "bench_probe.py"), str(ROOT / "run.py"), *common, *project], env
 
 
-def run_side(args, side: str, mode: str, steps: int, evaluate: bool, work: Path) -> dict:
-    for leftover in ("ckpts", "logs", "project-out"):  # each run starts from no earlier results
-        shutil.rmtree(work / leftover, ignore_errors=True)
-    argv, env = side_command(args, side, mode, steps, evaluate, work)
-    env["DSS_PROBE_OUT"] = str(work / "probe.json")
-    begin = time.perf_counter()
-    proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
-    record = json.loads((work / "probe.json").read_text()) if (work / "probe.json").is_file() else {}
-    (work / "probe.json").unlink(missing_ok=True)
-    if proc.returncode != 0 or record.get("exit_code") != 0:
-        sys.exit(f"error: {side} {mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    record["process_wall_s"] = time.perf_counter() - begin
-    return record
+def launch(args, side: str, mode: str, steps: int, evaluate: bool, folder: Path, block: int = 0):
+    """Start one run of one side in its own folder (./datasets linked to --data_dir, as the original expects)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "datasets").symlink_to(args.data_dir)
+    argv, env = side_command(args, side, mode, steps, evaluate, folder)
+    env.update(DSS_PROBE_OUT=str(folder / "probe.json"), DSS_PROBE_WARMUP=str(args.warmup), DSS_PROBE_BLOCK=str(block))
+    with open(folder / "stderr.log", "w") as stderr:
+        return subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
-def step_seconds(record: dict, warmup: int) -> tuple[float, float]:
-    """Median (wall, CPU) seconds between consecutive step ends, after the warm-up steps."""
-    ends = record["steps"][warmup:]
-    walls = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
-    cpus = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
-    return statistics.median(walls), statistics.median(cpus)
+def wait(proc: subprocess.Popen, side: str, folder: Path, expect_stop: bool) -> None:
+    """Until the process stops itself (end of a block) or exits; anything else is an error naming the side."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status) and expect_stop:
+        return
+    if os.WIFSTOPPED(status):
+        sys.exit(f"error: {side} stopped where it should have finished: see {folder}")
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or expect_stop:
+        log = (folder / "stderr.log").read_text()[-3000:]
+        sys.exit(f"error: {side} exited (code {proc.returncode}) before its last step:\n{log}")
+
+
+def read_probe(folder: Path) -> dict:
+    return json.loads((folder / "probe.json").read_text())
+
+
+def block_step_seconds(record: dict, warmup: int, block: int) -> list[tuple[float, float]]:
+    """Per block of steps after the warm-up: median (wall, CPU) seconds per step, from the block's resume."""
+    medians = []
+    for index, resumed in enumerate(record["resumes"]):
+        ends = [resumed, *record["steps"][warmup + index * block : warmup + (index + 1) * block]]
+        medians.append((statistics.median(b[0] - a[0] for a, b in zip(ends, ends[1:])),
+                        statistics.median(b[1] - a[1] for a, b in zip(ends, ends[1:]))))
+    return medians
+
+
+def train_mode(args, mode: str, work: Path) -> dict[str, dict]:
+    """One long-lived process per side; their blocks of steps alternate, ABBA, one process running at a time."""
+    folders = {side: work / f"side{i}" for i, side in enumerate(args.sides)}
+    procs = {}
+    try:
+        for side in args.sides:  # start-ups one at a time, each up to the end of its warm-up
+            procs[side] = launch(args, side, mode, args.warmup + args.rounds * args.block, False, folders[side],
+                                 args.block)
+            wait(procs[side], side, folders[side], expect_stop=True)
+        for round_index in range(args.rounds):
+            last = round_index == args.rounds - 1
+            for side in args.sides if round_index % 2 == 0 else args.sides[::-1]:
+                os.kill(procs[side].pid, signal.SIGCONT)
+                wait(procs[side], side, folders[side], expect_stop=not last)
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.wait()
+    records = {}
+    for side in args.sides:
+        record = read_probe(folders[side])
+        record["blocks"] = block_step_seconds(record, args.warmup, args.block)
+        records[side] = record
+    for round_index in range(args.rounds):
+        line = ", ".join(f"{side} {records[side]['blocks'][round_index][0]:.3f}" for side in args.sides)
+        print(f"round {round_index + 1} {mode}: s/step {line}", flush=True)
+    return records
+
+
+def evaluate_once(args, side: str, mode: str, work: Path) -> dict:
+    folder = work / "eval"
+    proc = launch(args, side, mode, 1, True, folder)
+    wait(proc, side, folder, expect_stop=False)
+    return read_probe(folder)
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    runs = {mode: train_mode(args, mode, work) for mode in args.modes}
+    evaluations: dict[str, dict[str, list[dict]]] = {}
+    for round_index in range(args.eval_rounds if args.eval else 0):
+        for mode in args.eval_modes:
+            evaluations.setdefault(mode, {side: [] for side in args.sides})
+            for side in args.sides if round_index % 2 == 0 else args.sides[::-1]:
+                record = evaluate_once(args, side, mode, work)
+                evaluations[mode][side].append(record)
+                print(f"eval {mode} {side}: {record['evaluations'][0][0]:.1f} s", flush=True)
+    return {"train": runs, "eval": evaluations}
 
 
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
-def measure(args: argparse.Namespace, work: Path) -> dict:
-    runs: dict[str, dict[str, list[dict]]] = {mode: {side: [] for side in args.sides} for mode in args.modes}
-    for round_index in range(args.rounds):
-        for mode in args.modes:
-            order = args.sides if round_index % 2 == 0 else args.sides[::-1]
-            for side in order:
-                record = run_side(args, side, mode, args.steps, False, work)
-                record["step_wall_s"], record["step_cpu_s"] = step_seconds(record, args.warmup)
-                runs[mode][side].append(record)
-            line = ", ".join(f"{side} {runs[mode][side][-1]['step_wall_s']:.3f}" for side in args.sides)
-            print(f"round {round_index + 1} {mode}: s/step {line}", flush=True)
-    evaluations: dict[str, dict[str, list[dict]]] = {}
-    if args.eval:
-        for round_index in range(args.eval_rounds):
-            for mode in args.eval_modes:
-                evaluations.setdefault(mode, {side: [] for side in args.sides})
-                order = args.sides if round_index % 2 == 0 else args.sides[::-1]
-                for side in order:
-                    record = run_side(args, side, mode, 1, True, work)
-                    evaluations[mode][side].append(record)
-                    print(f"eval {mode} {side}: {record['evaluations'][0][0]:.1f} s", flush=True)
-    return {"train": runs, "eval": evaluations}
-
-
 def summarise(args: argparse.Namespace, measured: dict) -> dict:
     base = args.sides[0]
     summary = {"train": {}, "eval": {}}
-    for mode, by_side in measured["train"].items():
+    for mode, records in measured["train"].items():
         entry = {"sides": {}, "ratios": {}}
-        for side, records in by_side.items():
+        for side, r in records.items():
             entry["sides"][side] = {
-                "step_wall_s": spread([r["step_wall_s"] for r in records]),
-                "step_cpu_s": spread([r["step_cpu_s"] for r in records]),
-                "startup_s": spread([r["first_step_begin"][0] for r in records]),
-                "map_s": spread([sum(m[0] for m in r["maps"]) for r in records]),
-                "working_bytes": spread([r["peak_rss_bytes"] - r["import_rss_bytes"] for r in records]),
-                "import_rss_bytes": spread([r["import_rss_bytes"] for r in records]),
-                "peak_rss_bytes": spread([r["peak_rss_bytes"] for r in records]),
+                "step_wall_s": spread([wall for wall, _ in r["blocks"]]),
+                "step_cpu_s": spread([cpu for _, cpu in r["blocks"]]),
+                "startup_s": r["first_step_begin"][0],
+                "map_s": sum(m[0] for m in r["maps"]),
+                "import_rss_bytes": r["import_rss_bytes"],
+                "peak_rss_bytes": r["peak_rss_bytes"],
+                "working_bytes": r["peak_rss_bytes"] - r["import_rss_bytes"],
             }
         for side in args.sides[1:]:
-            pairs = list(zip(by_side[base], by_side[side]))
+            pairs = list(zip(records[base]["blocks"], records[side]["blocks"]))
             entry["ratios"][side] = {
-                "wall": spread([a["step_wall_s"] / b["step_wall_s"] for a, b in pairs]),
-                "cpu": spread([a["step_cpu_s"] / b["step_cpu_s"] for a, b in pairs]),
-                "working_memory": spread([(b["peak_rss_bytes"] - b["import_rss_bytes"])
-                                          / (a["peak_rss_bytes"] - a["import_rss_bytes"]) for a, b in pairs]),
+                "wall": spread([a[0] / b[0] for a, b in pairs]),
+                "cpu": spread([a[1] / b[1] for a, b in pairs]),
+                "working_memory": entry["sides"][side]["working_bytes"] / entry["sides"][base]["working_bytes"],
             }
         summary["train"][mode] = entry
     for mode, by_side in measured["eval"].items():
-        seconds = {side: [r["evaluations"][0][0] for r in records] for side, records in by_side.items()}
+        seconds = {side: [r["evaluations"][0][0] for r in runs] for side, runs in by_side.items()}
         summary["eval"][mode] = {
             "seconds": {side: spread(values) for side, values in seconds.items()},
             "ratios": {side: spread([a / b for a, b in zip(seconds[base], seconds[side])]) for side in args.sides[1:]},
@@ -187,22 +232,22 @@ def summarise(args: argparse.Namespace, measured: dict) -> dict:
 
 def table(args: argparse.Namespace, summary: dict) -> str:
     base = args.sides[0]
-    lines = [f"| mode | side | s/step (median) | ratio {base}/side, wall: median [min, max] | CPU: median [min, max] "
-             "| start-up s | map s | working memory (peak - imports) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| mode | side | s/step, median of {args.rounds} blocks | ratio {base}/side per block, wall: median "
+             "[min, max] | CPU: median [min, max] | start-up s (map s) | peak RSS - imports' RSS |",
+             "|---|---|---|---|---|---|---|"]
     for mode, entry in summary["train"].items():
         for side in args.sides:
-            s = entry["sides"][side]
-            ratio = entry["ratios"].get(side)
+            s, ratio = entry["sides"][side], entry["ratios"].get(side)
             wall = f"**{ratio['wall']['median']:.2f}x** [{ratio['wall']['min']:.2f}, {ratio['wall']['max']:.2f}]" if ratio else ""
             cpu = f"{ratio['cpu']['median']:.2f}x [{ratio['cpu']['min']:.2f}, {ratio['cpu']['max']:.2f}]" if ratio else ""
+            memory = f"{s['working_bytes'] / 2**30:.2f} GiB" + (f" ({ratio['working_memory']:.2f}x)" if ratio else "")
             lines.append(f"| {mode} | {side} | {s['step_wall_s']['median']:.3f} | {wall} | {cpu} | "
-                         f"{s['startup_s']['median']:.1f} | {s['map_s']['median']:.1f} | "
-                         f"{s['working_bytes']['median'] / 2**30:.2f} GiB |")
+                         f"{s['startup_s']:.1f} ({s['map_s']:.1f}) | {memory} |")
     for mode, entry in summary["eval"].items():
         for side in args.sides:
             ratio = entry["ratios"].get(side)
             text = f"**{ratio['median']:.2f}x** [{ratio['min']:.2f}, {ratio['max']:.2f}]" if ratio else ""
-            lines.append(f"| {mode} test evaluation | {side} | {entry['seconds'][side]['median']:.1f} s | {text} | | | | |")
+            lines.append(f"| {mode} test evaluation | {side} | {entry['seconds'][side]['median']:.1f} s | {text} | | | |")
     return "\n".join(lines)
 
 
@@ -210,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-original-") as tmp:
         work = Path(tmp)
-        (work / "datasets").symlink_to(args.data_dir.resolve())  # the original reads ./datasets
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         measured = measure(args, work)
     summary = summarise(args, measured)

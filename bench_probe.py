@@ -1,6 +1,6 @@
 """Times a Hugging Face training script from inside its own process, for bench_original.py.
 
-    DSS_PROBE_OUT=probe.json python bench_probe.py path/to/run.py --flag value ...
+    DSS_PROBE_OUT=probe.json [DSS_PROBE_WARMUP=4 DSS_PROBE_BLOCK=8] python bench_probe.py path/to/run.py --flag value ...
 
 Runs the script as __main__ (with its own interpreter, so the original code runs on its own library versions)
 after adding a TrainerCallback to every Trainer, and writes to $DSS_PROBE_OUT: wall and process-CPU timestamps at
@@ -8,12 +8,17 @@ the end of each optimizer step, the duration of each top-level Trainer.evaluate 
 (tokenisation), the time to the first step, the RSS after importing the script's module (what the libraries cost
 before any data or model) and the process's peak RSS. Nothing of the script is changed or copied. Plain Python 3
 and any transformers version that has TrainerCallback; it imports nothing from this project.
+
+With DSS_PROBE_BLOCK, the process stops itself (SIGSTOP) after DSS_PROBE_WARMUP steps and after every further
+DSS_PROBE_BLOCK steps, until a driver sends SIGCONT, and records when it was resumed: a driver can then alternate
+blocks of steps of several long-lived processes, paying each one's start-up once.
 """
 
 import importlib
 import json
 import os
 import runpy
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,7 +61,8 @@ def main() -> int:
     script = Path(sys.argv[1]).resolve()
     sys.argv = [str(script), *sys.argv[2:]]
     sys.path.insert(0, str(script.parent))
-    record = {"steps": [], "evaluations": [], "maps": [], "first_step_begin": None, "exit_code": None}
+    record = {"steps": [], "resumes": [], "evaluations": [], "maps": [], "first_step_begin": None, "exit_code": None}
+    warmup, block = int(os.environ.get("DSS_PROBE_WARMUP", "0")), int(os.environ.get("DSS_PROBE_BLOCK", "0"))
 
     import datasets
     import transformers
@@ -68,6 +74,10 @@ def main() -> int:
 
         def on_step_end(self, args, state, control, **kwargs):
             record["steps"].append(clock(start))
+            done = len(record["steps"])
+            if block and done >= warmup and (done - warmup) % block == 0 and state.global_step < state.max_steps:
+                os.kill(os.getpid(), signal.SIGSTOP)
+                record["resumes"].append(clock(start))
 
     trainer_init = transformers.Trainer.__init__
 

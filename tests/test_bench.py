@@ -67,12 +67,12 @@ def test_flops_formula_counts_what_a_hand_count_gives():
 
 @pytest.mark.slow
 def test_side_by_side_driver_against_itself(tiny_t5, shared_data, tmp_path):
-    """bench_original.py with the project on both sides (CI has no original): the probe sees every step and the
-    evaluation from inside each process, and the summary pairs each round's runs."""
+    """bench_original.py with the project on both sides (CI has no original): each side's long-lived process runs
+    its blocks of steps in turn, the probe times them from inside, and the summary pairs each round's blocks."""
     out = tmp_path / "sbs.json"
     cmd = [sys.executable, str(ROOT / "bench_original.py"), "--sides", "project", "project-without=all",
            "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data), "--dataset", "svamp",
-           "--modes", "standard", "--rounds", "2", "--steps", "4", "--warmup", "1", "--threads", "1",
+           "--modes", "standard", "--rounds", "2", "--block", "2", "--warmup", "1", "--threads", "1",
            "--batch_size", "4", "--max_input_length", "64", "--gen_max_len", "4",
            "--eval", "--eval_modes", "standard", "--eval_rows", "8", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -80,22 +80,25 @@ def test_side_by_side_driver_against_itself(tiny_t5, shared_data, tmp_path):
     report = json.loads(out.read_text())
     runs = report["runs"]["train"]["standard"]
     for side in ("project", "project-without=all"):
-        assert len(runs[side]) == 2
-        for record in runs[side]:
-            assert len(record["steps"]) == 4 and record["exit_code"] == 0
-            assert 0 < record["import_rss_bytes"] < record["peak_rss_bytes"]
-            assert 0 < record["first_step_begin"][0] < record["steps"][0][0]
+        record = runs[side]
+        assert len(record["steps"]) == 1 + 2 * 2 and record["exit_code"] == 0
+        assert len(record["resumes"]) == 2 and len(record["blocks"]) == 2, "stopped after warm-up and one block"
+        assert record["resumes"][0][0] > record["steps"][0][0] and record["resumes"][1][0] > record["steps"][2][0]
+        assert 0 < record["import_rss_bytes"] < record["peak_rss_bytes"]
+        assert 0 < record["first_step_begin"][0] < record["steps"][0][0]
     ratio = report["summary"]["train"]["standard"]["ratios"]["project-without=all"]["wall"]
-    expected = [a["step_wall_s"] / b["step_wall_s"] for a, b in zip(runs["project"], runs["project-without=all"])]
+    expected = [a[0] / b[0] for a, b in zip(runs["project"]["blocks"], runs["project-without=all"]["blocks"])]
     assert ratio["values"] == expected and ratio["min"] <= ratio["median"] <= ratio["max"]
     [evaluation] = report["runs"]["eval"]["standard"]["project"]
-    assert len(evaluation["steps"]) == 1 and evaluation["evaluations"][0][0] > 0
+    assert len(evaluation["steps"]) == 1 and evaluation["evaluations"][0][0] > 0 and not evaluation["resumes"]
     assert "| standard | project-without=all |" in proc.stdout
 
 
-def test_step_seconds_are_medians_of_intervals_after_warmup():
+def test_block_step_times_start_at_each_resume_and_skip_the_warmup():
     sys.path.insert(0, str(ROOT))
-    from bench_original import step_seconds
+    from bench_original import block_step_seconds
 
-    record = {"steps": [[1.0, 2.0], [5.0, 9.0], [6.0, 11.0], [7.5, 14.0], [8.0, 15.0]]}
-    assert step_seconds(record, warmup=1) == (1.0, 2.0)  # intervals 1, 1.5, 0.5 (wall), 2, 3, 1 (CPU)
+    record = {"steps": [[1.0, 2.0], [5.0, 9.0], [6.0, 11.0], [7.5, 14.0], [20.0, 30.0], [20.5, 31.0]],
+              "resumes": [[4.0, 8.0], [19.0, 28.0]]}
+    # block 1: resume 4.0, then 5.0, 6.0, 7.5 (intervals 1, 1, 1.5); block 2: 19.0, 20.0, 20.5 (1, 0.5), warm-up 1
+    assert block_step_seconds(record, warmup=1, block=3) == [(1.0, 2.0), (0.75, 1.5)]
