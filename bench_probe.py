@@ -1,6 +1,7 @@
 """Times a Hugging Face training script from inside its own process, for bench_original.py.
 
-    DSS_PROBE_OUT=probe.json [DSS_PROBE_WARMUP=4 DSS_PROBE_BLOCK=8] python bench_probe.py path/to/run.py --flag value ...
+    DSS_PROBE_OUT=probe.json [DSS_PROBE_WARMUP=4 DSS_PROBE_BLOCK=8] [DSS_PROBE_EVAL_ROWS=256] \
+        python bench_probe.py path/to/run.py --flag value ...
 
 Runs the script as __main__ (with its own interpreter, so the original code runs on its own library versions)
 after adding a TrainerCallback to every Trainer, and writes to $DSS_PROBE_OUT: wall and process-CPU timestamps at
@@ -11,7 +12,8 @@ and any transformers version that has TrainerCallback; it imports nothing from t
 
 With DSS_PROBE_BLOCK, the process stops itself (SIGSTOP) after DSS_PROBE_WARMUP steps and after every further
 DSS_PROBE_BLOCK steps, until a driver sends SIGCONT, and records when it was resumed: a driver can then alternate
-blocks of steps of several long-lived processes, paying each one's start-up once.
+blocks of steps of several long-lived processes, paying each one's start-up once. With DSS_PROBE_EVAL_ROWS, every
+evaluation covers only the first rows of each evaluation set (for a script that has no flag for it).
 """
 
 import importlib
@@ -36,13 +38,27 @@ def clock(start: tuple[float, float]) -> list[float]:
     return [time.perf_counter() - start[0], time.process_time() - start[1]]
 
 
-def timed_outermost(owner, name: str, start, into: list) -> None:
+def first_rows(data, rows: int):
+    """The first rows of an evaluation set (or of each set of a dict of them)."""
+    if isinstance(data, dict):
+        return {name: first_rows(split, rows) for name, split in data.items()}
+    return data.select(range(min(rows, len(data))))
+
+
+def timed_outermost(owner, name: str, start, into: list, eval_rows: int = 0) -> None:
     """Wrap owner.name so that each outermost call appends [wall_s, cpu_s]; nested calls (evaluate per split,
-    DatasetDict.map calling Dataset.map) count once."""
+    DatasetDict.map calling Dataset.map) count once. eval_rows: evaluate only the sets' first rows."""
     function, depth = getattr(owner, name), [0]
 
     def wrapper(*args, **kwargs):
         depth[0] += 1
+        if eval_rows and depth[0] == 1:  # the set passed in (transformers 4.30, per split), else the trainer's
+            if len(args) > 1 and args[1] is not None:
+                args = (args[0], first_rows(args[1], eval_rows), *args[2:])
+            elif kwargs.get("eval_dataset") is not None:
+                kwargs["eval_dataset"] = first_rows(kwargs["eval_dataset"], eval_rows)
+            elif args[0].eval_dataset is not None:
+                args[0].eval_dataset = first_rows(args[0].eval_dataset, eval_rows)
         begin = clock(start)
         try:
             return function(*args, **kwargs)
@@ -86,7 +102,8 @@ def main() -> int:
         self.add_callback(StepTimes())
 
     transformers.Trainer.__init__ = init_with_step_times
-    timed_outermost(transformers.Trainer, "evaluate", start, record["evaluations"])
+    eval_rows = int(os.environ.get("DSS_PROBE_EVAL_ROWS", "0"))
+    timed_outermost(transformers.Trainer, "evaluate", start, record["evaluations"], eval_rows)
     timed_outermost(datasets.Dataset, "map", start, record["maps"])
 
     importlib.import_module(script.stem)

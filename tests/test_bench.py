@@ -102,3 +102,30 @@ def test_block_step_times_start_at_each_resume_and_skip_the_warmup():
               "resumes": [[4.0, 8.0], [19.0, 28.0]]}
     # block 1: resume 4.0, then 5.0, 6.0, 7.5 (intervals 1, 1, 1.5); block 2: 19.0, 20.0, 20.5 (1, 0.5), warm-up 1
     assert block_step_seconds(record, warmup=1, block=3) == [(1.0, 2.0), (0.75, 1.5)]
+
+
+def test_probe_times_outermost_evaluations_and_cuts_their_rows():
+    """As transformers 4.30 calls it (one evaluate per split, the set passed in) and as 5 does (the trainer's own
+    dict, evaluate calling itself per split): each outermost call is timed once, on the first rows only."""
+    sys.path.insert(0, str(ROOT))
+    import time
+
+    from datasets import Dataset
+
+    from bench_probe import timed_outermost
+
+    seen = []
+
+    class Trainer:
+        eval_dataset = {"test": Dataset.from_dict({"x": list(range(5))})}
+
+        def evaluate(self, eval_dataset=None):
+            if eval_dataset is None:
+                return [self.evaluate(eval_dataset=split) for split in self.eval_dataset.values()]
+            seen.append(eval_dataset["x"])
+
+    timings = []
+    timed_outermost(Trainer, "evaluate", (time.perf_counter(), time.process_time()), timings, eval_rows=2)
+    Trainer().evaluate(eval_dataset=Dataset.from_dict({"x": [7, 8, 9]}))
+    Trainer().evaluate()
+    assert seen == [[7, 8], [0, 1]] and len(timings) == 2 and all(wall >= 0 for wall, _ in timings)
