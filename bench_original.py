@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--from_pretrained", required=True, help="the student both sides load (a local T5 folder)")
     add("--data_dir", type=Path, required=True, help="the unzipped datasets.zip folder")
     add("--dataset", default="cqa")
-    add("--modes", nargs="+", default=list(MODES), choices=MODES)
+    add("--modes", nargs="*", default=list(MODES), choices=MODES, help="modes to train (none: --eval only)")
     add("--rounds", type=int, default=9, help="blocks of steps per side, alternating between the sides")
     add("--block", type=int, default=6, help="training steps per block")
     add("--warmup", type=int, default=4, help="steps before the first block, left out of the step times")
