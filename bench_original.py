@@ -183,7 +183,11 @@ def evaluate_once(args, side: str, mode: str, work: Path) -> dict:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
-    runs = {mode: train_mode(args, mode, work) for mode in args.modes}
+    runs = {}
+    for mode in args.modes:
+        runs[mode] = train_mode(args, mode, work)
+        # What is measured so far survives a benchmark stopped before its end.
+        args.out.with_suffix(".partial.json").write_text(json.dumps({"train": runs}, default=str))
     evaluations: dict[str, dict[str, list[dict]]] = {}
     for round_index in range(args.eval_rounds if args.eval else 0):
         for mode in args.eval_modes:
@@ -254,6 +258,7 @@ def table(args: argparse.Namespace, summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped: the sides' processes are ended"))  # runs `finally`
     with tempfile.TemporaryDirectory(prefix="bench-original-") as tmp:
         work = Path(tmp)
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
