@@ -23,9 +23,9 @@ weights never stop early) with fresh weights: the optimized path as run.py runs 
 dataset order, batches of --batch_size, stock modules) for an in-run ratio, and the optimized path in batches of
 --batch_size too (same_batch).
 
---process_memory (CPU) runs run.py itself for the same steps and reports its peak RSS, the figure the reference
-table gives, and the RSS of a process that only imports run.py's modules: library import sizes differ a lot between
-transformers 4.30 and 5, so "working" memory (peak - imports) is compared as well.
+--process_memory (CPU) runs run.py itself for the same steps and reports its peak RSS, and the RSS of a process that
+only imports run.py's modules: library import sizes differ a lot between transformers 4.30 and 5, so "working"
+memory (peak - imports) is what compares. Against the original code itself, see bench_original.py.
 
 Model FLOPs (real tokens only; padding is not useful work). For a T5 with d_model d, d_ff f, h heads of d_kv k
 (hk = h * k), L_e encoder and L_d decoder layers, vocabulary V, gated activation (g = 3 matrices: wi_0, wi_1, wo;
@@ -68,17 +68,6 @@ RANDOM_CONFIGS = {
                      "num_heads": 12},
 }
 
-# The original research code (transformers 4.30) on 2 CPU cores, OMP_NUM_THREADS=2: tiny T5, cqa, batch 8,
-# max_input_length 256; evaluation of the whole cqa test split (1,221 rows, 64 generated tokens each).
-REFERENCE = {
-    "config": {"random_init": "tiny", "dataset": "cqa", "batch_size": 8, "max_input_length": 256},
-    "task_prefix": {"train_examples_per_s": (6.11 + 6.29) / 2, "peak_rss_bytes": 1.49e9, "eval_rows_per_s": 1221 / 291},
-    "standard": {"train_examples_per_s": (16.1 + 14.1) / 2, "peak_rss_bytes": 1.16e9, "eval_rows_per_s": 1221 / 301},
-    # RSS of that code's imports alone (torch 2.0.1+cu117, transformers 4.30.2, datasets 2.13.1, pandas), measured on
-    # this machine: what its peak includes before any data or model. Ours is measured in the run (--process_memory).
-    "import_rss_bytes": 519 * 2**20,
-}
-TARGETS = {"task_prefix": 1.6, "standard": 1.2, "eval": 2.0}
 # Decoder-only students (--random_causal): real architectures' widths and vocabulary sizes, at the depth
 # --causal_layers gives; "tiny" keeps Qwen2's 151,936-token vocabulary on a 64-wide model, for CI.
 CAUSAL_CONFIGS = {
@@ -313,7 +302,7 @@ def set_reference(trainer):
     """Turn a trainer from build_trainer into the paper's formulation: two passes, stock modules, foreach AdamW."""
     from transformers.training_args import OptimizerNames
 
-    from model_utils import speed_up_student
+    from speedups import speed_up_student
 
     speed_up_student(trainer.model, enable=False)
     trainer.grouped_loss_applies = lambda model: False  # compute_loss then takes its two-pass branch
@@ -395,7 +384,7 @@ class Bench:
         argv = [str(ROOT / "run.py"), *self.run_argv(mode, model_dir), "--output_dir", str(out / f"run-{mode}"),
                 "--max_eval_samples", "8", "--no_log"]
         peak = child_peak_rss(f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')")
-        imports = child_peak_rss("import run, train_utils, model_utils, data_utils, metrics")
+        imports = child_peak_rss("import run, train_utils, model_utils, speedups, data_utils, metrics")
         return {"run_py_peak_rss_bytes": peak, "import_rss_bytes": imports, "working_bytes": peak - imports}
 
     def trainer(self, mode: str, run_args, tokenized, reference: bool):
@@ -531,34 +520,6 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def versus_reference(args, report: dict) -> dict | None:
-    """Ratios to the issue's reference figures, where this run has the reference's configuration."""
-    same = REFERENCE["config"] == {"random_init": args.random_init, "dataset": args.dataset,
-                                   "batch_size": args.batch_size, "max_input_length": args.max_input_length}
-    if not same or args.bf16:
-        return None
-    out = {}
-    for mode, result in report["modes"].items():
-        ref = REFERENCE[mode]
-        entry = {"train_speedup": result["train"]["optimized"]["examples_per_s"] / ref["train_examples_per_s"],
-                 "train_target": TARGETS[mode],
-                 "peak_memory_ratio": result["train"]["optimized"]["peak_memory_bytes"] / ref["peak_rss_bytes"]}
-        process = result.get("process_memory")
-        if process:
-            entry["run_py_peak_rss_ratio"] = process["run_py_peak_rss_bytes"] / ref["peak_rss_bytes"]
-            entry["working_memory_ratio"] = process["working_bytes"] / (ref["peak_rss_bytes"] - REFERENCE["import_rss_bytes"])
-        evaluation = result.get("eval", {}).get("optimized")
-        if evaluation and not args.eval_rows:
-            entry["eval_speedup"] = evaluation["rows_per_s"] / ref["eval_rows_per_s"]
-            entry["eval_target"] = TARGETS["eval"]
-            entry["eval_batch_size"] = evaluation["batch_size"]  # the reference evaluated in batches of 8
-            same_batch = result["eval"].get("same_batch")
-            if same_batch:
-                entry["eval_speedup_same_batch"] = same_batch["rows_per_s"] / ref["eval_rows_per_s"]
-        out[mode] = entry
-    return {"reference": REFERENCE, "ratios": out}
-
-
 def print_table(report: dict) -> None:
     m = report["machine"]
     print(f"\n{report['config']['model']} on {m['device_name']} ({m['torch_threads']} threads), load average "
@@ -588,21 +549,6 @@ def print_table(report: dict) -> None:
             if isinstance(e, dict):
                 print(f"{mode:12} eval {path:10} {e['rows']} rows (batches of {e['batch_size']}) in {e['seconds']:.1f} s "
                       f"= {e['rows_per_s']:.2f} rows/s, peak {e['peak_memory_bytes'] / 2**20:.0f} MB")
-    vs = report.get("versus_reference")
-    if vs:
-        print("\nagainst the issue's reference figures (original code, transformers 4.30):")
-        for mode, r in vs["ratios"].items():
-            line = f"{mode:12} train {r['train_speedup']:.2f}x (target {r['train_target']}x)"
-            if "eval_speedup" in r:
-                line += f", eval {r['eval_speedup']:.2f}x (target {r['eval_target']}x; batches of {r['eval_batch_size']})"
-            if "eval_speedup_same_batch" in r:
-                line += f", in batches of {REFERENCE['config']['batch_size']} {r['eval_speedup_same_batch']:.2f}x"
-            if "run_py_peak_rss_ratio" in r:
-                line += (f"; peak RSS of run.py {r['run_py_peak_rss_ratio']:.2f}x, above its imports "
-                         f"{r['working_memory_ratio']:.2f}x")
-            else:
-                line += f"; peak RSS of this process's training {r['peak_memory_ratio']:.2f}x"
-            print(line)
 
 
 def causal_batches(args, tokenizer, device) -> list[dict]:
@@ -743,7 +689,6 @@ def main(argv: list[str] | None = None) -> int:
         for path in ("optimized", "two_pass"):
             t = result["train"][path]
             t["fraction_of_matmul_peak"] = t["achieved_flops_per_s"] / report["machine"]["matmul_flops_per_s"]
-    report["versus_reference"] = versus_reference(args, report)
     print_table(report)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"\nreport in {args.out}")

@@ -3,20 +3,14 @@
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed.fsdp import FullyShardedDataParallel
-from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
-from transformers.activations import GELUTanh, NewGELUActivation
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from speedups import enabled, grouped_loss
 
 LABEL_PAD = -100
-# A length group is split off only where that saves at least this many padded tokens: each extra encoder or
-# decoder call costs about as much as this many tokens of the tiny T5 on a CPU, and relatively less on bigger models.
-GROUP_MIN_SAVING = 64
 
 
 def _pad(sequences: list[list[int]], value: int, pad_to_multiple_of: int | None) -> torch.Tensor:
@@ -81,96 +75,6 @@ class StandardDataCollator(TaskPrefixDataCollator):
         return {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels", self.pad_to_multiple_of)}
 
 
-class SkinnyLinear(torch.nn.Linear):
-    """nn.Linear that, without autograd on a CPU, computes a product over a few rows as weight @ x.T.
-
-    For the lm_head of a decoding step (a handful of rows against 32,128 x d_model weights) the tall-skinny product
-    streams the weight once and takes about half the time of x @ weight.T, which repacks the weight on every call.
-    The values agree up to float rounding; training (autograd on), many rows and GPUs take nn.Linear's path.
-    """
-
-    max_rows = 64
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if torch.is_grad_enabled() or x.device.type != "cpu" or rows > self.max_rows or self.bias is not None:
-            return super().forward(x)
-        return (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
-
-
-def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout (training) with its mask drawn by numpy's SFC64 generator, seeded from torch's.
-
-    On CPUs where torch has no vectorised Bernoulli (MKL's runs on Intel only; AMD takes a per-element loop) drawing
-    the mask is ~15% of a tiny-T5 training step; SFC64 draws 32 random bits in about a quarter of the time. A value is
-    dropped iff its 32-bit draw is below round(p * 2^32), so P(drop) = p to within 2^-32, and survivors are scaled by
-    1 / (1 - p), as nn.Dropout does. The seed comes from torch's default generator, so torch.manual_seed and the
-    Trainer's saved RNG states make runs repeat and resume exactly.
-    """
-    seed = int(torch.randint(0, 2**62, ()))
-    n = x.numel()
-    bits = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 1) // 2)
-    draws = torch.from_numpy(bits.view(np.int32)[:n]).view(x.shape)
-    keep = draws >= round(p * 2**32) - 2**31  # the draws are signed: uniform on [-2^31, 2^31)
-    return (x * keep).mul_(1.0 / (1.0 - p))  # scaled in place: one [x]-sized allocation fewer
-
-
-class CPUDropout(torch.nn.Dropout):
-    """nn.Dropout whose CPU training path is cpu_dropout; evaluation, GPUs and in-place dropout keep nn.Dropout's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.inplace or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
-            return super().forward(x)
-        return cpu_dropout(x, self.p)
-
-
-def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
-    """T5's SDPA attention, except in CPU training, where SDPA would drop attention probabilities with torch's
-    per-element Bernoulli; there the same product runs as three ops with cpu_dropout, on the very additive mask
-    (position bias, padding, causality) that SDPA would be given."""
-    if dropout == 0.0 or query.device.type != "cpu" or position_bias is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_bias=position_bias, **kwargs)
-    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
-    scores = torch.matmul(query, key.transpose(2, 3))
-    if scaling is not None and scaling != 1.0:
-        scores = scores * scaling
-    probabilities = cpu_dropout(torch.softmax(scores + bias, dim=-1), dropout)
-    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
-
-
-T5_ATTENTION = "dss_t5_sdpa"
-AttentionInterface.register(T5_ATTENTION, t5_attention)
-AttentionMaskInterface.register(T5_ATTENTION, sdpa_mask)
-
-
-def speed_up_student(model, enable: bool = True):
-    """Swap in faster modules that compute the same functions; no weight changes, nothing saved changes.
-
-    - T5 v1.1's gated-GELU activation (gelu_new: seven elementwise passes, each kept for backward) becomes one
-      fused F.gelu(approximate="tanh") (GELUTanh), the same function up to float rounding;
-    - the lm_head becomes a SkinnyLinear, and every nn.Dropout a CPUDropout (by changing their class, so tied weights
-      and device hooks stay);
-    - T5's SDPA attention becomes t5_attention (SDPA but for the dropout of attention probabilities in CPU training).
-    enable=False puts the stock modules back (the benchmark's reference formulation).
-    """
-    old, new = (NewGELUActivation, GELUTanh) if enable else (GELUTanh, NewGELUActivation)
-    for module in model.modules():
-        for name, child in module.named_children():
-            if type(child) is old:
-                setattr(module, name, new())
-        if type(module) in (torch.nn.Dropout, CPUDropout):
-            module.__class__ = CPUDropout if enable else torch.nn.Dropout
-    head = model.get_output_embeddings()
-    if type(head) in (torch.nn.Linear, SkinnyLinear):
-        head.__class__ = SkinnyLinear if enable else torch.nn.Linear
-    attention = getattr(model.config, "_attn_implementation", None)
-    if getattr(model.config, "model_type", None) in ("t5", "mt5") and attention in ("sdpa", T5_ATTENTION):
-        model.set_attn_implementation(T5_ATTENTION if enable else "sdpa")
-    return model
-
-
 def two_pass_loss(model, inputs: dict[str, dict[str, torch.Tensor]], alpha: float):
     """The paper's formulation: one full forward pass per view, each padded to its own longest row.
 
@@ -183,179 +87,6 @@ def two_pass_loss(model, inputs: dict[str, dict[str, torch.Tensor]], alpha: floa
         expl_outputs = model(**inputs["expl"])
         loss = alpha * loss + (1.0 - alpha) * expl_outputs.loss
     return loss, {"pred": pred_outputs, "expl": expl_outputs}
-
-
-def used_lengths(mask: torch.Tensor) -> torch.Tensor:
-    """Per row, one past its last True position: the columns the row needs, since padding is trailing."""
-    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    return (mask.long() * positions).amax(dim=1)
-
-
-def length_groups(lengths: list[int], max_groups: int, min_saving: int = GROUP_MIN_SAVING) -> list[list[int]]:
-    """Row indices, longest first, cut into at most max_groups runs of similar length.
-
-    Each run is later padded only to its own longest row. Cuts are added greedily, the one saving the most
-    padded tokens first, while a cut saves at least min_saving tokens.
-    """
-    groups = [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
-    while len(groups) < max_groups:
-        best_saving, best = 0, None
-        for g, rows in enumerate(groups):
-            longest = lengths[rows[0]]
-            for cut in range(1, len(rows)):
-                saving = (len(rows) - cut) * (longest - lengths[rows[cut]])
-                if saving > best_saving:
-                    best_saving, best = saving, (g, cut)
-        if best is None or best_saving < min_saving:
-            break
-        g, cut = best
-        groups[g : g + 1] = [groups[g][:cut], groups[g][cut:]]
-    return groups
-
-
-def embed(model, input_ids: torch.Tensor, decoder_ids: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Token embeddings of the encoder input and of each decoder input, in one lookup where encoder and decoder share
-    the table (as T5's do): every lookup's backward writes a dense vocabulary-sized gradient."""
-    encoder_table, decoder_table = model.encoder.embed_tokens, model.decoder.embed_tokens
-    if encoder_table.weight is not decoder_table.weight:
-        return [encoder_table(input_ids), *(decoder_table(ids) for ids in decoder_ids)]
-    every = [input_ids, *decoder_ids]
-    flat = encoder_table(torch.cat([ids.reshape(-1) for ids in every]))
-    return [part.view(*ids.shape, -1) for part, ids in zip(flat.split([ids.numel() for ids in every]), every)]
-
-
-def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float], max_groups: int = 4) -> torch.Tensor:
-    """sum_v weights[v] * (mean token cross-entropy of view v): the value two_pass_loss computes, with less work.
-
-    - One encoder pass for all views' rows together (the views share their inputs but for the prefix), the rows
-      sorted by length and run in a few length groups, each padded only to its own longest row;
-    - decoder passes per view, also in length groups, each trimmed to its longest target;
-    - the lm_head and the cross-entropy only at target positions, not at padding, fused and chunked (LMHeadLoss).
-    Rows never interact in T5 (padding is masked, decoding is causal), so regrouping rows and dropping trailing
-    padding changes no real position's value; only floating-point rounding differs (about 1e-7 relative in fp32).
-    Dropout draws differ, so in training mode the two formulations agree in distribution, not draw by draw.
-    """
-    device = views[0]["input_ids"].device
-    width = max(view["input_ids"].shape[1] for view in views)
-    input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
-    attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
-    input_lengths = used_lengths(attention_mask.bool()).tolist()
-    decoder_ids = [model._shift_right(view["labels"]) for view in views]
-    input_embeds, *decoder_embeds = embed(model, input_ids, decoder_ids)
-
-    # Encoder, in length groups; the outputs padded back into one [rows, width, d_model] tensor in row order.
-    outputs, order = [], []
-    for rows in length_groups(input_lengths, max_groups):
-        index = torch.tensor(rows, device=device)
-        length = input_lengths[rows[0]]
-        states = model.encoder(inputs_embeds=input_embeds[index, :length], attention_mask=attention_mask[index, :length])
-        outputs.append(F.pad(states.last_hidden_state, (0, 0, 0, width - length)))
-        order += rows
-    encoded = torch.cat(outputs)[torch.tensor(order, device=device).argsort()]
-
-    hidden, targets, token_weights = [], [], []
-    offset = 0
-    for view, weight, view_embeds in zip(views, weights, decoder_embeds):
-        labels = view["labels"]
-        target_lengths = used_lengths(labels != LABEL_PAD).tolist()
-        for rows in length_groups(target_lengths, max_groups):
-            index = torch.tensor(rows, device=device)
-            length = target_lengths[rows[0]]
-            group_labels = labels[index, :length]
-            encoder_rows = index + offset
-            source = max(input_lengths[offset + row] for row in rows)
-            states = model.decoder(
-                inputs_embeds=view_embeds[index, :length],
-                encoder_hidden_states=encoded[encoder_rows, :source],
-                encoder_attention_mask=attention_mask[encoder_rows, :source],
-            ).last_hidden_state
-            keep = group_labels != LABEL_PAD
-            hidden.append(states[keep])
-            targets.append(group_labels[keep])
-        count = int((labels != LABEL_PAD).sum())
-        token_weights.append(torch.full((count,), weight / max(count, 1), device=device))
-        offset += labels.shape[0]
-
-    hidden = torch.cat(hidden)
-    if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
-        hidden = hidden * model.model_dim**-0.5  # as T5ForConditionalGeneration.forward does with tied embeddings
-    return lm_head_loss(hidden, model.lm_head.weight, torch.cat(targets), torch.cat(token_weights))
-
-
-# The most fp32 logits lm_head_loss holds at once: a tiny-T5 batch of 8 rationales in one chunk; batch 64 on a GPU in
-# a few, instead of several copies of a [tokens, vocabulary] tensor (smaller chunks were slower on a CPU).
-LOGIT_CHUNK_BYTES = 64 << 20
-
-
-class LMHeadLoss(torch.autograd.Function):
-    """The lm_head and the weighted cross-entropy in one step, a chunk of rows at a time.
-
-    Unfused, autograd keeps [tokens, vocabulary] logits, their log-softmax and its gradient: for a batch of
-    rationales, several copies of a tensor as large as the tiny T5. Here each chunk's logits become their gradient
-    (softmax - one-hot, times the token's weight) in place, in one buffer, and the gradients of hidden and weight are
-    accumulated in the forward pass; backward only scales them, in place. Same values up to float rounding; under
-    autocast the products run in the autocast dtype and the softmax in fp32, as unfused.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights):
-        loss, grad_hidden, grad_weight = lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=True)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        # In place: a second backward through a retained graph fails autograd's saved-tensor version check instead
-        # of scaling twice.
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None
-
-
-def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
-    device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    weight_c, hidden_c = weight.to(compute_dtype), hidden.to(compute_dtype)
-    targets, token_weights = targets.to(hidden.device), token_weights.to(hidden.device, torch.float32)
-    loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
-    grad_hidden = torch.empty_like(hidden) if grads else None
-    grad_weight = torch.zeros_like(weight) if grads else None
-    rows = max(16, LOGIT_CHUNK_BYTES // (4 * weight.shape[0]))
-    # Every [rows, vocabulary] step writes into this one buffer: fresh tensors this size cost a page fault per 4 KiB
-    # on a CPU (a third of the product's time) and add to the peak.
-    buffer = torch.empty(min(rows, hidden.shape[0]), weight.shape[0], device=hidden.device, dtype=torch.float32)
-    with torch.autocast(device, enabled=False):  # dtypes are set explicitly here
-        for start in range(0, hidden.shape[0], rows):
-            chunk = hidden_c[start : start + rows]
-            target, token_weight = targets[start : start + rows, None], token_weights[start : start + rows]
-            logits = buffer[: len(chunk)]
-            if compute_dtype == torch.float32:
-                torch.mm(chunk, weight_c.T, out=logits)
-            else:
-                logits.copy_(chunk @ weight_c.T)
-            target_logits = logits.gather(1, target).squeeze(1)
-            top_logits, top = logits.max(1, keepdim=True)
-            probabilities = torch.softmax(logits, dim=1, out=logits)
-            # log p(target) = target - top + log p(top): p(top) >= 1 / vocabulary never underflows, and the fused
-            # softmax kernel is 4x faster on a CPU than logsumexp or exp_ where most logits are far below the max.
-            log_probabilities = target_logits - top_logits.squeeze(1) + probabilities.gather(1, top).squeeze(1).log()
-            loss -= (log_probabilities * token_weight).sum()
-            if not grads:
-                continue
-            probabilities.scatter_add_(1, target, torch.full_like(target, -1, dtype=probabilities.dtype))
-            grad_logits = probabilities.mul_(token_weight[:, None]).to(compute_dtype)
-            grad_hidden[start : start + rows] = grad_logits @ weight_c
-            if grad_logits.dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad_logits.T, chunk)
-            else:
-                grad_weight += grad_logits.T @ chunk
-    return loss, grad_hidden, grad_weight
-
-
-def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor):
-    """sum_i token_weights[i] * cross_entropy(hidden[i] @ weight.T, targets[i]), without [tokens, vocab] tensors."""
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LMHeadLoss.apply(hidden, weight, targets, token_weights)
-    return lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=False)[0]
 
 
 def unwrap_peft(model):
@@ -401,6 +132,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
             # --parallelize spreads layers over GPUs; the regrouped tensors would cross devices.
             and len(set(getattr(model, "hf_device_map", {}).values())) <= 1
+            and enabled("grouped_loss")
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -132,8 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoints kept during training besides the best one (the latest ones, for --resume)")
     add("--resume", action="store_true", help="continue this configuration's run from its latest checkpoint")
     add("--overwrite", action="store_true", help="delete this configuration's earlier logs and checkpoints first")
-    add("--download", action="store_true", help=f"fetch and unpack the paper's datasets.zip into --data_dir if missing")
+    add("--download", action="store_true", help="fetch and unpack the paper's datasets.zip into --data_dir if missing")
     add("--data_url", default=DATA_URL, help="where --download fetches datasets.zip from (URL or local path)")
+    add("--cache_dir", default=None, help="where tokenised splits are kept for reruns, resumes and sweeps "
+        "(default: $DSS_CACHE, else ~/.cache/dss)")
+    add("--no_cache", action="store_true", help="tokenise without reading or writing the cache")
     args = parser.parse_args(argv)
 
     if args.llm == "none" and args.label_type == "llm":
@@ -402,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from students import family_of
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
+    from token_cache import cached_tokenize, default_cache_dir
 
     try:
         if args.dump_data:
@@ -423,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                            "use --rationales first with a decoder-only student")
         record_extra: dict = {}
         splits = prepare_splits(args, family.segment_joiner(tokenizer), record_extra)
-        tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length, family, args.chat_template)
+        cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        tokenized = cached_tokenize(cache_dir, tokenize, splits, tokenizer, args.model_type, args.max_input_length,
+                                    family, args.chat_template, write=is_main_process())
         if args.rationales != "first" and args.model_type == "task_prefix":
             from train_utils import MAX_TARGET_LENGTH, original_t5_pretokenization
 

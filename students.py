@@ -7,6 +7,8 @@ EOS only; at evaluation the model continues the left-padded `<prompt><SEPARATOR>
 """
 
 import argparse
+import hashlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +17,8 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from model_utils import (
-    LABEL_PAD,
-    StandardDataCollator,
-    TaskPrefixDataCollator,
-    grouped_loss,
-    length_groups,
-    lm_head_loss,
-    unwrap_peft,
-    used_lengths,
-)
+from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, unwrap_peft
+from speedups import grouped_loss, length_groups, lm_head_loss, used_lengths
 
 # Between a decoder-only student's prompt and its target (label or rationale): `predict: <input>\n<label><eos>`.
 SEPARATOR = "\n"
@@ -212,7 +206,7 @@ def seq2seq_collator(tokenizer: PreTrainedTokenizerBase, model_type: str):
     return (TaskPrefixDataCollator if model_type == "task_prefix" else StandardDataCollator)(tokenizer)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StudentFamily:
     """What differs between model families; everything else is shared."""
 
@@ -230,6 +224,11 @@ class StudentFamily:
     # What joins an input's parts (e-SNLI/ANLI: premise and hypothesis): T5's </s>, as the paper's code does; for
     # decoder-only students a newline, since their EOS inside a prompt would read as the end of the text (or turn).
     segment_joiner: Callable[[PreTrainedTokenizerBase], str]
+
+    def __repr__(self) -> str:
+        """The same in every process (the tokenisation cache hashes it): the name and its tokenising code's source."""
+        code = inspect.getsource(inspect.getmodule(self.tokenize)) if self.tokenize else ""
+        return f"StudentFamily({self.name!r}, {hashlib.blake2b(code.encode(), digest_size=8).hexdigest()})"
 
 
 FAMILIES = {

@@ -25,7 +25,8 @@ from transformers import (
 from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
-from model_utils import LABEL_PAD, TaskPrefixTrainer, speed_up_student
+from model_utils import LABEL_PAD, TaskPrefixTrainer
+from speedups import disabled_speedups, enabled, speed_up_student
 from students import StudentFamily, family_of, lora_name, save_best, student_record
 from trackers import track_run
 
@@ -293,12 +294,21 @@ def paper_metrics(log_history: list[dict], select_on: str) -> dict[str, float]:
     return metrics
 
 
+def optimizer(name: str) -> str:
+    """The Trainer's optimizer for --optimizer_name; AdamW's foreach kernel where fused_adamw is switched off."""
+    return "adamw_torch" if name == "AdamW" and not enabled("fused_adamw") else OPTIMIZERS[name]
+
+
 def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) -> Seq2SeqTrainingArguments:
     """The paper's trainer settings on today's API (eval_strategy, report_to, use_cpu).
 
     Made before the student is loaded: in a launched run this sets up the process group, so that FSDP reads the
     weights in one process only, and registers a ZeRO-3 config, so that from_pretrained loads them partitioned.
     """
+    try:
+        disabled_speedups()
+    except ValueError as e:
+        raise RunError(str(e)) from None
     report_to = ["none"] if args.no_log else args.report_to
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
@@ -316,7 +326,7 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
         logging_strategy="steps",
         logging_steps=max(1, min(50, args.eval_steps)),
         learning_rate=args.lr,
-        optim=OPTIMIZERS[args.optimizer_name],
+        optim=optimizer(args.optimizer_name),
         # TF32 matmuls on Ampere and newer GPUs only (10 mantissa bits inside fp32 matmuls); None leaves torch's default.
         tf32=True if is_torch_tf32_available() else None,
         max_steps=args.max_steps,

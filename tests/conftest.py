@@ -102,6 +102,14 @@ def build_tiny_t5(directory: Path) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_in_tmp(tmp_path_factory):
+    """Runs in the tests keep their tokenised splits in a temporary folder, never in the user's ~/.cache/dss."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSS_CACHE", str(tmp_path_factory.mktemp("dss-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> Path:
     return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))

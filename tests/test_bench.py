@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 TRAIN_FIELDS = {"examples_per_s", "tokens_per_s", "median_step_s", "cpu_s_per_step", "model_flops_per_step",
@@ -41,8 +43,6 @@ def test_bench_small_configuration(tiny_t5, shared_data, tmp_path):
         process = result["process_memory"]
         assert 0 < process["import_rss_bytes"] < process["run_py_peak_rss_bytes"]
         assert process["working_bytes"] == process["run_py_peak_rss_bytes"] - process["import_rss_bytes"]
-    # Not the reference's configuration, so no ratios against the issue's figures.
-    assert report["versus_reference"] is None
     assert "speed-up" in proc.stdout and "step-0 loss" in proc.stdout
 
 
@@ -86,3 +86,69 @@ def test_bench_decoder_only_configuration(shared_data, tmp_path):
     for path in ("optimized", "two_pass"):
         assert report["train"][path]["examples_per_s"] > 0 and report["train"][path]["peak_memory_bytes"] > 0
     assert "speed-up" in proc.stdout
+
+
+@pytest.mark.slow
+def test_side_by_side_driver_against_itself(tiny_t5, shared_data, tmp_path):
+    """bench_original.py with the project on both sides (CI has no original): each side's long-lived process runs
+    its blocks of steps in turn, the probe times them from inside, and the summary pairs each round's blocks."""
+    out = tmp_path / "sbs.json"
+    cmd = [sys.executable, str(ROOT / "bench_original.py"), "--sides", "project", "project-without=all",
+           "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data), "--dataset", "svamp",
+           "--modes", "standard", "--rounds", "2", "--block", "2", "--warmup", "1", "--threads", "1",
+           "--batch_size", "4", "--max_input_length", "64", "--gen_max_len", "4",
+           "--eval", "--eval_modes", "standard", "--eval_rows", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = report["runs"]["train"]["standard"]
+    for side in ("project", "project-without=all"):
+        record = runs[side]
+        assert len(record["steps"]) == 1 + 2 * 2 and record["exit_code"] == 0
+        assert len(record["resumes"]) == 2 and len(record["blocks"]) == 2, "stopped after warm-up and one block"
+        assert record["resumes"][0][0] > record["steps"][0][0] and record["resumes"][1][0] > record["steps"][2][0]
+        assert 0 < record["import_rss_bytes"] < record["peak_rss_bytes"]
+        assert 0 < record["first_step_begin"][0] < record["steps"][0][0]
+    ratio = report["summary"]["train"]["standard"]["ratios"]["project-without=all"]["wall"]
+    expected = [a[0] / b[0] for a, b in zip(runs["project"]["blocks"], runs["project-without=all"]["blocks"])]
+    assert ratio["values"] == expected and ratio["min"] <= ratio["median"] <= ratio["max"]
+    [evaluation] = report["runs"]["eval"]["standard"]["project"]
+    assert len(evaluation["steps"]) == 1 and evaluation["evaluations"][0][0] > 0 and not evaluation["resumes"]
+    assert "| standard | project-without=all |" in proc.stdout
+
+
+def test_block_step_times_start_at_each_resume_and_skip_the_warmup():
+    sys.path.insert(0, str(ROOT))
+    from bench_original import block_step_seconds
+
+    record = {"steps": [[1.0, 2.0], [5.0, 9.0], [6.0, 11.0], [7.5, 14.0], [20.0, 30.0], [20.5, 31.0]],
+              "resumes": [[4.0, 8.0], [19.0, 28.0]]}
+    # block 1: resume 4.0, then 5.0, 6.0, 7.5 (intervals 1, 1, 1.5); block 2: 19.0, 20.0, 20.5 (1, 0.5), warm-up 1
+    assert block_step_seconds(record, warmup=1, block=3) == [(1.0, 2.0), (0.75, 1.5)]
+
+
+def test_probe_times_outermost_evaluations_and_cuts_their_rows():
+    """As transformers 4.30 calls it (one evaluate per split, the set passed in) and as 5 does (the trainer's own
+    dict, evaluate calling itself per split): each outermost call is timed once, on the first rows only."""
+    sys.path.insert(0, str(ROOT))
+    import time
+
+    from datasets import Dataset
+
+    from bench_probe import timed_outermost
+
+    seen = []
+
+    class Trainer:
+        eval_dataset = {"test": Dataset.from_dict({"x": list(range(5))})}
+
+        def evaluate(self, eval_dataset=None):
+            if eval_dataset is None:
+                return [self.evaluate(eval_dataset=split) for split in self.eval_dataset.values()]
+            seen.append(eval_dataset["x"])
+
+    timings = []
+    timed_outermost(Trainer, "evaluate", (time.perf_counter(), time.process_time()), timings, eval_rows=2)
+    Trainer().evaluate(eval_dataset=Dataset.from_dict({"x": [7, 8, 9]}))
+    Trainer().evaluate()
+    assert seen == [[7, 8], [0, 1]] and len(timings) == 2 and all(wall >= 0 for wall, _ in timings)

@@ -9,17 +9,9 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 from transformers.activations import GELUTanh, NewGELUActivation
 
-import model_utils
-from model_utils import (
-    SkinnyLinear,
-    StandardDataCollator,
-    TaskPrefixDataCollator,
-    grouped_loss,
-    length_groups,
-    lm_head_loss,
-    speed_up_student,
-    two_pass_loss,
-)
+import speedups
+from model_utils import StandardDataCollator, TaskPrefixDataCollator, two_pass_loss
+from speedups import SkinnyLinear, grouped_loss, length_groups, lm_head_loss, speed_up_student
 from train_utils import tokenize
 
 TEXTS = [
@@ -177,7 +169,7 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
 
 @pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])  # one chunk; chunks of 7 rows (the last one short)
 def test_lm_head_loss_equals_unfused_cross_entropy(monkeypatch, chunk_bytes):
-    monkeypatch.setattr(model_utils, "LOGIT_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(speedups, "LOGIT_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -248,7 +240,7 @@ def test_cpu_dropout_drops_with_probability_p_and_scales_survivors():
     x = (torch.rand(1001, 999) + 0.5).requires_grad_()  # an odd element count: the 64-bit draws are split in two
     p = 0.1
     torch.manual_seed(1)
-    out = model_utils.cpu_dropout(x, p)
+    out = speedups.cpu_dropout(x, p)
     kept = out != 0
     n = x.numel()
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
@@ -258,19 +250,19 @@ def test_cpu_dropout_drops_with_probability_p_and_scales_survivors():
     rows_kept = kept.float().mean(1)  # no structure: every row keeps about 1 - p
     assert (rows_kept - (1 - p)).abs().max() < 6 * (p * (1 - p) / x.shape[1]) ** 0.5
     torch.manual_seed(1)
-    again = model_utils.cpu_dropout(x, p)
+    again = speedups.cpu_dropout(x, p)
     assert torch.equal(again != 0, kept), "torch.manual_seed repeats the masks"
-    assert not torch.equal(model_utils.cpu_dropout(x, p) != 0, kept), "each call draws a new mask"
+    assert not torch.equal(speedups.cpu_dropout(x, p) != 0, kept), "each call draws a new mask"
 
 
 def test_cpu_dropout_module_is_nn_dropout_outside_cpu_training():
     x = torch.rand(4, 8) + 1
-    module = model_utils.CPUDropout(0.5).eval()
+    module = speedups.CPUDropout(0.5).eval()
     assert torch.equal(module(x), x)
     module.train()
     assert (module(x) == 0).any()
-    assert torch.equal(model_utils.CPUDropout(0.0).train()(x), x)
-    assert torch.equal(model_utils.CPUDropout(1.0).train()(x), torch.zeros_like(x))
+    assert torch.equal(speedups.CPUDropout(0.0).train()(x), x)
+    assert torch.equal(speedups.CPUDropout(1.0).train()(x), torch.zeros_like(x))
 
 
 def with_dropout(model, p):
@@ -289,9 +281,9 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
     inputs = batch(tokenizer, "task_prefix")["expl"]
     stock = with_dropout(model, 0.3)
     fast = speed_up_student(with_dropout(model, 0.3))
-    assert fast.config._attn_implementation == model_utils.T5_ATTENTION
-    assert fast.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == model_utils.T5_ATTENTION
-    assert all(type(m) is model_utils.CPUDropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+    assert fast.config._attn_implementation == speedups.T5_ATTENTION
+    assert fast.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == speedups.T5_ATTENTION
+    assert all(type(m) is speedups.CPUDropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
     with torch.no_grad():
         expected = stock.eval()(**inputs).logits
         tolerance = 1e-4 * expected.abs().max()  # float rounding (see above)
@@ -303,13 +295,52 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
         assert (fast(**inputs).logits - dropped).abs().max() <= tolerance, "the same seed draws the same masks"
         assert (dropped - expected).abs().max() > 100 * tolerance
         calls = []
-        monkeypatch.setattr(model_utils, "cpu_dropout", lambda x, p: calls.append(p) or x)
+        monkeypatch.setattr(speedups, "cpu_dropout", lambda x, p: calls.append(p) or x)
         # Its own softmax and products round differently from SDPA's kernel, in every layer: 10x the tolerance.
         assert (fast(**inputs).logits - expected).abs().max() <= 10 * tolerance
     layers = fast.config.num_layers + 2 * fast.config.num_decoder_layers
     assert calls.count(0.3) >= 2 * layers, "hidden states and attention probabilities both go through cpu_dropout"
     fast.save_pretrained(tmp_path)
-    assert model_utils.T5_ATTENTION not in (tmp_path / "config.json").read_text(), "nothing saved changes"
+    assert speedups.T5_ATTENTION not in (tmp_path / "config.json").read_text(), "nothing saved changes"
     speed_up_student(fast, enable=False)
     assert fast.config._attn_implementation == "sdpa"
     assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+
+
+@pytest.mark.parametrize("switched_off", ["length_groups", "shared_embedding", "fused_head", "all"])
+def test_grouped_loss_with_a_speedup_switched_off_still_equals_two_passes(tokenizer, model, monkeypatch, switched_off):
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, switched_off)
+    inputs = batch(tokenizer, "task_prefix")
+    expected, expected_grads = loss_and_grads(model, lambda: two_pass_loss(model, inputs, 0.3)[0])
+    got, grads = loss_and_grads(model, lambda: grouped_loss(model, [inputs["pred"], inputs["expl"]], [0.3, 0.7]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for name, grad in grads.items():
+        assert (grad - expected_grads[name]).norm() / expected_grads[name].norm() < 1e-3, name
+
+
+def test_each_module_swap_has_its_own_switch(model, monkeypatch):
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "gelu_tanh, cpu_dropout")
+    fast = speed_up_student(copy.deepcopy(model))
+    assert any(isinstance(m, NewGELUActivation) for m in fast.modules()), "gelu_tanh off keeps gelu_new"
+    assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+    assert type(fast.lm_head) is SkinnyLinear and fast.config._attn_implementation == speedups.T5_ATTENTION
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "skinny_linear,t5_attention")
+    fast = speed_up_student(copy.deepcopy(model))
+    assert type(fast.lm_head) is torch.nn.Linear and fast.config._attn_implementation == "sdpa"
+    assert any(isinstance(m, GELUTanh) for m in fast.modules())
+
+
+def test_switches_reach_the_trainer_and_a_typo_is_one_clear_error(monkeypatch, tmp_path):
+    import argparse
+
+    from train_utils import RunError, training_arguments
+
+    args = argparse.Namespace(
+        no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, deepspeed=None,
+    )
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "fused_adamw")
+    assert training_arguments(args, tmp_path / "ckpt", tmp_path / "log").optim == "adamw_torch"
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "fused_adam")
+    with pytest.raises(RunError, match="unknown speed-up fused_adam; choose among .*fused_adamw"):
+        training_arguments(args, tmp_path / "ckpt", tmp_path / "log")

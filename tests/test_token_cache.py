@@ -1,0 +1,106 @@
+"""Tokenise once: reruns read the tokenised splits back; any change to what the ids depend on tokenises anew."""
+
+import os
+
+import pytest
+from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer
+
+from token_cache import cached_tokenize, default_cache_dir
+from train_utils import tokenize
+
+ROWS = {"input": ["the apple tree", "where does he live", "kids played tag"], "label": ["park", "bus", "tree"],
+        "rationale": ["apples grow on trees", "he lives near the bus", "tag is played by kids"]}
+
+
+@pytest.fixture
+def tokenizer(tiny_t5):
+    return AutoTokenizer.from_pretrained(tiny_t5)
+
+
+def splits(**changes) -> DatasetDict:
+    train = Dataset.from_dict({**ROWS, **changes})
+    return DatasetDict({"train": train, "test": train.select([2, 0])})
+
+
+def counting_tokenize(calls: list):
+    def tokenize_fn(*args):
+        calls.append(args[2:])
+        return tokenize(*args)
+
+    return tokenize_fn
+
+
+def test_a_rerun_reads_the_cache_and_gets_the_same_rows(tokenizer, tmp_path, capsys):
+    calls = []
+    tokenize_fn = counting_tokenize(calls)
+    first = cached_tokenize(tmp_path, tokenize_fn, splits(), tokenizer, "task_prefix", 64)
+    again = cached_tokenize(tmp_path, tokenize_fn, splits(), AutoTokenizer.from_pretrained(tokenizer.name_or_path),
+                            "task_prefix", 64)
+    assert len(calls) == 1, "the second run is read from the cache"
+    assert "read from the cache" in capsys.readouterr().err
+    for name in ("train", "test"):
+        assert again[name].column_names == first[name].column_names
+        assert again[name].to_list() == first[name].to_list()
+    assert [name for name in os.listdir(tmp_path / "tokenized") if name.startswith(".")] == [], "no partial entry"
+
+
+@pytest.mark.parametrize("change", ["label", "selection", "flags", "tokenizer"])
+def test_what_the_ids_depend_on_is_in_the_key(tokenizer, tiny_t5, tmp_path, change):
+    calls = []
+    tokenize_fn = counting_tokenize(calls)
+    cached_tokenize(tmp_path, tokenize_fn, splits(), tokenizer, "task_prefix", 64)
+    data, other_tokenizer, flags = splits(), tokenizer, ("task_prefix", 64)
+    if change == "label":
+        data = splits(label=["park", "bus", "trees"])
+    elif change == "selection":
+        data["test"] = data["train"].select([0, 2])
+    elif change == "flags":
+        flags = ("task_prefix", 3)
+    else:
+        other_tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
+        other_tokenizer.add_tokens(["appletree"])
+    got = cached_tokenize(tmp_path, tokenize_fn, data, other_tokenizer, *flags)
+    assert len(calls) == 2, f"a changed {change} tokenises anew"
+    assert got["test"].to_list() == tokenize(data, other_tokenizer, *flags)["test"].to_list()
+    assert len(os.listdir(tmp_path / "tokenized")) == 2, "the earlier entry stays"
+
+
+def test_no_cache_and_readers_write_nothing(tokenizer, tmp_path):
+    cached_tokenize(None, tokenize, splits(), tokenizer, "standard", 64)
+    cached_tokenize(tmp_path, tokenize, splits(), tokenizer, "standard", 64, write=False)
+    assert not (tmp_path / "tokenized").exists()
+
+
+def test_an_unwritable_cache_costs_a_warning_not_the_run(tokenizer, tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    got = cached_tokenize(blocked, tokenize, splits(), tokenizer, "standard", 64)
+    assert got["train"].num_rows == 3
+    assert "warning: could not cache the tokenised splits" in capsys.readouterr().err
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSS_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DSS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "dss"
+
+
+@pytest.mark.slow
+def test_run_py_tokenises_once_across_a_sweep(tiny_t5, shared_data, tmp_path, capsys):
+    import run
+
+    def argv(*extra):
+        return ["--dataset", "svamp", "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data), "--output_dir",
+                str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--batch_size", "4", "--max_steps", "1",
+                "--max_eval_samples", "4", "--gen_max_len", "2", "--max_input_length", "64", "--no_log", *extra]
+
+    assert run.main(argv("--alpha", "0.5")) == 0
+    assert "read from the cache" not in capsys.readouterr().err
+    assert run.main(argv("--alpha", "0.2")) == 0, "another alpha: the same tokenised splits"
+    assert "read from the cache" in capsys.readouterr().err
+    assert run.main(argv("--alpha", "0.3", "--no_cache")) == 0
+    assert "read from the cache" not in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
