@@ -5,9 +5,13 @@
 
 import argparse
 import importlib.util
+import math
 import os
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data, subsample
@@ -26,11 +30,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def folder_name(text: str) -> bool:
+    """A single folder name: letters, digits, . _ -, and not . or .. (which would leave the data folder)."""
+    return bool(re.fullmatch(r"[\w.-]+", text)) and text.strip(".") != ""
 
 
 def unit_interval(text: str) -> float:
@@ -71,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max_steps", type=positive_int, default=10000, help="training steps")
     add("--lr", type=positive_float, default=5e-5, help="learning rate")
     add("--optimizer_name", default="AdamW", choices=OPTIMIZER_NAMES, help="optimizer")
-    add("--run", type=int, default=0, help="seed: data subsample, shuffling and dropout")
+    add("--run", type=non_negative_int, default=0, help="seed: data subsample, shuffling and dropout")
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
     add("--max_eval_samples", type=positive_int, default=None,
         help="for debugging and smoke tests: evaluate on the first N rows of valid/test only (not the paper's protocol)")
@@ -116,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--parallelize and --deepspeed both place the model: choose one")
     if args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed {args.deepspeed!r}: no such file")
-    if not re.fullmatch(r"[\w.-]+", args.llm):
+    if not folder_name(args.llm):
         parser.error(f"--llm {args.llm!r}: expected palm, gpt, none or a folder name")
     if not Path(args.from_pretrained).is_dir() and not HUB_ID.fullmatch(args.from_pretrained):
         parser.error(f"--from_pretrained {args.from_pretrained!r} is neither a readable directory nor a hub id "
@@ -144,16 +160,18 @@ def load_student(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+    from recovery import check_tokenizer
     from train_utils import RunError
 
     placement = {"device_map": "auto"} if args.parallelize else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
         model = T5ForConditionalGeneration.from_pretrained(args.from_pretrained, dtype=torch.float32, **placement)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - OSError, or the weight loaders' own errors for truncated files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); "
                        "pass a local directory holding a saved T5 model and tokenizer, or a reachable hub id") from None
+    check_tokenizer(tokenizer, f"--from_pretrained {args.from_pretrained}")
     return tokenizer, model
 
 
@@ -190,26 +208,52 @@ def prepare_splits(args: argparse.Namespace, eos: str):
     return splits
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's pre-emption, a sweep that stops) ends the run as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from recovery import Interrupted, run_folder
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
 
     try:
-        check_devices(args)
-        ckpt_dir, log_dir = run_dirs(args)
-        if args.resume and (ckpt_dir / "results.json").is_file():
-            if is_main_process():
-                print(f"run already finished: see {ckpt_dir / 'results.json'}")
-            return 0
-        # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
-        training_args = training_arguments(args, ckpt_dir, log_dir)
-        tokenizer, model = load_student(args)
-        splits = prepare_splits(args, tokenizer.eos_token)
-        tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
-        record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
+        with sigterm_as_interrupt():
+            check_devices(args)
+            ckpt_dir, log_dir = run_dirs(args)
+            with run_folder(ckpt_dir, log_dir, is_main_process()):
+                if args.resume and (ckpt_dir / "results.json").is_file():
+                    if is_main_process():
+                        print(f"run already finished: see {ckpt_dir / 'results.json'}")
+                    return 0
+                # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
+                training_args = training_arguments(args, ckpt_dir, log_dir)
+                tokenizer, model = load_student(args)
+                splits = prepare_splits(args, tokenizer.eos_token)
+                tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+                record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
     if record is not None:
         print(f"best test accuracy {record['best_test_accuracy']:.4f}; "
               f"selected ({args.select_on}) test accuracy {record['selected_test_accuracy']:.4f}; "

@@ -7,7 +7,10 @@ skipped and unfinished ones resume from their checkpoint, so a killed sweep is r
 """
 
 import argparse
+import ctypes
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +27,9 @@ METHODS: dict[str, list[str]] = {
 }
 # run.py flags the grid sets itself; passing them through would silently fight the grid.
 GRID_FLAGS = ("--model_type", "--label_type", "--run", "--subsample", "--alpha", "--resume", "--overwrite")
+PR_SET_PDEATHSIG = 1
+# After Ctrl-C, how long a run has to write its last line before it is told to stop.
+INTERRUPT_GRACE_S = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -72,6 +78,33 @@ def results_path(argv: list[str]) -> Path:
     return ckpt_dir / "results.json"
 
 
+def die_with_sweep(sweep_pid: int):
+    """preexec_fn for a run: on Linux the kernel sends it SIGTERM (which run.py ends like Ctrl-C) when the sweep dies
+    by any means, so no run keeps writing into its folder behind a sweep that is gone or started again."""
+
+    def arrange() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
+                os._exit(1)
+
+    return arrange
+
+
+def run_one(command: list[str]) -> int:
+    """Run one run.py to its end; on Ctrl-C (which reaches the run too) give it time to say where it stopped."""
+    child = subprocess.Popen(command, preexec_fn=die_with_sweep(os.getpid()))
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        try:
+            child.wait(timeout=INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            child.wait()
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
     plan = [(argv, results_path(argv)) for argv in run_argvs(args, passthrough)]
@@ -91,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(plan)}] run: {command}", flush=True)
         try:
-            code = subprocess.run([sys.executable, str(RUN_PY), *argv]).returncode
+            code = run_one([sys.executable, str(RUN_PY), *argv])
         except KeyboardInterrupt:
             print("sweep interrupted: run the same command again to continue where it stopped", file=sys.stderr)
             return 130

@@ -25,6 +25,15 @@ from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer, speed_up_student
+from recovery import (
+    NonFiniteGuard,
+    RunError,
+    check_same_run,
+    faults_explained,
+    record_run_args,
+    resume_checkpoint,
+    write_json_atomic,
+)
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
@@ -36,10 +45,6 @@ RATIONALE_SAMPLES = 5
 # once for the whole batch, so bigger batches share that cost: by default evaluation batches are this many times the
 # training batch (for the tiny T5 on 2 CPU cores, 32 rows decode 3x faster than 8; see bench.py).
 EVAL_BATCH_FACTOR = 4
-
-
-class RunError(Exception):
-    """A problem with the run's folders or flags; its message says what to do."""
 
 
 def is_main_process() -> bool:
@@ -301,12 +306,6 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in names}}
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict) -> dict:
     """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run."""
     evaluations = evaluations_from_history(log_history)
@@ -369,24 +368,31 @@ def train_and_evaluate(
     ckpt_dir, _ = run_dirs(args)
     trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
     check_parallelism(args, trainer)
+    if args.resume:
+        check_same_run(args, ckpt_dir)
     prepare_run_dirs(args, trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone)
-    resume = args.resume and any(ckpt_dir.glob("checkpoint-*"))
-    start = time.time()
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    wall_time = time.time() - start
-    if trainer.is_fsdp_enabled:
-        # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(ckpt_dir / "best"))  # on every process: under FSDP/ZeRO-3 gathering is collective
-    if not trainer.is_world_process_zero():
-        return None
-    extra = {
-        "wall_time_s": wall_time,
-        "train_examples_per_s": recorder.train_steps * effective_batch_size(args) / max(recorder.train_seconds, 1e-9),
-        "peak_memory_bytes": peak_memory_bytes(),
-        "best_model_dir": str(ckpt_dir / "best"),
-        "resumed": bool(resume),
-        "world_size": trainer.args.world_size,
-    }
-    test = trainer.eval_dataset["test"]
-    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)
+    if trainer.is_world_process_zero():
+        record_run_args(args, ckpt_dir)
+    resume = resume_checkpoint(ckpt_dir, say=trainer.is_world_process_zero()) if args.resume else None
+    trainer.add_callback(NonFiniteGuard())
+    with faults_explained(lambda: trainer.state.global_step, ckpt_dir, model):
+        start = time.time()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        wall_time = time.time() - start
+        if trainer.is_fsdp_enabled:
+            # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(ckpt_dir / "best"))  # on every process: under FSDP/ZeRO-3 gathering is collective
+        if not trainer.is_world_process_zero():
+            return None
+        extra = {
+            "wall_time_s": wall_time,
+            "train_examples_per_s": recorder.train_steps * effective_batch_size(args) / max(recorder.train_seconds, 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(),
+            "best_model_dir": str(ckpt_dir / "best"),
+            "resumed": bool(resume),
+            "resumed_from": str(resume) if resume else None,
+            "world_size": trainer.args.world_size,
+        }
+        test = trainer.eval_dataset["test"]
+        return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)
