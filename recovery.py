@@ -23,6 +23,8 @@ from transformers import TrainerCallback
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 RUN_ARGS = "run_args.json"
+# The model's weights in a checkpoint: whole or sharded safetensors/bin, PEFT adapters, FSDP and DeepSpeed folders.
+WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*", "adapter_model*", "global_step*")
 # Flags that change neither what is trained nor what is measured: a resume may change them. --batch_size and
 # --grad_steps may change while their product with the model copies, the effective batch in the folder name, stays.
 RESUMABLE_FLAGS = frozenset({
@@ -92,9 +94,9 @@ def checkpoint_problem(folder: Path) -> str | None:
     state = folder / TRAINER_STATE
     if not state.is_file():
         return f"incomplete (no {TRAINER_STATE}: its save was cut short)"
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".distcp") for p in files):
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         return "it holds no model weights"
+    files = [p for p in folder.rglob("*") if p.is_file()]
     for path in sorted(files):
         if path.suffix == ".json":
             try:
@@ -289,8 +291,8 @@ def check_tokenizer(tokenizer, source: str) -> None:
     """Refuse a tokenizer that maps ordinary words to <unk>: what transformers falls back to when a model folder
     has no tokenizer files, and a student trained on it learns nothing."""
     unk = tokenizer.unk_token_id
-    ids = [i for i in tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]]
-    if unk is not None and ids and sum(i == unk for i in ids) > len(ids) / 2:
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if unk is not None and ids and sum(i == unk for i in ids) > len(ids) / 4:
         raise RunError(f"the tokenizer of {source} encodes ordinary words as {tokenizer.unk_token} (vocabulary of "
                        f"{len(tokenizer)}): the folder lacks its tokenizer files; save the model's tokenizer there "
                        "(tokenizer.save_pretrained)")
@@ -341,14 +343,23 @@ def faults_explained(current_step, ckpt_dir: Path, model) -> Iterator[None]:
     """Training and saving, with Ctrl-C/SIGTERM and the machine's faults turned into one line that says how to go on."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted at step {current_step()}; run the same command with --resume to continue "
-                          "from its last checkpoint") from None
-    except (OSError, RuntimeError) as e:
-        message = fault_message(e, ckpt_dir, model)
+    except BaseException as error:
+        close_progress_bars()
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"interrupted at step {current_step()}; run the same command with --resume to continue "
+                              "from its last checkpoint") from None
+        message = fault_message(error, ckpt_dir, model) if isinstance(error, (OSError, RuntimeError)) else None
         if message is None:
             raise
         raise RunError(message) from None
+
+
+def close_progress_bars() -> None:
+    """End the trainer's open progress bars, so that the line saying what happened starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 class NonFiniteGuard(TrainerCallback):
