@@ -40,7 +40,7 @@ def non_negative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
     return value
 
 
@@ -227,7 +227,7 @@ def sigterm_as_interrupt():
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from recovery import Interrupted, run_folder
+    from recovery import Interrupted, check_same_run, run_folder
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
 
     try:
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     if is_main_process():
                         print(f"run already finished: see {ckpt_dir / 'results.json'}")
                     return 0
+                if args.resume:
+                    check_same_run(args, ckpt_dir)
                 # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
                 training_args = training_arguments(args, ckpt_dir, log_dir)
                 tokenizer, model = load_student(args)

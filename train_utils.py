@@ -28,7 +28,6 @@ from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator,
 from recovery import (
     NonFiniteGuard,
     RunError,
-    check_same_run,
     faults_explained,
     record_run_args,
     resume_checkpoint,
@@ -368,8 +367,6 @@ def train_and_evaluate(
     ckpt_dir, _ = run_dirs(args)
     trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
     check_parallelism(args, trainer)
-    if args.resume:
-        check_same_run(args, ckpt_dir)
     prepare_run_dirs(args, trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone)
     if trainer.is_world_process_zero():
         record_run_args(args, ckpt_dir)

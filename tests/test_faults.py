@@ -372,8 +372,8 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_t5, custom_data, tmp_path, c
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "inf"], "--lr: must be a positive finite number"),
-    (["--lr", "nan"], "--lr: must be a positive finite number"),
+    (["--lr", "inf"], "--lr: must be positive and finite"),
+    (["--lr", "nan"], "--lr: must be positive and finite"),
     (["--run", "-1"], "--run: must be 0 or more"),
     (["--llm", ".."], "--llm '..'"),
     (["--llm", "."], "--llm '.'"),
