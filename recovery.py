@@ -334,7 +334,7 @@ def fault_message(error: BaseException, ckpt_dir: Path, model) -> str | None:
         return ("out of memory: lower --batch_size (raising --grad_steps keeps the effective batch) or "
                 "--eval_batch_size, then run the same command with --resume")
     if isinstance(error, OSError) and error.filename:
-        return f"cannot write {error.filename} ({error.strerror}); fix it and run the same command with --resume"
+        return f"{error.filename}: {error.strerror}; fix that and run the same command with --resume"
     return None
 
 
@@ -360,6 +360,16 @@ def close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+class ResaveGuard(TrainerCallback):
+    """Before the trainer saves into a checkpoint folder left from an earlier attempt (one --resume skipped), mark
+    that folder incomplete, so a save cut short again cannot pass for whole with the earlier attempt's files."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and state.is_world_process_zero:
+            stale = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / TRAINER_STATE
+            stale.unlink(missing_ok=True)
 
 
 class NonFiniteGuard(TrainerCallback):

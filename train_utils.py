@@ -27,6 +27,7 @@ from metrics import METRICS
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer, speed_up_student
 from recovery import (
     NonFiniteGuard,
+    ResaveGuard,
     RunError,
     faults_explained,
     record_run_args,
@@ -372,6 +373,7 @@ def train_and_evaluate(
         record_run_args(args, ckpt_dir)
     resume = resume_checkpoint(ckpt_dir, say=trainer.is_world_process_zero()) if args.resume else None
     trainer.add_callback(NonFiniteGuard())
+    trainer.add_callback(ResaveGuard())
     with faults_explained(lambda: trainer.state.global_step, ckpt_dir, model):
         start = time.time()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -464,3 +464,20 @@ def test_summarize_keeps_debug_runs_apart_from_full_runs(tmp_path, capsys):
     assert "already counted" not in notes
     assert "## svamp (debug: max_eval_samples=16)" in markdown and "| dss_gt | 90.00 (n=1) |" in markdown
     assert "## svamp\n" in markdown and "| dss_gt | 40.00 (n=1) |" in markdown
+
+
+def test_a_skipped_checkpoint_is_marked_incomplete_before_it_is_saved_again(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from recovery import ResaveGuard
+
+    stale = tmp_path / "checkpoint-4"
+    stale.mkdir()
+    (stale / "trainer_state.json").write_text("{}")
+    (stale / "model.safetensors").write_bytes(b"from an earlier attempt")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state = TrainerState(global_step=4)
+    ResaveGuard().on_step_end(args, state, TrainerControl(should_save=False))
+    assert (stale / "trainer_state.json").exists()
+    ResaveGuard().on_step_end(args, state, TrainerControl(should_save=True))
+    assert not (stale / "trainer_state.json").exists() and checkpoint_problem(stale).startswith("incomplete")
