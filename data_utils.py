@@ -261,11 +261,13 @@ def read_rows(data_dir: Path, name: str, split: str, eos: str) -> list[dict]:
     for index, (number, row) in enumerate(numbered_json_lines(path), 1):
         missing = [key for key in spec.fields if key not in row]
         if missing:
-            raise DataError(f"{path}:{number}: row {index} lacks field(s) {', '.join(missing)}; expected {', '.join(spec.fields)}")
+            raise DataError(f"{path}:{number}: row {index} lacks field(s) {', '.join(missing)}; "
+                            f"expected {', '.join(spec.fields)}")
         try:
             built = spec.build_row(row, eos)
         except (TypeError, IndexError, AttributeError, KeyError) as e:
-            raise DataError(f"{path}:{number}: row {index} has a malformed field ({e}); expected {', '.join(spec.fields)}") from None
+            raise DataError(f"{path}:{number}: row {index} has a malformed field ({e}); "
+                            f"expected {', '.join(spec.fields)}") from None
         for key in ("input", "label"):
             if not isinstance(built[key], str):
                 raise DataError(f"{path}:{number}: row {index}'s {key} is {type(built[key]).__name__} "

@@ -81,7 +81,8 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
             data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
             lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError as e:
-            raise InputError(f"{source}: byte {e.start} is not UTF-8 text; pipe in UTF-8 text, one input per line") from None
+            raise InputError(f"{source}: byte {e.start} is not UTF-8 text; pipe in UTF-8 text, one input per "
+                             "line") from None
     first = next((line for line in lines if line.strip()), "")
     as_json = Path(source).suffix in (".jsonl", ".json") or first.lstrip().startswith("{")
     return parse_lines(lines, source, as_json)

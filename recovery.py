@@ -70,8 +70,9 @@ def _safetensors_problem(path: Path) -> str | None:
         except ValueError:
             return f"{path.name} has a corrupt header"
     ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    if 8 + header_length + max(ends, default=0) != size:
-        return f"{path.name} is truncated ({size} bytes, its header describes {8 + header_length + max(ends, default=0)})"
+    described = 8 + header_length + max(ends, default=0)
+    if described != size:
+        return f"{path.name} is truncated ({size} bytes, its header describes {described})"
     return None
 
 
@@ -202,7 +203,8 @@ def run_folder(ckpt_dir: Path, log_dir: Path, is_main: bool) -> Iterator[None]:
     try:
         ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunError(f"cannot create the run folder {ckpt_dir.parent} ({e.strerror}): choose another --output_dir") from None
+        raise RunError(f"cannot create the run folder {ckpt_dir.parent} ({e.strerror}): "
+                       "choose another --output_dir") from None
     lock = RunLock(ckpt_dir)
     try:
         lock.acquire()

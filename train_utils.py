@@ -386,7 +386,8 @@ def train_and_evaluate(
             return None
         extra = {
             "wall_time_s": wall_time,
-            "train_examples_per_s": recorder.train_steps * effective_batch_size(args) / max(recorder.train_seconds, 1e-9),
+            "train_examples_per_s":
+                recorder.train_steps * effective_batch_size(args) / max(recorder.train_seconds, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(),
             "best_model_dir": str(ckpt_dir / "best"),
             "resumed": bool(resume),

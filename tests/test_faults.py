@@ -35,7 +35,8 @@ def custom_data(tmp_path_factory) -> Path:
         for i in range(count):
             a, b = i % 7 + 1, i % 5 + 2
             words = " ".join(WORDS[(i * 3 + k) % len(WORDS)] for k in range(6))
-            rows.append(json.dumps({"input": f"{words} {a} and {b}", "label": str(a + b), "rationale": f"{a} plus {b}"}))
+            row = {"input": f"{words} {a} and {b}", "label": str(a + b), "rationale": f"{a} plus {b}"}
+            rows.append(json.dumps(row))
         (root / "custom" / f"custom_{split}.json").write_text("\n".join(rows) + "\n")
     return root
 
@@ -289,7 +290,8 @@ def test_resume_with_other_flags_that_change_the_run_is_refused(tiny_t5, custom_
     out = tmp_path / "out"
     shutil.copytree(uninterrupted[0], out)
     (run_dir(out) / "results.json").unlink()  # as if the run had died
-    for extra, listed in ((["--max_steps", "8"], "--max_steps 6 -> 8"), (["--gen_max_len", "9"], "--gen_max_len 4 -> 9"),
+    for extra, listed in ((["--max_steps", "8"], "--max_steps 6 -> 8"),
+                          (["--gen_max_len", "9"], "--gen_max_len 4 -> 9"),
                           (["--max_eval_samples", "4"], "--max_eval_samples None -> 4")):
         assert run.main([*argv(tiny_t5, custom_data, out, "--resume"), *extra]) == 1
         line = one_line(capsys.readouterr().err)
@@ -406,7 +408,8 @@ ROW = b'{"input": "Tom has 3 apples", "label": "( 3.0 - 1.0 )"}\n'
 
 
 @pytest.mark.parametrize("train, test, message", [
-    (ROW * 20, ROW + b'{"input": "caf\xe9", "label": "(1)"}\n', "svamp_test.json:2: byte 0xe9 at column 15 is not UTF-8 text"),
+    (ROW * 20, ROW + b'{"input": "caf\xe9", "label": "(1)"}\n',
+     "svamp_test.json:2: byte 0xe9 at column 15 is not UTF-8 text"),
     (ROW * 20, ROW + b'{"input": "Tom", "label": 42}\n', "svamp_test.json:2: row 2's label is int 42"),
     (ROW * 20, ROW + b'{"input": ["a"], "label": "(1)"}\n', "svamp_test.json:2: row 2's input is list"),
     (b"", ROW, "svamp_train.json holds no rows"),
