@@ -217,6 +217,20 @@ cp -r {out}/ckpts {report}/ckpts
     assert evaluations(report) == uninterrupted[1]
 
 
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and unprivileged user namespaces to mount")
+def test_a_read_only_output_dir_is_one_line(tiny_t5, custom_data, tmp_path):
+    folder, report = tmp_path / "read-only", tmp_path / "report"
+    folder.mkdir()
+    report.mkdir()
+    command = " ".join([sys.executable, str(ROOT / "run.py"), *argv(tiny_t5, custom_data, folder / "out")])
+    script = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && "
+              f"{command} 2> {report}/err; echo $? > {report}/rc")
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], timeout=TIMEOUT_S)
+    assert (report / "rc").read_text().strip() == "1"
+    line = one_line((report / "err").read_text())
+    assert line.startswith(f"error: cannot create the run folder {folder / 'out'}") and "Read-only" in line
+
+
 def wait_for(condition, what: str, timeout: float = TIMEOUT_S):
     deadline = time.time() + timeout
     while time.time() < deadline:
