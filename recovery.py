@@ -236,7 +236,9 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    return {key: value for key, value in sorted(vars(args).items()) if key not in RESUMABLE_FLAGS}
+    """The flags that shape what a run trains and measures, as JSON gives them back (lists, not tuples)."""
+    settings = {key: value for key, value in sorted(vars(args).items()) if key not in RESUMABLE_FLAGS}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
