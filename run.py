@@ -226,28 +226,15 @@ def sigterm_as_interrupt():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The run, as its folder's only writer; Ctrl-C and SIGTERM end it with a line saying how to go on."""
     args = parse_args(argv)
-    from recovery import Interrupted, check_same_run, run_folder
-    from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
+    from recovery import Interrupted, RunError, run_folder
+    from train_utils import is_main_process, run_dirs
 
     try:
-        with sigterm_as_interrupt():
-            check_devices(args)
-            ckpt_dir, log_dir = run_dirs(args)
-            with run_folder(ckpt_dir, log_dir, is_main_process()):
-                if args.resume and (ckpt_dir / "results.json").is_file():
-                    if is_main_process():
-                        print(f"run already finished: see {ckpt_dir / 'results.json'}")
-                    return 0
-                if args.resume:
-                    check_same_run(args, ckpt_dir)
-                # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
-                training_args = training_arguments(args, ckpt_dir, log_dir)
-                tokenizer, model = load_student(args)
-                splits = prepare_splits(args, tokenizer.eos_token)
-                tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
-                record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
-    except (DataError, RunError) as e:
+        with sigterm_as_interrupt(), run_folder(*run_dirs(args), is_main_process()):
+            return run_training(args)
+    except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
@@ -256,6 +243,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130
+
+
+def run_training(args: argparse.Namespace) -> int:
+    from recovery import check_same_run
+    from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
+
+    try:
+        check_devices(args)
+        ckpt_dir, log_dir = run_dirs(args)
+        if args.resume and (ckpt_dir / "results.json").is_file():
+            if is_main_process():
+                print(f"run already finished: see {ckpt_dir / 'results.json'}")
+            return 0
+        if args.resume:
+            check_same_run(args, ckpt_dir)
+        # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
+        training_args = training_arguments(args, ckpt_dir, log_dir)
+        tokenizer, model = load_student(args)
+        splits = prepare_splits(args, tokenizer.eos_token)
+        tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+        record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
+    except (DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if record is not None:
         print(f"best test accuracy {record['best_test_accuracy']:.4f}; "
               f"selected ({args.select_on}) test accuracy {record['selected_test_accuracy']:.4f}; "
