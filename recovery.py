@@ -345,15 +345,50 @@ def fault_message(error: BaseException, ckpt_dir: Path, model) -> str | None:
     return None
 
 
+class FaultGuard(TrainerCallback):
+    """Training's side of fault tolerance:
+    - stops training when the loss or the weights stop being finite, before that model is evaluated or saved, so a
+      diverged model never becomes a checkpoint or the best model;
+    - before the trainer saves into a checkpoint folder left from an earlier attempt (one --resume skipped), marks
+      that folder incomplete, so a save cut short again cannot pass for whole with the earlier attempt's files;
+    - keeps the step reached, for the line that reports an interruption."""
+
+    def __init__(self):
+        self.step = 0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.step = state.global_step
+        if (control.should_evaluate or control.should_save) and model is not None:
+            import torch
+
+            with torch.no_grad():
+                finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel())
+            if not finite:
+                raise RunError(self.advice(f"the weights became NaN or infinite by step {state.global_step}", args))
+        if control.should_save and state.is_world_process_zero:
+            stale = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / TRAINER_STATE
+            stale.unlink(missing_ok=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise RunError(self.advice(f"the training loss became {loss} by step {state.global_step}", args))
+
+    @staticmethod
+    def advice(what: str, args) -> str:
+        return (f"{what}: training diverged, and no checkpoint or best model was kept from it; "
+                f"try a smaller --lr (now {args.learning_rate:g})")
+
+
 @contextmanager
-def faults_explained(current_step, ckpt_dir: Path, model) -> Iterator[None]:
+def faults_explained(guard: FaultGuard, ckpt_dir: Path, model) -> Iterator[None]:
     """Training and saving, with Ctrl-C/SIGTERM and the machine's faults turned into one line that says how to go on."""
     try:
         yield
     except BaseException as error:
         close_progress_bars()
         if isinstance(error, KeyboardInterrupt):
-            raise Interrupted(f"interrupted at step {current_step()}; run the same command with --resume to continue "
+            raise Interrupted(f"interrupted at step {guard.step}; run the same command with --resume to continue "
                               "from its last checkpoint") from None
         message = fault_message(error, ckpt_dir, model) if isinstance(error, (OSError, RuntimeError)) else None
         if message is None:
@@ -367,37 +402,3 @@ def close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-
-
-class ResaveGuard(TrainerCallback):
-    """Before the trainer saves into a checkpoint folder left from an earlier attempt (one --resume skipped), mark
-    that folder incomplete, so a save cut short again cannot pass for whole with the earlier attempt's files."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save and state.is_world_process_zero:
-            stale = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / TRAINER_STATE
-            stale.unlink(missing_ok=True)
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Stops training when the loss or the weights stop being finite, before that model is evaluated or saved,
-    so a diverged model never becomes a checkpoint or the best model."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise RunError(self.advice(f"the training loss became {loss} by step {state.global_step}", args))
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if (control.should_evaluate or control.should_save) and model is not None:
-            import torch
-
-            with torch.no_grad():
-                finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.numel())
-            if not finite:
-                raise RunError(self.advice(f"the weights became NaN or infinite by step {state.global_step}", args))
-
-    @staticmethod
-    def advice(what: str, args) -> str:
-        return (f"{what}: training diverged, and no checkpoint or best model was kept from it; "
-                f"try a smaller --lr (now {args.learning_rate:g})")

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    from recovery import check_same_run
+    from recovery import FaultGuard, check_same_run, faults_explained
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
 
     try:
@@ -263,7 +263,9 @@ def run_training(args: argparse.Namespace) -> int:
         tokenizer, model = load_student(args)
         splits = prepare_splits(args, tokenizer.eos_token)
         tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
-        record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args))
+        guard = FaultGuard()
+        with faults_explained(guard, ckpt_dir, model):
+            record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args), guard)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,15 +25,7 @@ from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, TaskPrefixTrainer, speed_up_student
-from recovery import (
-    NonFiniteGuard,
-    ResaveGuard,
-    RunError,
-    faults_explained,
-    record_run_args,
-    resume_checkpoint,
-    write_json_atomic,
-)
+from recovery import FaultGuard, RunError, record_run_args, resume_checkpoint, write_json_atomic
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
@@ -362,9 +354,12 @@ def check_parallelism(args: argparse.Namespace, trainer: TaskPrefixTrainer) -> N
 
 
 def train_and_evaluate(
-    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str
+    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str,
+    guard: FaultGuard | None = None,
 ) -> dict | None:
-    """Train with periodic evaluation and checkpoints; save the selected model; return the run record."""
+    """Train with periodic evaluation and checkpoints; save the selected model; return the run record.
+
+    --resume continues from the newest complete checkpoint; guard (a recovery.FaultGuard) watches training."""
     ckpt_dir, _ = run_dirs(args)
     trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
     check_parallelism(args, trainer)
@@ -372,27 +367,25 @@ def train_and_evaluate(
     if trainer.is_world_process_zero():
         record_run_args(args, ckpt_dir)
     resume = resume_checkpoint(ckpt_dir, say=trainer.is_world_process_zero()) if args.resume else None
-    trainer.add_callback(NonFiniteGuard())
-    trainer.add_callback(ResaveGuard())
-    with faults_explained(lambda: trainer.state.global_step, ckpt_dir, model):
-        start = time.time()
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        wall_time = time.time() - start
-        if trainer.is_fsdp_enabled:
-            # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(ckpt_dir / "best"))  # on every process: under FSDP/ZeRO-3 gathering is collective
-        if not trainer.is_world_process_zero():
-            return None
-        extra = {
-            "wall_time_s": wall_time,
-            "train_examples_per_s":
-                recorder.train_steps * effective_batch_size(args) / max(recorder.train_seconds, 1e-9),
-            "peak_memory_bytes": peak_memory_bytes(),
-            "best_model_dir": str(ckpt_dir / "best"),
-            "resumed": bool(resume),
-            "resumed_from": str(resume) if resume else None,
-            "world_size": trainer.args.world_size,
-        }
-        test = trainer.eval_dataset["test"]
-        return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)
+    if guard is not None:
+        trainer.add_callback(guard)
+    start = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall_time = time.time() - start
+    if trainer.is_fsdp_enabled:
+        # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(ckpt_dir / "best"))  # on every process: under FSDP/ZeRO-3 gathering is collective
+    if not trainer.is_world_process_zero():
+        return None
+    extra = {
+        "wall_time_s": wall_time,
+        "train_examples_per_s": recorder.train_steps * effective_batch_size(args) / max(recorder.train_seconds, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "best_model_dir": str(ckpt_dir / "best"),
+        "resumed": bool(resume),
+        "resumed_from": str(resume) if resume else None,
+        "world_size": trainer.args.world_size,
+    }
+    test = trainer.eval_dataset["test"]
+    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)

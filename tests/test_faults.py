@@ -486,7 +486,7 @@ def test_summarize_keeps_debug_runs_apart_from_full_runs(tmp_path, capsys):
 def test_a_skipped_checkpoint_is_marked_incomplete_before_it_is_saved_again(tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from recovery import ResaveGuard
+    from recovery import FaultGuard
 
     stale = tmp_path / "checkpoint-4"
     stale.mkdir()
@@ -494,7 +494,8 @@ def test_a_skipped_checkpoint_is_marked_incomplete_before_it_is_saved_again(tmp_
     (stale / "model.safetensors").write_bytes(b"from an earlier attempt")
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     state = TrainerState(global_step=4)
-    ResaveGuard().on_step_end(args, state, TrainerControl(should_save=False))
-    assert (stale / "trainer_state.json").exists()
-    ResaveGuard().on_step_end(args, state, TrainerControl(should_save=True))
+    guard = FaultGuard()
+    guard.on_step_end(args, state, TrainerControl(should_save=False))
+    assert (stale / "trainer_state.json").exists() and guard.step == 4
+    guard.on_step_end(args, state, TrainerControl(should_save=True))
     assert not (stale / "trainer_state.json").exists() and checkpoint_problem(stale).startswith("incomplete")
