@@ -31,7 +31,7 @@ from data_utils import (
 )
 from metrics import METRICS
 from rationales import audit, describe_audit
-from run import fraction, positive_float, positive_int
+from run import folder_name, fraction, positive_float, positive_int
 from teachers import HFTeacher, OpenAITeacher, Teacher, TeacherError
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--teacher openai needs --base_url (e.g. http://localhost:8000/v1)")
     if args.llm_name is None:
         args.llm_name = re.sub(r"[^\w.-]+", "-", Path(args.model.rstrip("/")).name).strip("-.") or "teacher"
-    if not re.fullmatch(r"[\w.-]+", args.llm_name) or args.llm_name.lower() in RESERVED_NAMES:
+    if not folder_name(args.llm_name) or args.llm_name.lower() in RESERVED_NAMES:
         parser.error(f"--llm_name {args.llm_name!r}: choose a folder name (letters, digits, . _ -) other than "
                      f"{', '.join(RESERVED_NAMES)}; llm/ holds PaLM's outputs and the rest are run.py keywords")
     stops = ["\n\n"] if args.stop is None else args.stop

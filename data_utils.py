@@ -259,11 +259,23 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def read_json_lines(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; a bad line is reported with file and line number."""
+def decode_utf8(data: bytes, path: Path, number: int | None = None) -> str:
+    """Text of a file (or of its line `number`); bytes that are not UTF-8 are reported with file, line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = number or data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 text; "
+                        "re-save the file as UTF-8") from None
+
+
+def numbered_json_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of each non-blank line of a JSON-lines file; a bad line is reported with file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -272,8 +284,13 @@ def read_json_lines(path: Path) -> list[dict]:
                 raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); fix or re-download the file") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((number, row))
     return rows
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a bad line is reported with file and line number."""
+    return [row for _, row in numbered_json_lines(path)]
 
 
 def data_path(data_dir: Path, name: str, split: str) -> Path:
@@ -293,14 +310,23 @@ def read_rows(data_dir: Path, name: str, split: str, eos: str) -> list[dict]:
     if not path.is_file():
         raise DataError(f"missing data file {path}: {_missing_data_hint(data_dir, name)}")
     rows = []
-    for number, row in enumerate(read_json_lines(path), 1):
+    for index, (number, row) in enumerate(numbered_json_lines(path), 1):
         missing = [key for key in spec.fields if key not in row]
         if missing:
-            raise DataError(f"{path}: row {number} lacks field(s) {', '.join(missing)}; expected {', '.join(spec.fields)}")
+            raise DataError(f"{path}:{number}: row {index} lacks field(s) {', '.join(missing)}; "
+                            f"expected {', '.join(spec.fields)}")
         try:
-            rows.append({**row, **spec.build_row(row, eos)})
+            built = spec.build_row(row, eos)
         except (TypeError, IndexError, AttributeError, KeyError) as e:
-            raise DataError(f"{path}: row {number} has a malformed field ({e}); expected {', '.join(spec.fields)}") from None
+            raise DataError(f"{path}:{number}: row {index} has a malformed field ({e}); "
+                            f"expected {', '.join(spec.fields)}") from None
+        for key in ("input", "label"):
+            if not isinstance(built[key], str):
+                raise DataError(f"{path}:{number}: row {index}'s {key} is {type(built[key]).__name__} "
+                                f"{json.dumps(built[key])[:40]}, expected text; fix that line")
+        rows.append({**row, **built})
+    if not rows:
+        raise DataError(f"{path} holds no rows: fill it with JSON lines ({', '.join(spec.fields)}) or re-download it")
     return rows
 
 
@@ -308,8 +334,7 @@ def read_json_list(path: Path) -> list[str] | list[list[str]]:
     """A chunk of teacher outputs: a list of strings (one output per row, PaLM's layout) or a list of equally long
     lists of strings (K sampled outputs per row, annotate.py --samples K)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            outputs = json.load(f)
+        outputs = json.loads(decode_utf8(path.read_bytes(), path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); re-download or regenerate it") from None
     one_each = isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)

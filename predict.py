@@ -80,8 +80,13 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
     else:
         if sys.stdin.isatty():
             print("reading inputs from stdin, one per line; end with Ctrl-D", file=sys.stderr)
-        lines = sys.stdin.read().splitlines()
         source = "<stdin>"
+        try:
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(f"{source}: byte {e.start} is not UTF-8 text; pipe in UTF-8 text, one input per "
+                             "line") from None
     first = next((line for line in lines if line.strip()), "")
     as_json = Path(source).suffix in (".jsonl", ".json") or first.lstrip().startswith("{")
     return parse_lines(lines, source, as_json)
@@ -152,11 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     if not inputs:
         print("error: no inputs: pass them as arguments, with --file, or on stdin (one per line)", file=sys.stderr)
         return 1
+    from recovery import RunError, check_tokenizer
+
     try:
         tokenizer, model = load_model(args.model)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, or the weight loaders' own errors for truncated files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: could not load --model {args.model} ({first_line})", file=sys.stderr)
+        print(f"error: could not load --model {args.model} ({first_line}); save it again or pick another "
+              "checkpoint", file=sys.stderr)
+        return 1
+    try:
+        check_tokenizer(tokenizer, f"--model {args.model}")
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     for row in predictions(tokenizer, model, inputs, args):
         print(format_row(row, args.json), flush=True)

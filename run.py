@@ -6,9 +6,13 @@ labels and teacher rationales (Hsieh et al., 2023).
 
 import argparse
 import importlib.util
+import math
 import os
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data
@@ -43,11 +47,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
     return value
+
+
+def folder_name(text: str) -> bool:
+    """A single folder name: letters, digits, . _ -, and not . or .. (which would leave the data folder)."""
+    return bool(re.fullmatch(r"[\w.-]+", text)) and text.strip(".") != ""
 
 
 def unit_interval(text: str) -> float:
@@ -92,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max_steps", type=positive_int, default=10000, help="training steps")
     add("--lr", type=positive_float, default=5e-5, help="learning rate")
     add("--optimizer_name", default="AdamW", choices=OPTIMIZER_NAMES, help="optimizer")
-    add("--run", type=int, default=0, help="seed: data subsample, shuffling and dropout")
+    add("--run", type=non_negative_int, default=0, help="seed: data subsample, shuffling and dropout")
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
     add("--max_eval_samples", type=positive_int, default=None,
         help="for debugging and smoke tests: evaluate on the first N rows of valid/test only (not the paper's protocol)")
@@ -182,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--parallelize and --deepspeed both place the model: choose one")
     if args.deepspeed and not Path(args.deepspeed).is_file():
         parser.error(f"--deepspeed {args.deepspeed!r}: no such file")
-    if not re.fullmatch(r"[\w.-]+", args.llm):
+    if not folder_name(args.llm):
         parser.error(f"--llm {args.llm!r}: expected palm, gpt, none or a folder name")
     if args.lora_r is None and args.lora_targets:
         parser.error("--lora_targets needs --lora_r (the adapters' rank)")
@@ -281,6 +297,7 @@ def hub_options(name: str) -> dict:
 def load_student(args: argparse.Namespace):
     """Tokenizer and model (seq2seq or causal LM, LoRA-wrapped with --lora_r) from a local directory or the hub;
     --parallelize spreads the model over GPUs."""
+    from recovery import check_tokenizer
     from students import add_lora, load_student as load, parameter_counts
     from train_utils import RunError, is_main_process
 
@@ -289,11 +306,12 @@ def load_student(args: argparse.Namespace):
     quiet_tied_weight_notices()
     try:
         family, tokenizer, model = load(args.from_pretrained, source=source, **placement)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, or the weight loaders' own errors for truncated files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
                        "directory holding a saved seq2seq or causal LM and its tokenizer, or a reachable hub "
                        "id") from None
+    check_tokenizer(tokenizer, f"--from_pretrained {args.from_pretrained}")
     chat_template = getattr(args, "chat_template", False)  # bench.py passes only what loading needs
     if chat_template and not family.prompt_in_output:
         raise RunError(f"--chat_template is for decoder-only students; {args.from_pretrained} is {family.name}: "
@@ -401,8 +419,45 @@ def dump_data(args: argparse.Namespace) -> None:
     print(f"wrote {count} rows ({', '.join(f'{name} {len(split)}' for name, split in splits.items())}) to {path}")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's pre-emption, a sweep that stops) ends the run as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The run, as its folder's only writer; Ctrl-C and SIGTERM end it with a line saying how to go on."""
     args = parse_args(argv)
+    from recovery import Interrupted, RunError, run_folder
+    from train_utils import is_main_process, run_dirs
+
+    try:
+        with sigterm_as_interrupt(), run_folder(*run_dirs(args), is_main_process()):
+            return run_training(args)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
+
+
+def run_training(args: argparse.Namespace) -> int:
+    from recovery import FaultGuard, check_same_run, faults_explained
     from students import family_of
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
     from token_cache import cached_tokenize, default_cache_dir
@@ -417,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 print(f"run already finished: see {ckpt_dir / 'results.json'}")
             return 0
+        if args.resume:
+            check_same_run(args, ckpt_dir)
         ensure_data(args)
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
@@ -437,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
                 tokenized["train"], splits["train"]["rationales"], original_t5_pretokenization(tokenizer),
                 MAX_TARGET_LENGTH,
             )
-        record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args), record_extra)
+        guard = FaultGuard()
+        with faults_explained(guard, ckpt_dir, model):
+            record = train_and_evaluate(args, training_args, model, tokenizer, tokenized, metric_name(args),
+                                        record_extra, guard)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

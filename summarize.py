@@ -30,12 +30,15 @@ METHOD_NAMES = {
     ("task_prefix", "llm"): "dss_llm",
 }
 METHOD_ORDER = list(METHOD_NAMES.values())
-# Flags that change a run's result besides method, seed, fraction and alpha; runs differing in any are not pooled.
+# Flags that change a run's result, or what it measures, besides method, seed, fraction and alpha; runs differing
+# in any are not pooled.
 SETTING_KEYS = (
     "from_pretrained", "max_input_length", "batch_size", "grad_steps", "lr", "optimizer_name",
-    "max_steps", "eval_steps", "gen_max_len", "bf16", "select_on",
+    "max_steps", "eval_steps", "gen_max_len", "bf16", "select_on", "max_eval_samples", "custom_metric",
     "chat_template", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
 )
+# Settings that make a run a debugging one (not the paper's protocol): its table says so.
+DEBUG_KEYS = ("max_eval_samples",)
 FIGSIZE = (6.4, 4.8)
 DPI = 100
 CSV_FIELDS = ("dataset", "setting", "method", "fraction", "alpha", "n", "mean", "std", "seeds", "select_on")
@@ -118,9 +121,14 @@ def group_runs(runs: list[dict]) -> dict[tuple[str, tuple], list[dict]]:
 def differing_settings(groups: dict[tuple[str, tuple], list[dict]], dataset: str) -> dict[tuple, str]:
     """A short label per setting of one dataset, naming only the flags that differ between its settings."""
     settings = [setting for (name, setting) in groups if name == dataset]
-    keys = [key for key, _ in settings[0]] if settings else []
+    keys = list(dict.fromkeys(key for setting in settings for key, _ in setting))
     varying = [key for key in keys if len({dict(s).get(key) for s in settings}) > 1]
-    return {s: ", ".join(f"{key}={dict(s).get(key)}" for key in varying) for s in settings}
+    labels = {}
+    for s in settings:
+        parts = [f"{key}={dict(s).get(key)}" for key in varying if key not in DEBUG_KEYS]
+        debug = [f"{key}={dict(s)[key]}" for key in DEBUG_KEYS if dict(s).get(key) is not None]
+        labels[s] = ", ".join(parts + ([f"debug: {', '.join(debug)}"] if debug else []))
+    return labels
 
 
 def aggregate(runs: list[dict]) -> dict[str, float | int | list[int] | None]:

@@ -9,6 +9,7 @@ skipped and unfinished ones resume from their checkpoint, so a killed sweep is r
 """
 
 import argparse
+import ctypes
 import getpass
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,6 +79,9 @@ def slurm_option(text: str) -> tuple[str, str]:
     if not equals or not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
         raise argparse.ArgumentTypeError(f"expected an sbatch option as KEY=VALUE (such as account=abc), got {text!r}")
     return key, value
+PR_SET_PDEATHSIG = 1
+# After Ctrl-C, how long a run has to write its last line before it is told to stop.
+INTERRUPT_GRACE_S = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -246,6 +251,33 @@ def slurm_main(args: argparse.Namespace, plan: list[tuple[list[str], Path]],
     return 0
 
 
+def die_with_sweep(sweep_pid: int):
+    """preexec_fn for a run: on Linux the kernel sends it SIGTERM (which run.py ends like Ctrl-C) when the sweep dies
+    by any means, so no run keeps writing into its folder behind a sweep that is gone or started again."""
+
+    def arrange() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
+                os._exit(1)
+
+    return arrange
+
+
+def run_one(command: list[str]) -> int:
+    """Run one run.py to its end; on Ctrl-C (which reaches the run too) give it time to say where it stopped."""
+    child = subprocess.Popen(command, preexec_fn=die_with_sweep(os.getpid()))
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        try:
+            child.wait(timeout=INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            child.wait()
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
     plan = [(argv, results_path(argv)) for argv in run_argvs(args, passthrough)]
@@ -267,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[{i}/{len(plan)}] run: {command}", flush=True)
         try:
-            code = subprocess.run([sys.executable, str(RUN_PY), *argv]).returncode
+            code = run_one([sys.executable, str(RUN_PY), *argv])
         except KeyboardInterrupt:
             print("sweep interrupted: run the same command again to continue where it stopped", file=sys.stderr)
             return 130

@@ -29,6 +29,7 @@ from model_utils import LABEL_PAD, TaskPrefixTrainer
 from speedups import disabled_speedups, enabled, speed_up_student
 from students import StudentFamily, family_of, lora_name, save_best, student_record
 from trackers import track_run
+from recovery import FaultGuard, RunError, record_run_args, resume_checkpoint, write_json_atomic
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
@@ -40,10 +41,6 @@ RATIONALE_SAMPLES = 5
 # once for the whole batch, so bigger batches share that cost: by default evaluation batches are this many times the
 # training batch (for the tiny T5 on 2 CPU cores, 32 rows decode 3x faster than 8; see bench.py).
 EVAL_BATCH_FACTOR = 4
-
-
-class RunError(Exception):
-    """A problem with the run's folders or flags; its message says what to do."""
 
 
 def is_main_process() -> bool:
@@ -392,12 +389,6 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in names}}
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict) -> dict:
     """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run."""
     evaluations = evaluations_from_history(log_history)
@@ -456,17 +447,24 @@ def check_parallelism(args: argparse.Namespace, trainer: TaskPrefixTrainer) -> N
 def train_and_evaluate(
     args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str,
     record_extra: dict | None = None,
+    guard: FaultGuard | None = None,
 ) -> dict | None:
     """Train with periodic evaluation and checkpoints; save the selected model; return the run record (with
-    record_extra's entries, such as the teacher audit)."""
+    record_extra's entries, such as the teacher audit).
+
+    --resume continues from the newest complete checkpoint; guard (a recovery.FaultGuard) watches training."""
     ckpt_dir, _ = run_dirs(args)
     trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
     student = student_record(model)  # before save_best, which merges LoRA adapters into the model
     check_parallelism(args, trainer)
     prepare_run_dirs(args, trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone)
-    resume = args.resume and any(ckpt_dir.glob("checkpoint-*"))
+    if trainer.is_world_process_zero():
+        record_run_args(args, ckpt_dir)
+    resume = resume_checkpoint(ckpt_dir, say=trainer.is_world_process_zero()) if args.resume else None
+    if guard is not None:
+        trainer.add_callback(guard)
     start = time.time()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall_time = time.time() - start
     if trainer.is_fsdp_enabled:
         # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
@@ -480,6 +478,7 @@ def train_and_evaluate(
         "peak_memory_bytes": peak_memory_bytes(),
         "best_model_dir": str(ckpt_dir / "best"),
         "resumed": bool(resume),
+        "resumed_from": str(resume) if resume else None,
         "world_size": trainer.args.world_size,
         "student": student,
         **(record_extra or {}),

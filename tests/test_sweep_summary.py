@@ -98,11 +98,11 @@ def test_sweep_keeps_going_past_failures_and_prints_commands(tmp_path, monkeypat
             "--methods", "standard_finetune", "dss_gt", "--fractions", "0.5", "1.0"]
     calls = []
 
-    def fake_run(command, **kwargs):
+    def fake_run(command):
         calls.append(command)
-        return subprocess.CompletedProcess(command, 1 if len(calls) == 1 else 0)
+        return 1 if len(calls) == 1 else 0
 
-    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    monkeypatch.setattr(sweep, "run_one", fake_run)
     assert sweep.main(argv) == 1
     out = capsys.readouterr().out
     assert len(calls) == 4 and "4 ran, 0 skipped (finished), 1 failed" in out

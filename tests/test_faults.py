@@ -1,0 +1,501 @@
+"""Fault injection, done for real: SIGKILL inside a checkpoint save, a full file system, two writers, a killed
+sweep, corrupt checkpoints, bad bytes. Each asserts one line and no traceback, and that a resumed run ends with the
+evaluations of an uninterrupted one."""
+
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import run
+import summarize
+from conftest import ROOT, WORDS
+from data_utils import DataError, load_data, read_teacher_outputs
+from recovery import checkpoint_problem, resume_checkpoint, write_json_atomic
+
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def custom_data(tmp_path_factory) -> Path:
+    """A --dataset custom folder whose rows carry their own rationales (--llm dataset): no teacher files needed."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "custom").mkdir()
+    for split, count in (("train", 40), ("test", 8)):
+        rows = []
+        for i in range(count):
+            a, b = i % 7 + 1, i % 5 + 2
+            words = " ".join(WORDS[(i * 3 + k) % len(WORDS)] for k in range(6))
+            row = {"input": f"{words} {a} and {b}", "label": str(a + b), "rationale": f"{a} plus {b}"}
+            rows.append(json.dumps(row))
+        (root / "custom" / f"custom_{split}.json").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "custom", "--llm", "dataset", "--from_pretrained", str(model), "--data_dir", str(data),
+            "--output_dir", str(out), "--batch_size", "4", "--eval_batch_size", "8", "--gen_max_len", "4",
+            "--max_input_length", "32", "--max_steps", "6", "--eval_steps", "2", "--lr", "1e-3", "--no_log",
+            "--save_total_limit", "3", *extra]
+
+
+def run_dir(out: Path) -> Path:
+    [folder] = [p for p in out.glob("ckpts/custom/*/*/*/*/*/*/*/*/*/*/*") if p.is_dir()]
+    return folder
+
+
+def evaluations(out: Path) -> list[tuple]:
+    record = json.loads((run_dir(out) / "results.json").read_text())
+    return [(e["step"], round(e["train_loss"], 5), e["test_accuracy"]) for e in record["evaluations"]]
+
+
+def one_line(err: str) -> str:
+    """The last line besides progress bars; asserts there is no traceback anywhere."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    return lines[-1].strip()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_t5, custom_data, tmp_path_factory) -> tuple[Path, list[tuple]]:
+    out = tmp_path_factory.mktemp("whole")
+    assert run.main(argv(tiny_t5, custom_data, out)) == 0
+    return out, evaluations(out)
+
+
+# SIGKILL at a chosen point inside the trainer's save of checkpoint-4: the folder just made (empty), after the weights
+# (no optimizer or state), or halfway through writing trainer_state.json.
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from transformers import Trainer, TrainerState
+import run
+
+point = {point!r}
+
+def kill_at_step_4(original, owner_of_state):
+    def wrapper(self, *args, **kwargs):
+        step = (self if owner_of_state else self.state).global_step
+        if step == 4:
+            if point == "save_model":
+                os.makedirs(args[0], exist_ok=True)
+            if point == "save_to_json":  # as if killed while the file was half written
+                original(self, *args, **kwargs)
+                text = open(args[0]).read()
+                with open(args[0], "w") as f:
+                    f.write(text[: len(text) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+    return wrapper
+
+owner = TrainerState if point == "save_to_json" else Trainer
+setattr(owner, point, kill_at_step_4(getattr(owner, point), owner is TrainerState))
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("point, why", [
+    ("save_model", "incomplete"), ("_save_optimizer_and_scheduler", "incomplete"),
+    ("save_to_json", "trainer_state.json is truncated"),
+])
+def test_sigkill_inside_a_checkpoint_save_resumes_from_the_previous_one(
+    tiny_t5, custom_data, uninterrupted, tmp_path, capsys, point, why
+):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(root=str(ROOT), point=point))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), *argv(tiny_t5, custom_data, out)], capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert done.returncode == -signal.SIGKILL
+    broken = run_dir(out) / "checkpoint-4"
+    assert broken.is_dir() and checkpoint_problem(broken) and not (run_dir(out) / "results.json").exists()
+
+    assert run.main(argv(tiny_t5, custom_data, out, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"not resuming from {broken}: {why}" in err and "Traceback" not in err
+    assert evaluations(out) == uninterrupted[1]
+    assert json.loads((run_dir(out) / "results.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth"])
+def test_a_corrupt_checkpoint_file_falls_back_to_the_checkpoint_before(
+    tiny_t5, custom_data, uninterrupted, tmp_path, capsys, name
+):
+    whole, expected = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    folder = run_dir(out)
+    for state in folder.glob("checkpoint-*/trainer_state.json"):  # the copy's own paths, not the original's
+        state.write_text(state.read_text().replace(str(run_dir(whole)), str(folder)))
+    (folder / "results.json").unlink()
+    target = folder / "checkpoint-6" / name
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+
+    assert run.main(argv(tiny_t5, custom_data, out, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"not resuming from {folder / 'checkpoint-6'}: {name} is truncated" in err and "Traceback" not in err
+    assert evaluations(out) == expected
+
+
+def test_checkpoint_checks_find_truncation_and_accept_whole_checkpoints(uninterrupted, tmp_path):
+    folder = run_dir(uninterrupted[0])
+    assert [checkpoint_problem(p) for p in sorted(folder.glob("checkpoint-*"))] == [None, None, None]
+    assert resume_checkpoint(folder, say=False) == folder / "checkpoint-6"
+    empty = tmp_path / "checkpoint-9"
+    empty.mkdir()
+    assert "incomplete" in checkpoint_problem(empty)
+    copy = tmp_path / "checkpoint-8"
+    shutil.copytree(folder / "checkpoint-6", copy)
+    (copy / "model.safetensors").unlink()
+    assert checkpoint_problem(copy) == "it holds no model weights"
+    shutil.copy(folder / "checkpoint-6" / "model.safetensors", copy / "model.safetensors")
+    (copy / "optimizer.pt").write_bytes(b"")
+    assert checkpoint_problem(copy) == "optimizer.pt is empty"
+
+
+def test_injected_disk_full_in_a_save_gives_one_line_and_resumes(tiny_t5, custom_data, uninterrupted, tmp_path,
+                                                                 capsys, monkeypatch):
+    from transformers import Trainer
+
+    original = Trainer._save_rng_state
+
+    def full_disk(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(output_dir, "rng_state.pth"))
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", full_disk)
+    out = tmp_path / "out"
+    assert run.main(argv(tiny_t5, custom_data, out)) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: disk full writing ") and "rng_state.pth" in line
+    assert "free, a checkpoint needs about" in line and "--resume" in line
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", original)
+    assert run.main(argv(tiny_t5, custom_data, out, "--resume")) == 0
+    assert evaluations(out) == uninterrupted[1]
+
+
+def can_mount_tmpfs() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /tmp"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and unprivileged user namespaces to mount a tmpfs")
+def test_a_really_full_file_system_then_freed_space_resumes_to_the_same_end(tiny_t5, custom_data, uninterrupted,
+                                                                            tmp_path):
+    out, report = tmp_path / "small-disk", tmp_path / "report"
+    out.mkdir()
+    report.mkdir()
+    command = [sys.executable, str(ROOT / "run.py"), *argv(tiny_t5, custom_data, out)]
+    # A checkpoint of the tiny T5 is ~1.3 MB: checkpoint-2 fits in 2 MB, checkpoint-4 does not.
+    script = f"""
+mount -t tmpfs -o size=2m tmpfs {out}
+{" ".join(command)} 2> {report}/first.err; echo $? > {report}/first.rc
+mount -o remount,size=64m {out}
+{" ".join(command)} --resume 2> {report}/second.err; echo $? > {report}/second.rc
+cp -r {out}/ckpts {report}/ckpts
+"""
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], timeout=2 * TIMEOUT_S)
+    assert (report / "first.rc").read_text().strip() == "1"
+    line = one_line((report / "first.err").read_text())
+    assert line.startswith("error: disk full writing") and "--resume" in line
+    assert (report / "second.rc").read_text().strip() == "0", (report / "second.err").read_text()
+    assert "Traceback" not in (report / "second.err").read_text()
+    assert evaluations(report) == uninterrupted[1]
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare and unprivileged user namespaces to mount")
+def test_a_read_only_output_dir_is_one_line(tiny_t5, custom_data, tmp_path):
+    folder, report = tmp_path / "read-only", tmp_path / "report"
+    folder.mkdir()
+    report.mkdir()
+    command = " ".join([sys.executable, str(ROOT / "run.py"), *argv(tiny_t5, custom_data, folder / "out")])
+    script = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && "
+              f"{command} 2> {report}/err; echo $? > {report}/rc")
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], timeout=TIMEOUT_S)
+    assert (report / "rc").read_text().strip() == "1"
+    line = one_line((report / "err").read_text())
+    assert line.startswith(f"error: cannot create the run folder {folder / 'out'}") and "Read-only" in line
+
+
+def wait_for(condition, what: str, timeout: float = TIMEOUT_S):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def lock_holder(out: Path):
+    locks = list(out.glob("ckpts/**/*.lock"))
+    try:
+        return json.loads(locks[0].read_text())["pid"] if locks else None
+    except (OSError, ValueError):
+        return None
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_ctrl_c_says_how_to_resume(tiny_t5, custom_data, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "out"
+    long_run = argv(tiny_t5, custom_data, out, "--max_steps", "5000", "--eval_steps", "1000")
+    first = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *long_run], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: list(out.glob("ckpts/**/run_args.json")), "the first run to start training")
+        assert lock_holder(out) == first.pid
+        # Another --max_steps is not in the folder name: without the lock both would write results.json and best/.
+        assert run.main(argv(tiny_t5, custom_data, out, "--max_steps", "8", "--resume")) == 1
+        line = one_line(capsys.readouterr().err)
+        assert "is in use by process " + str(first.pid) in line
+        time.sleep(1.0)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130
+    line = one_line(err)
+    assert line.startswith("interrupted at step ") and line.endswith("run the same command with --resume to continue "
+                                                                       "from its last checkpoint")
+    assert not list(out.glob("ckpts/**/*.lock"))
+
+
+def test_killing_the_sweep_stops_its_run(tiny_t5, custom_data, tmp_path):
+    out = tmp_path / "out"
+    flags = argv(tiny_t5, custom_data, out, "--max_steps", "5000", "--eval_steps", "1000")
+    sweep = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "--methods", "dss_gt", "--fractions", "1.0",
+                              *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        child = wait_for(lambda: lock_holder(out), "the sweep's run to start")
+        assert child != sweep.pid and alive(child)
+        sweep.kill()  # the sweep alone, as a scheduler or `kill -9` would
+        sweep.wait()
+        wait_for(lambda: not alive(child), "the orphaned run to stop", timeout=60)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+
+
+def test_resume_with_other_flags_that_change_the_run_is_refused(tiny_t5, custom_data, uninterrupted, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[0], out)
+    (run_dir(out) / "results.json").unlink()  # as if the run had died
+    for extra, listed in ((["--max_steps", "8"], "--max_steps 6 -> 8"),
+                          (["--gen_max_len", "9"], "--gen_max_len 4 -> 9"),
+                          (["--max_eval_samples", "4"], "--max_eval_samples None -> 4")):
+        assert run.main([*argv(tiny_t5, custom_data, out, "--resume"), *extra]) == 1
+        line = one_line(capsys.readouterr().err)
+        assert "started with other flags" in line and listed in line
+    assert not (run_dir(out) / "results.json").exists()
+
+
+def test_divergence_stops_with_one_line_and_is_never_the_best_model(tiny_t5, custom_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run.main(argv(tiny_t5, custom_data, out, "--lr", "1e30")) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "training diverged" in line and "by step " in line and "--lr" in line
+    assert not (run_dir(out) / "best").exists() and not (run_dir(out) / "results.json").exists()
+
+
+def test_out_of_memory_is_one_line(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from model_utils import TaskPrefixTrainer
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(TaskPrefixTrainer, "compute_loss", no_memory)
+    assert run.main(argv(tiny_t5, custom_data, tmp_path / "out")) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("error: out of memory") and "--batch_size" in line and "--eval_batch_size" in line
+
+
+def test_ctrl_c_in_the_first_evaluation_leaves_no_empty_folder(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
+    from model_utils import TaskPrefixTrainer
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TaskPrefixTrainer, "prediction_step", interrupt)
+    out = tmp_path / "out"
+    assert run.main(argv(tiny_t5, custom_data, out)) == 130
+    assert one_line(capsys.readouterr().err) == ("interrupted at step 2; run the same command with --resume to "
+                                                 "continue from its last checkpoint")
+    assert all(any(d.iterdir()) for d in out.rglob("*") if d.is_dir())
+    assert not list(out.rglob("*.lock"))
+
+
+def test_ctrl_c_while_loading_leaves_nothing(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "load_student", interrupt)
+    out = tmp_path / "out"
+    assert run.main(argv(tiny_t5, custom_data, out)) == 130
+    assert one_line(capsys.readouterr().err) == "interrupted before training started; nothing was written"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tiny_t5, custom_data, tmp_path, capsys):
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny_t5 / name).is_file():
+            shutil.copy(tiny_t5 / name, model / name)
+    out = tmp_path / "out"
+    assert run.main(argv(model, custom_data, out)) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "encodes ordinary words as <unk>" in line and "tokenizer files" in line
+    assert not out.exists() or not any(out.iterdir())
+
+    done = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--model", str(model), "where is the bus"],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1 and "encodes ordinary words as <unk>" in one_line(done.stderr)
+
+
+def test_output_dir_that_is_a_file_is_one_line(tiny_t5, custom_data, tmp_path, capsys):
+    path = tmp_path / "a-file"
+    path.write_text("mine")
+    assert run.main(argv(tiny_t5, custom_data, path)) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "cannot create the run folder" in line and "--output_dir" in line
+    assert path.read_text() == "mine"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "--lr: must be positive and finite"),
+    (["--lr", "nan"], "--lr: must be positive and finite"),
+    (["--run", "-1"], "--run: must be 0 or more"),
+    (["--llm", ".."], "--llm '..'"),
+    (["--llm", "."], "--llm '.'"),
+])
+def test_values_that_would_train_garbage_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["--dataset", "cqa", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_annotate_refuses_llm_names_that_leave_the_data_folder(name, capsys):
+    import annotate
+
+    with pytest.raises(SystemExit) as exit_info:
+        annotate.parse_args(["--dataset", "svamp", "--teacher", "hf", "--model", "m", "--llm_name", name])
+    assert exit_info.value.code == 2
+    assert f"--llm_name {name!r}" in capsys.readouterr().err
+
+
+def svamp_folder(root: Path, train: bytes, test: bytes) -> Path:
+    (root / "svamp").mkdir(parents=True)
+    (root / "svamp" / "svamp_train.json").write_bytes(train)
+    (root / "svamp" / "svamp_test.json").write_bytes(test)
+    return root
+
+
+ROW = b'{"input": "Tom has 3 apples", "label": "( 3.0 - 1.0 )"}\n'
+
+
+@pytest.mark.parametrize("train, test, message", [
+    (ROW * 20, ROW + b'{"input": "caf\xe9", "label": "(1)"}\n',
+     "svamp_test.json:2: byte 0xe9 at column 15 is not UTF-8 text"),
+    (ROW * 20, ROW + b'{"input": "Tom", "label": 42}\n', "svamp_test.json:2: row 2's label is int 42"),
+    (ROW * 20, ROW + b'{"input": ["a"], "label": "(1)"}\n', "svamp_test.json:2: row 2's input is list"),
+    (b"", ROW, "svamp_train.json holds no rows"),
+    (ROW * 20, b"\n", "svamp_test.json holds no rows"),
+])
+def test_bad_bytes_and_types_name_file_and_line(tmp_path, train, test, message):
+    data = svamp_folder(tmp_path, train, test)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_data("svamp", data, llm="none")
+
+
+def test_bad_bytes_in_a_teacher_chunk_name_file_and_line(tmp_path):
+    (tmp_path / "svamp" / "llm").mkdir(parents=True)
+    (tmp_path / "svamp" / "llm" / "test_CoT_0.json").write_bytes(b'["ok. The answer is (1).",\n "caf\xff"]')
+    with pytest.raises(DataError, match=re.escape("test_CoT_0.json:2: byte 0xff at column 6 is not UTF-8 text")):
+        read_teacher_outputs(tmp_path, "svamp", "test", "palm")
+
+
+def test_predict_on_binary_stdin_and_truncated_weights_is_one_line(tiny_t5, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--model", str(tiny_t5)], input=b"\xff\xfe\x00x",
+                          capture_output=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1 and "<stdin>: byte 0 is not UTF-8 text" in one_line(done.stderr.decode())
+
+    model = tmp_path / "truncated"
+    shutil.copytree(tiny_t5, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    done = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--model", str(model), "where is the bus"],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1 and one_line(done.stderr).startswith(f"error: could not load --model {model}")
+
+
+def test_results_json_is_strict(tmp_path):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"train_loss": math.nan, "evaluations": [{"x": math.inf, "y": 0.5}]})
+
+    def refuse(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"train_loss": None,
+                                                                   "evaluations": [{"x": None, "y": 0.5}]}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_summarize_keeps_debug_runs_apart_from_full_runs(tmp_path, capsys):
+    base = {"dataset": "svamp", "from_pretrained": "t5-small", "model_type": "task_prefix", "label_type": "gt",
+            "llm": "palm", "alpha": 0.5, "subsample": 1.0, "run": 0, "lr": 5e-5, "select_on": "test"}
+    for name, samples, accuracy in (("a-full", None, 0.4), ("b-debug", 16, 0.9)):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"config": {**base, "max_eval_samples": samples},
+                                    "selected_test_accuracy": accuracy}))
+    assert summarize.main([str(tmp_path)]) == 0
+    markdown, notes = capsys.readouterr()
+    assert "already counted" not in notes
+    assert "## svamp (debug: max_eval_samples=16)" in markdown and "| dss_gt | 90.00 (n=1) |" in markdown
+    assert "## svamp\n" in markdown and "| dss_gt | 40.00 (n=1) |" in markdown
+
+
+def test_a_skipped_checkpoint_is_marked_incomplete_before_it_is_saved_again(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from recovery import FaultGuard
+
+    stale = tmp_path / "checkpoint-4"
+    stale.mkdir()
+    (stale / "trainer_state.json").write_text("{}")
+    (stale / "model.safetensors").write_bytes(b"from an earlier attempt")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state = TrainerState(global_step=4)
+    guard = FaultGuard()
+    guard.on_step_end(args, state, TrainerControl(should_save=False))
+    assert (stale / "trainer_state.json").exists() and guard.step == 4
+    guard.on_step_end(args, state, TrainerControl(should_save=True))
+    assert not (stale / "trainer_state.json").exists() and checkpoint_problem(stale).startswith("incomplete")
