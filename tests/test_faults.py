@@ -479,8 +479,8 @@ def test_summarize_keeps_debug_runs_apart_from_full_runs(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 0
     markdown, notes = capsys.readouterr()
     assert "already counted" not in notes
-    assert "## svamp (debug: max_eval_samples=16)" in markdown and "| dss_gt | 90.00 (n=1) |" in markdown
-    assert "## svamp\n" in markdown and "| dss_gt | 40.00 (n=1) |" in markdown
+    assert "## svamp, t5-small (debug: max_eval_samples=16)" in markdown and "| dss_gt | 90.00 (n=1) |" in markdown
+    assert "## svamp, t5-small\n" in markdown and "| dss_gt | 40.00 (n=1) |" in markdown
 
 
 def test_a_skipped_checkpoint_is_marked_incomplete_before_it_is_saved_again(tmp_path):
