@@ -1,17 +1,25 @@
 """Speed tricks for the student: each computes what the stock modules / the paper's two-pass loss compute.
 
 model_utils.py holds the method (collators, the alpha-weighted loss, the trainer); this module holds what only makes
-it faster. Each trick, where it applies:
+it faster. Each trick, where it applies, and its gain as measured (tiny T5, cqa, batch 8, 2 CPU threads; the README's
+Speed section has the commands and tables):
 
-- grouped_loss (all devices, single-process seq2seq students): one encoder pass for both views, rows in length
-  groups, decoder passes trimmed to their longest target; with
-  - embed: one embedding lookup for encoder and decoder inputs where they share the table (all devices);
-  - lm_head_loss / LMHeadLoss: lm_head and cross-entropy fused and chunked, only at target positions (all devices);
-- GELUTanh for T5 v1.1's gelu_new (all devices);
-- SkinnyLinear: the lm_head of a decoding step as weight @ x.T (CPU, no autograd: evaluation);
-- CPUDropout / cpu_dropout: dropout masks from numpy's SFC64 (CPU training);
-- t5_attention: SDPA attention but for CPU training, where its probabilities' dropout is cpu_dropout (CPU training);
-- fused AdamW: torch's fused kernel instead of the foreach one (train_utils.training_arguments; CPU and CUDA).
+- grouped_loss (all devices; single-process seq2seq students): one encoder pass for both views, rows in length
+  groups, decoder passes trimmed to their longest target. With the module swaps below, the project's step was
+  1.33x (task_prefix) and 1.49x (standard) the two-pass formulation's, in one process (bench.py); its own share is
+  measured by bench_original.py --sides project project-without=grouped_loss;
+  - length_groups (all devices): rows cut into at most 4 groups of similar length, each padded to its own longest;
+  - shared_embedding (all devices): one embedding lookup for encoder and decoder inputs where they share the table;
+  - fused_head, lm_head_loss / LMHeadLoss (all devices): lm_head and cross-entropy fused and chunked, only at target
+    positions, no [tokens, vocabulary] tensors kept for backward;
+- gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
+- skinny_linear, SkinnyLinear (CPU, no autograd: evaluation): the lm_head of a decoding step as weight @ x.T, about
+  half the time of x @ weight.T for a few rows;
+- cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64; torch's per-element Bernoulli on AMD
+  CPUs was 15% of a task_prefix step, SFC64 draws in about a quarter of that;
+- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout;
+- fused_adamw (CPU and CUDA; train_utils.training_arguments): torch's fused AdamW kernel, one pass over the weights
+  instead of a dozen, about 5x faster than the foreach kernel for the tiny T5 on 2 cores.
 
 Each can be switched off on its own, for the benchmark or to rule it out when something looks wrong:
 DSS_DISABLE_SPEEDUPS=cpu_dropout,length_groups python run.py ... (or =all: the paper's formulation, stock modules).
