@@ -116,7 +116,7 @@ def test_slurm_without_submitit_or_sbatch_says_what_to_do(tmp_path, monkeypatch,
 def test_local_executor_runs_the_pending_runs_and_a_second_submission_skips_them(tiny_t5, tmp_path, monkeypatch,
                                                                                  capsys):
     monkeypatch.setattr(sweep, "SLURM_CLUSTER", "local")
-    rows = [{"input": f"the apple tree {i}", "label": str(i % 3)} for i in range(10)]
+    rows = [{"input": f"the apple tree {i}", "label": str(i % 3)} for i in range(20)]  # 0.5 leaves 10, valid needs 10
     for split, split_rows in (("train", rows), ("test", rows[:4])):
         path = tmp_path / "data" / "custom" / f"custom_{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,7 @@ def test_sweep_then_summary_on_real_data(shared_data, tiny_t5, tmp_path):
         (m, f, "2") for m in ("standard_finetune", "dss_llm") for f in ("0.01", "0.02")
     }
     # --max_eval_samples scores part of the test set: the table and files say it is a debugging run.
-    assert "## cqa (debug: max_eval_samples=64)" in (summary / "summary.md").read_text()
+    assert "## cqa, tiny-t50 (debug: max_eval_samples=64)" in (summary / "summary.md").read_text()
     image = imread(summary / "cqa_debug_max_eval_samples=64_fraction.png")
     width, height = (round(inches * summarize.DPI) for inches in summarize.FIGSIZE)
     assert image.shape[:2] == (height, width) and image[..., :3].var() > 0
