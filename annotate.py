@@ -31,20 +31,13 @@ from data_utils import (
 )
 from metrics import METRICS
 from rationales import audit, describe_audit
-from run import folder_name, fraction, positive_float, positive_int
+from run import folder_name, fraction, non_negative_int, positive_float, positive_int
 from teachers import HFTeacher, OpenAITeacher, Teacher, TeacherError
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
 # llm/ holds PaLM's outputs; the others are run.py --llm keywords, so a folder of that name could not be used.
 RESERVED_NAMES = ("llm", "palm", "gpt", "none", "dataset")
 EXEMPLAR_SEPARATOR = "\n\n"
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def non_negative_float(text: str) -> float:

@@ -43,13 +43,6 @@ SLURM_CLUSTER = "slurm"
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def slurm_minutes(text: str) -> int:
     """Slurm's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) as whole minutes, rounded up."""
     match = SLURM_TIME.fullmatch(text.strip())
@@ -105,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                        help="submit the pending runs as one Slurm job array and return; run it again to resubmit "
                        "what is unfinished")
     slurm.add_argument("--slurm_partition", help="partition (default: the cluster's)")
-    slurm.add_argument("--slurm_gpus", type=non_negative_int, default=1, help="GPUs per run")
+    slurm.add_argument("--slurm_gpus", type=run.non_negative_int, default=1, help="GPUs per run")
     slurm.add_argument("--slurm_time", type=slurm_minutes, default=slurm_minutes("24:00:00"),
                        help="time limit per run: minutes, HH:MM:SS or D-HH:MM:SS (default 24:00:00)")
     slurm.add_argument("--slurm_mem", type=slurm_memory, help="memory per run, such as 64G (default: the cluster's)")

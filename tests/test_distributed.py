@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import run
 from conftest import ROOT
+from test_cli import run_cli
 
 TWO_PROCESS_FLAGS = ["--dataset", "svamp", "--max_steps", "2", "--eval_steps", "1", "--batch_size", "4",
                      "--eval_batch_size", "24", "--gen_max_len", "4", "--no_log", "--max_input_length", "64"]
@@ -132,14 +132,6 @@ def test_effective_batch_counts_every_model_copy(env, parallelize, gpus, expecte
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     args = Namespace(batch_size=8, grad_steps=2, parallelize=parallelize)
     assert train_utils.effective_batch_size(args) == 8 * 2 * expected
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        status = run.main(argv)
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="--parallelize runs here")

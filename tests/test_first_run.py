@@ -18,14 +18,7 @@ import pytest
 import data_utils
 import run
 from conftest import ROOT
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        status = run.main(argv)
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
+from test_cli import run_cli
 
 
 def closed_port() -> int:

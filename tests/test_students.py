@@ -15,7 +15,7 @@ import run
 import train_utils
 from model_utils import LABEL_PAD, two_pass_loss
 from students import (
-    SEPARATOR, VIEWS, CausalViewsCollator, causal_fast_loss_applies, family_of, load_saved, load_student, tokenize_causal,
+    SEPARATOR, VIEWS, CausalViewsCollator, causal_fast_loss_applies, family_of, load_student, tokenize_causal,
 )
 from train_utils import build_trainer, tokenize, training_arguments
 
