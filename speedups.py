@@ -291,7 +291,7 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
     targets, token_weights = targets.to(hidden.device), token_weights.to(hidden.device, torch.float32)
     loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if grads else None
-    grad_weight = torch.zeros_like(weight) if grads else None
+    grad_weight = None  # the first chunk's product allocates it: no separate zero-filling pass over the weight's size
     rows = max(16, LOGIT_CHUNK_BYTES // (4 * weight.shape[0]))
     # Every [rows, vocabulary] step writes into this one buffer: fresh tensors this size cost a page fault per 4 KiB
     # on a CPU (a third of the product's time) and add to the peak.
@@ -317,10 +317,14 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
             probabilities.scatter_add_(1, target, torch.full_like(target, -1, dtype=probabilities.dtype))
             grad_logits = probabilities.mul_(token_weight[:, None]).to(compute_dtype)
             grad_hidden[start : start + rows] = grad_logits @ weight_c
-            if grad_logits.dtype == grad_weight.dtype:
+            if grad_weight is None:
+                grad_weight = (grad_logits.T @ chunk).to(weight.dtype)
+            elif grad_logits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(grad_logits.T, chunk)
             else:
                 grad_weight += grad_logits.T @ chunk
+    if grads and grad_weight is None:  # no target rows at all
+        grad_weight = torch.zeros_like(weight)
     return loss, grad_hidden, grad_weight
 
 
