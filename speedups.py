@@ -17,7 +17,9 @@ Speed section has the commands and tables):
   half the time of x @ weight.T for a few rows;
 - cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64; torch's per-element Bernoulli on AMD
   CPUs was 15% of a task_prefix step, SFC64 draws in about a quarter of that;
-- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout;
+(t5_attention, which routed the dropout of T5's attention probabilities through cpu_dropout as well, gained under 3% in
+both modes on a quiet machine, 0.99x / 0.98x of the step time without it, and was removed by the rule that a trick
+gaining under 3% goes.)
 - fused_adamw (CPU and CUDA; train_utils.training_arguments): torch's fused AdamW kernel, one pass over the weights
   instead of a dozen, about 5x faster than the foreach kernel for the tiny T5 on 2 cores.
 
@@ -30,17 +32,14 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.activations import GELUTanh, NewGELUActivation
-from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The labels' padding (model_utils.LABEL_PAD): Hugging Face's losses ignore it.
 IGNORE_INDEX = -100
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
 SPEEDUPS = ("grouped_loss", "length_groups", "shared_embedding", "fused_head", "gelu_tanh", "skinny_linear",
-            "cpu_dropout", "t5_attention", "fused_adamw")
+            "cpu_dropout", "fused_adamw")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
 
@@ -107,27 +106,6 @@ class CPUDropout(torch.nn.Dropout):
         return cpu_dropout(x, self.p)
 
 
-def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
-    """T5's SDPA attention, except in CPU training, where SDPA would drop attention probabilities with torch's
-    per-element Bernoulli; there the same product runs as three ops with cpu_dropout, on the very additive mask
-    (position bias, padding, causality) that SDPA would be given."""
-    if dropout == 0.0 or query.device.type != "cpu" or position_bias is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_bias=position_bias, **kwargs)
-    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
-    scores = torch.matmul(query, key.transpose(2, 3))
-    if scaling is not None and scaling != 1.0:
-        scores = scores * scaling
-    probabilities = cpu_dropout(torch.softmax(scores + bias, dim=-1), dropout)
-    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
-
-
-T5_ATTENTION = "dss_t5_sdpa"
-AttentionInterface.register(T5_ATTENTION, t5_attention)
-AttentionMaskInterface.register(T5_ATTENTION, sdpa_mask)
-
-
 def speed_up_student(model, enable: bool = True):
     """Swap in faster modules that compute the same functions; no weight changes, nothing saved changes.
 
@@ -135,11 +113,10 @@ def speed_up_student(model, enable: bool = True):
       fused F.gelu(approximate="tanh") (GELUTanh), the same function up to float rounding;
     - the lm_head becomes a SkinnyLinear, and every nn.Dropout a CPUDropout (by changing their class, so tied weights
       and device hooks stay);
-    - T5's SDPA attention becomes t5_attention (SDPA but for the dropout of attention probabilities in CPU training).
     Tricks named in DSS_DISABLE_SPEEDUPS are left out; enable=False puts the stock modules back (the benchmark's
     reference formulation).
     """
-    swap = {name: enable and enabled(name) for name in ("gelu_tanh", "skinny_linear", "cpu_dropout", "t5_attention")}
+    swap = {name: enable and enabled(name) for name in ("gelu_tanh", "skinny_linear", "cpu_dropout")}
     old, new = (NewGELUActivation, GELUTanh) if swap["gelu_tanh"] else (GELUTanh, NewGELUActivation)
     for module in model.modules():
         for name, child in module.named_children():
@@ -150,9 +127,6 @@ def speed_up_student(model, enable: bool = True):
     head = model.get_output_embeddings()
     if type(head) in (torch.nn.Linear, SkinnyLinear):
         head.__class__ = SkinnyLinear if swap["skinny_linear"] else torch.nn.Linear
-    attention = getattr(model.config, "_attn_implementation", None)
-    if getattr(model.config, "model_type", None) in ("t5", "mt5") and attention in ("sdpa", T5_ATTENTION):
-        model.set_attn_implementation(T5_ATTENTION if swap["t5_attention"] else "sdpa")
     return model
 
 
