@@ -27,7 +27,11 @@ Each can be switched off on its own, for the benchmark or to rule it out when so
 DSS_DISABLE_SPEEDUPS=cpu_dropout,length_groups python run.py ... (or =all: the paper's formulation, stock modules).
 """
 
+import ctypes
+import functools
 import os
+import platform
+import sys
 
 import numpy as np
 import torch
@@ -38,8 +42,8 @@ from transformers.activations import GELUTanh, NewGELUActivation
 IGNORE_INDEX = -100
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
-SPEEDUPS = ("grouped_loss", "length_groups", "shared_embedding", "fused_head", "gelu_tanh", "skinny_linear",
-            "cpu_dropout", "fused_adamw")
+SPEEDUPS = ("grouped_loss", "length_groups", "shared_embedding", "fused_head", "gelu_tanh", "onednn_linear",
+            "cpu_dropout", "fused_adamw", "malloc_reuse")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
 
@@ -58,26 +62,119 @@ def disabled_speedups() -> frozenset[str]:
 def enabled(name: str) -> bool:
     return name not in disabled_speedups()
 
+
+# oneDNN keeps each GEMM it compiles, one per operand shape, in two caches (its own and ideep's) of 1,024 entries and
+# about 1.4 MB each: batch shapes change every step, and a tiny-T5 run grew by 0.4 GB in 40 steps. 16 entries kept
+# the speed (the shapes of one step repeat across its layers; the next step's differ anyway) and the peak RSS of a
+# run without oneDNN (64 entries: the same speed, 0.15 GB more). Read when oneDNN first runs, so set at import; a
+# value set by the user stands.
+ONEDNN_CACHE_ENTRIES = 16
+
+
+def limit_onednn_caches() -> None:
+    for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(variable, str(ONEDNN_CACHE_ENTRIES))
+
+
+limit_onednn_caches()
+
 # A length group is split off only where that saves at least this many padded tokens: each extra encoder or
 # decoder call costs about as much as this many tokens of the tiny T5 on a CPU, and relatively less on bigger models.
 GROUP_MIN_SAVING = 64
 
 
-class SkinnyLinear(torch.nn.Linear):
-    """nn.Linear that, without autograd on a CPU, computes a product over a few rows as weight @ x.T.
+@functools.cache
+def onednn_built() -> bool:
+    """torch's oneDNN (mkldnn) GEMM can be called directly: an x86 build that has it."""
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
-    For the lm_head of a decoding step (a handful of rows against 32,128 x d_model weights) the tall-skinny product
-    streams the weight once and takes about half the time of x @ weight.T, which repacks the weight on every call.
-    The values agree up to float rounding; training (autograd on), many rows and GPUs take nn.Linear's path.
+
+def onednn_available() -> bool:
+    """onednn_built, and not switched off by torch.backends.mkldnn.enabled."""
+    return onednn_built() and torch.backends.mkldnn.enabled
+
+
+def onednn_applies(*tensors: torch.Tensor) -> bool:
+    """onednn_linear takes these operands: fp32 on a CPU, outside autocast, with the trick on."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+        and enabled("onednn_linear")
+        and onednn_available()
+    )
+
+
+def onednn_mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T (+ bias) by oneDNN's fp32 GEMM; a and b 2-D, each contiguous or the transpose of a contiguous tensor."""
+    a = a if a.stride(-1) == 1 or a.stride(0) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 or b.stride(0) == 1 else b.contiguous()
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+class OneDNNLinearFunction(torch.autograd.Function):
+    """x @ weight.T + bias with all three products (forward, input and weight gradients) by oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        return onednn_mm_t(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_mm_t(grad_rows, weight.T).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = onednn_mm_t(grad_rows.T, rows.T)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """nn.Linear whose fp32 CPU products run on oneDNN's GEMM instead of MKL's.
+
+    torch's MKL sgemm takes its AVX2 paths on AMD CPUs; oneDNN's brgemm kernels use AVX-512 there, 1.5-2.5x the
+    FLOP/s for T5's shapes (and for the lm_head of a decoding step, 1.5x the tall-skinny product). Same values up to
+    float rounding (about 3e-7 relative, as MKL's). Training and evaluation; GPUs, autocast and other dtypes take
+    nn.Linear's path.
     """
 
-    max_rows = 64
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if torch.is_grad_enabled() or x.device.type != "cpu" or rows > self.max_rows or self.bias is not None:
+        if not onednn_applies(x, self.weight) or x.shape[-1] == 0 or x.numel() == 0:
             return super().forward(x)
-        return (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return OneDNNLinearFunction.apply(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        return onednn_mm_t(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+
+
+def tune_cpu_allocator() -> bool:
+    """malloc_reuse: keep freed heap memory for reuse instead of returning it to the kernel (glibc, Linux).
+
+    By default glibc serves blocks over its mmap threshold (at most 32 MiB) with fresh mappings and trims the heap's
+    top once more than twice that is free. A training step frees its activations and its vocabulary-sized gradients
+    (32 MiB each for the T5 vocabulary) every step, so the next step takes 8,000-26,000 page faults, each zeroing a
+    fresh 4 KiB page: about 15% of a tiny-T5 standard step. With the threshold raised and trimming off, freed blocks
+    are reused and the steady-state step takes none; the peak RSS was unchanged in the benchmark. Process-wide, so
+    only called for CPU training (train_utils.build_trainer); returns whether it took effect.
+    """
+    if not enabled("malloc_reuse") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl: no mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -111,12 +208,12 @@ def speed_up_student(model, enable: bool = True):
 
     - T5 v1.1's gated-GELU activation (gelu_new: seven elementwise passes, each kept for backward) becomes one
       fused F.gelu(approximate="tanh") (GELUTanh), the same function up to float rounding;
-    - the lm_head becomes a SkinnyLinear, and every nn.Dropout a CPUDropout (by changing their class, so tied weights
-      and device hooks stay);
+    - every nn.Linear becomes a OneDNNLinear, and every nn.Dropout a CPUDropout (by changing their class, so tied
+      weights and device hooks stay);
     Tricks named in DSS_DISABLE_SPEEDUPS are left out; enable=False puts the stock modules back (the benchmark's
     reference formulation).
     """
-    swap = {name: enable and enabled(name) for name in ("gelu_tanh", "skinny_linear", "cpu_dropout")}
+    swap = {name: enable and enabled(name) for name in ("gelu_tanh", "onednn_linear", "cpu_dropout")}
     old, new = (NewGELUActivation, GELUTanh) if swap["gelu_tanh"] else (GELUTanh, NewGELUActivation)
     for module in model.modules():
         for name, child in module.named_children():
@@ -124,9 +221,8 @@ def speed_up_student(model, enable: bool = True):
                 setattr(module, name, new())
         if type(module) in (torch.nn.Dropout, CPUDropout):
             module.__class__ = CPUDropout if swap["cpu_dropout"] else torch.nn.Dropout
-    head = model.get_output_embeddings()
-    if type(head) in (torch.nn.Linear, SkinnyLinear):
-        head.__class__ = SkinnyLinear if swap["skinny_linear"] else torch.nn.Linear
+        if type(module) in (torch.nn.Linear, OneDNNLinear):
+            module.__class__ = OneDNNLinear if swap["onednn_linear"] else torch.nn.Linear
     return model
 
 
@@ -267,18 +363,21 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
     grad_hidden = torch.empty_like(hidden) if grads else None
     grad_weight = None  # the first chunk's product allocates it: no separate zero-filling pass over the weight's size
     rows = max(16, LOGIT_CHUNK_BYTES // (4 * weight.shape[0]))
-    # Every [rows, vocabulary] step writes into this one buffer: fresh tensors this size cost a page fault per 4 KiB
-    # on a CPU (a third of the product's time) and add to the peak.
-    buffer = torch.empty(min(rows, hidden.shape[0]), weight.shape[0], device=hidden.device, dtype=torch.float32)
+    onednn = onednn_applies(hidden_c, weight_c)
+    # Without oneDNN, every [rows, vocabulary] step writes into this one buffer: fresh tensors this size cost a page
+    # fault per 4 KiB on a CPU (a third of the product's time) and add to the peak.
+    buffer = None if onednn else torch.empty(min(rows, hidden.shape[0]), weight.shape[0], device=hidden.device,
+                                             dtype=torch.float32)
     with torch.autocast(device, enabled=False):  # dtypes are set explicitly here
         for start in range(0, hidden.shape[0], rows):
             chunk = hidden_c[start : start + rows]
             target, token_weight = targets[start : start + rows, None], token_weights[start : start + rows]
-            logits = buffer[: len(chunk)]
-            if compute_dtype == torch.float32:
-                torch.mm(chunk, weight_c.T, out=logits)
+            if onednn:
+                logits = onednn_mm_t(chunk, weight_c)
+            elif compute_dtype == torch.float32:
+                logits = torch.mm(chunk, weight_c.T, out=buffer[: len(chunk)])
             else:
-                logits.copy_(chunk @ weight_c.T)
+                logits = buffer[: len(chunk)].copy_(chunk @ weight_c.T)
             target_logits = logits.gather(1, target).squeeze(1)
             top_logits, top = logits.max(1, keepdim=True)
             probabilities = torch.softmax(logits, dim=1, out=logits)
@@ -290,6 +389,12 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
                 continue
             probabilities.scatter_add_(1, target, torch.full_like(target, -1, dtype=probabilities.dtype))
             grad_logits = probabilities.mul_(token_weight[:, None]).to(compute_dtype)
+            if onednn:
+                grad_hidden[start : start + rows] = onednn_mm_t(grad_logits, weight_c.T)
+                # Transposed into a contiguous copy first: oneDNN reads a [vocabulary, rows] operand faster so.
+                chunk_grad_weight = onednn_mm_t(grad_logits.T.contiguous(), chunk.T)
+                grad_weight = chunk_grad_weight if grad_weight is None else grad_weight.add_(chunk_grad_weight)
+                continue
             grad_hidden[start : start + rows] = grad_logits @ weight_c
             if grad_weight is None:
                 grad_weight = (grad_logits.T @ chunk).to(weight.dtype)

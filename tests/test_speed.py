@@ -1,6 +1,9 @@
 """The optimised training and decoding paths compute what the paper's formulation computes."""
 
 import copy
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 import speedups
 from model_utils import StandardDataCollator, TaskPrefixDataCollator, two_pass_loss
-from speedups import SkinnyLinear, grouped_loss, length_groups, lm_head_loss, speed_up_student
+from speedups import OneDNNLinear, grouped_loss, length_groups, lm_head_loss, speed_up_student
 from train_utils import tokenize
 
 TEXTS = [
@@ -114,7 +117,8 @@ def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
     inputs = batch(tokenizer, "task_prefix")["pred"]
     stock = copy.deepcopy(model)
     fast = speed_up_student(model)
-    assert type(fast.lm_head) is SkinnyLinear
+    assert type(fast.lm_head) is OneDNNLinear
+    assert all(type(m) is not torch.nn.Linear for m in fast.modules()), "every nn.Linear is swapped"
     assert not any(isinstance(m, NewGELUActivation) for m in fast.modules())
     assert any(isinstance(m, GELUTanh) for m in fast.modules())
     tolerance = 1e-4  # of the largest logit: float rounding, which BLAS kernels vary with memory alignment
@@ -134,9 +138,9 @@ def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
     x = torch.randn(3, 2, fast.config.d_model)
     with torch.no_grad():
         torch.testing.assert_close(fast.lm_head(x), torch.nn.functional.linear(x, fast.lm_head.weight))
-    assert fast.lm_head(x).requires_grad, "with autograd on, the lm_head stays nn.Linear's product"
     speed_up_student(fast, enable=False)
     assert type(fast.lm_head) is torch.nn.Linear
+    assert not any(isinstance(m, OneDNNLinear) for m in fast.modules())
     assert not any(isinstance(m, GELUTanh) for m in fast.modules())
 
 
@@ -158,7 +162,7 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
     explicit = argparse.Namespace(**{**vars(args), "eval_batch_size": 5})
     assert training_arguments(explicit, tmp_path / "ckpt", tmp_path / "log").per_device_eval_batch_size == 5
     trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, "text")
-    assert trainer.grouped_loss_applies(trainer.model) and type(trainer.model.lm_head) is SkinnyLinear
+    assert trainer.grouped_loss_applies(trainer.model) and type(trainer.model.lm_head) is OneDNNLinear
     inputs = batch(tokenizer, "task_prefix")
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, inputs)
@@ -281,8 +285,8 @@ def test_each_module_swap_has_its_own_switch(model, monkeypatch):
     fast = speed_up_student(copy.deepcopy(model))
     assert any(isinstance(m, NewGELUActivation) for m in fast.modules()), "gelu_tanh off keeps gelu_new"
     assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
-    assert type(fast.lm_head) is SkinnyLinear
-    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "skinny_linear")
+    assert type(fast.lm_head) is OneDNNLinear
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "onednn_linear")
     fast = speed_up_student(copy.deepcopy(model))
     assert type(fast.lm_head) is torch.nn.Linear
     assert any(isinstance(m, GELUTanh) for m in fast.modules())
@@ -302,3 +306,91 @@ def test_switches_reach_the_trainer_and_a_typo_is_one_clear_error(monkeypatch, t
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, "fused_adam")
     with pytest.raises(RunError, match="unknown speed-up fused_adam; choose among .*fused_adamw"):
         training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
+
+
+needs_onednn = pytest.mark.skipif(not speedups.onednn_built(), reason="this torch build has no oneDNN GEMM (x86 only)")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("trainable", ["both", "input", "weight"])
+def test_onednn_linear_equals_nn_linear_in_values_and_gradients(bias, trainable):
+    torch.manual_seed(0)
+    stock = torch.nn.Linear(48, 40, bias=bias)
+    fast = copy.deepcopy(stock)
+    fast.__class__ = OneDNNLinear
+    stock.requires_grad_(trainable != "input")
+    fast.requires_grad_(trainable != "input")
+    # A non-contiguous input (a transposed batch), as attention outputs are before T5's o projection.
+    x = torch.randn(5, 7, 48).transpose(0, 1).requires_grad_(trainable != "weight")
+    x_fast = x.detach().clone().requires_grad_(x.requires_grad)
+    grad = torch.randn(7, 5, 40)
+    expected, got = stock(x), fast(x_fast)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    (expected * grad).sum().backward()
+    (got * grad).sum().backward()
+    pairs = [(x_fast.grad, x.grad)] if x.requires_grad else []
+    pairs += [(p_fast.grad, p.grad) for p_fast, p in zip(fast.parameters(), stock.parameters()) if p.requires_grad]
+    assert pairs and all(got_grad is not None for got_grad, _ in pairs)
+    for got_grad, expected_grad in pairs:
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    if not x.requires_grad:
+        assert x_fast.grad is None
+
+
+@needs_onednn
+def test_onednn_linear_steps_aside_where_it_does_not_apply(monkeypatch):
+    layer = torch.nn.Linear(16, 8, bias=False)
+    layer.__class__ = OneDNNLinear
+    calls = []
+    monkeypatch.setattr(speedups.OneDNNLinearFunction, "apply", lambda *a: calls.append(a) or None)
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16, "autocast keeps nn.Linear's bf16 product"
+    assert layer.double()(x.double()).dtype == torch.float64
+    layer.float()
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "onednn_linear")
+    torch.testing.assert_close(layer(x), x @ layer.weight.T)
+    assert calls == [], "none of these took the oneDNN path"
+    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
+    layer(x)
+    assert len(calls) == 1, "fp32 on a CPU with autograd does"
+
+
+def test_onednn_cache_limits_leave_a_users_own_setting(monkeypatch):
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    speedups.limit_onednn_caches()
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(speedups.ONEDNN_CACHE_ENTRIES)
+
+
+ALLOCATION_LOOP = """
+import resource, sys, torch, speedups
+tuned = speedups.tune_cpu_allocator() if sys.argv[1] == "tuned" else False
+faults = []
+for _ in range(8):  # 48 MiB blocks: over glibc's largest default mmap threshold, so each is a fresh mapping by default
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(12 << 20).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, sum(faults[2:]))  # the first two grow the heap
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt (Linux)")
+def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_in_fresh_pages(monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "malloc_reuse")
+    assert speedups.tune_cpu_allocator() is False, "switched off, it changes nothing"
+    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
+    runs = {}
+    for mode in ("default", "tuned"):
+        out = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode], capture_output=True, text=True,
+                             cwd=Path(speedups.__file__).parent, check=True).stdout.split()
+        runs[mode] = (out[0] == "True", int(out[1]))
+    if not runs["tuned"][0]:
+        pytest.skip("not glibc")
+    default_faults, tuned_faults = runs["default"][1], runs["tuned"][1]
+    assert default_faults > 6 * 10000, "by default every 48 MiB block faults in fresh pages"
+    assert tuned_faults < 1000, f"page faults over 6 blocks: {tuned_faults} tuned, {default_faults} not"
