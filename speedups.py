@@ -328,6 +328,8 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
 # The most fp32 logits lm_head_loss holds at once: a tiny-T5 batch of 8 rationales in one chunk; batch 64 on a GPU in
 # a few, instead of several copies of a [tokens, vocabulary] tensor (smaller chunks were slower on a CPU).
 LOGIT_CHUNK_BYTES = 64 << 20
+# Vocabulary rows per oneDNN product of the fused head's weight gradient (a few MB of a chunk's logit gradient).
+VOCABULARY_BLOCK = 2048
 
 
 class LMHeadLoss(torch.autograd.Function):
@@ -391,9 +393,16 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
             grad_logits = probabilities.mul_(token_weight[:, None]).to(compute_dtype)
             if onednn:
                 grad_hidden[start : start + rows] = onednn_mm_t(grad_logits, weight_c.T)
-                # Transposed into a contiguous copy first: oneDNN reads a [vocabulary, rows] operand faster so.
-                chunk_grad_weight = onednn_mm_t(grad_logits.T.contiguous(), chunk.T)
-                grad_weight = chunk_grad_weight if grad_weight is None else grad_weight.add_(chunk_grad_weight)
+                first, grad_weight = grad_weight is None, torch.empty_like(weight) if grad_weight is None else grad_weight
+                # grad_logits.T @ chunk, a block of vocabulary rows at a time, each transposed into a contiguous copy
+                # that stays in cache: half the time of one whole transposed copy, or of oneDNN reading it strided.
+                for column in range(0, weight.shape[0], VOCABULARY_BLOCK):
+                    block = grad_logits[:, column : column + VOCABULARY_BLOCK].T.contiguous()
+                    rows_of_weight = grad_weight[column : column + VOCABULARY_BLOCK]
+                    if first:
+                        rows_of_weight.copy_(onednn_mm_t(block, chunk.T))
+                    else:
+                        rows_of_weight.add_(onednn_mm_t(block, chunk.T))
                 continue
             grad_hidden[start : start + rows] = grad_logits @ weight_c
             if grad_weight is None:
