@@ -49,7 +49,12 @@ DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
 def disabled_speedups() -> frozenset[str]:
     """The tricks switched off by DSS_DISABLE_SPEEDUPS (comma-separated names, or all); ValueError on a typo."""
-    names = {name.strip() for name in os.environ.get(DISABLE_VARIABLE, "").split(",") if name.strip()}
+    return parse_disabled(os.environ.get(DISABLE_VARIABLE, ""))
+
+
+@functools.lru_cache(maxsize=8)  # asked by every linear layer's call: parsed once per value of the variable
+def parse_disabled(value: str) -> frozenset[str]:
+    names = {name.strip() for name in value.split(",") if name.strip()}
     if "all" in names:
         return frozenset(SPEEDUPS)
     unknown = sorted(names - set(SPEEDUPS))
