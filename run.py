@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--alpha", type=unit_interval, default=0.5, help="weight of the label loss; 1 - alpha weighs rationales")
     add("--batch_size", type=positive_int, default=64, help="per-device training batch size")
     add("--eval_batch_size", type=positive_int, default=None,
-        help="evaluation batch size (default: 4 x --batch_size: generation needs far less memory per row than training)")
+        help="evaluation batch size (default: 4 x --batch_size on a GPU, 8 x on a CPU: generation needs far less "
+        "memory per row than training)")
     add("--grad_steps", type=positive_int, default=1, help="gradient accumulation steps")
     add("--max_input_length", type=positive_int, default=1024, help="input tokens kept (truncation)")
     add("--eval_steps", type=positive_int, default=250, help="evaluate and checkpoint every N steps")

@@ -26,7 +26,7 @@ from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer
-from speedups import disabled_speedups, enabled, speed_up_student, tune_cpu_allocator
+from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
 from students import StudentFamily, family_of, lora_name, save_best, student_record
 from trackers import track_run
 from recovery import FaultGuard, RunError, record_run_args, resume_checkpoint, write_json_atomic
@@ -39,7 +39,8 @@ RATIONALE_SAMPLES = 5
 # Evaluation generates: it keeps no activations for a backward pass, no gradients and no optimizer state, so a row
 # costs it a fraction of the memory a training row does. Each decoding step streams every decoder and lm_head weight
 # once for the whole batch, so bigger batches share that cost: by default evaluation batches are this many times the
-# training batch (for the tiny T5 on 2 CPU cores, 32 rows decode 3x faster than 8; see bench.py).
+# training batch (for the tiny T5 on 2 CPU cores, 32 rows decode 3x faster than 8; see bench.py), and twice that on a
+# CPU (speedups.eval_batch_factor).
 EVAL_BATCH_FACTOR = 4
 
 
@@ -328,7 +329,8 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
         tf32=True if is_torch_tf32_available() else None,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size or EVAL_BATCH_FACTOR * args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size
+        or eval_batch_factor(EVAL_BATCH_FACTOR, on_gpu=torch.cuda.is_available()) * args.batch_size,
         gradient_accumulation_steps=args.grad_steps,
         predict_with_generate=True,
         seed=args.run,

@@ -144,7 +144,8 @@ def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
     assert not any(isinstance(m, GELUTanh) for m in fast.modules())
 
 
-def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5, tokenizer, model, tmp_path):
+def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5, tokenizer, model, tmp_path,
+                                                                         monkeypatch):
     import argparse
 
     from train_utils import build_trainer, training_arguments
@@ -158,7 +159,11 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
     )
     training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
     assert training_args.optim == "adamw_torch_fused"
-    assert training_args.per_device_eval_batch_size == 4 * args.batch_size, "generation batches default to 4x"
+    assert training_args.per_device_eval_batch_size == 8 * args.batch_size, "generation batches default to 8x on a CPU"
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "cpu_eval_batch")
+    assert training_arguments(args, tmp_path / "c", tmp_path / "l").per_device_eval_batch_size == 4 * args.batch_size
+    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
+    assert speedups.eval_batch_factor(4, on_gpu=True) == 4, "GPUs keep the factor"
     explicit = argparse.Namespace(**{**vars(args), "eval_batch_size": 5})
     assert training_arguments(explicit, tmp_path / "ckpt", tmp_path / "log").per_device_eval_batch_size == 5
     trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, "text")
