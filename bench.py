@@ -6,7 +6,7 @@
 Per mode (task_prefix, standard) it trains the same batches from the same initial weights along two paths:
 
 - optimized: train_utils.build_trainer exactly as run.py uses it (TaskPrefixTrainer with grouped_loss, the fused
-  GELU, SkinnyLinear and CPUDropout modules, fused AdamW);
+  GELU, OneDNNLinear and CPUDropout modules, fused AdamW);
 - two_pass: that same trainer set back to the paper's formulation: two full forward passes per step, each view
   padded on its own (model_utils.two_pass_loss), the stock T5 modules and SDPA attention, and the foreach AdamW
   kernel (the project before these optimisations).

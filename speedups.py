@@ -13,13 +13,19 @@ Speed section has the commands and tables):
   - fused_head, lm_head_loss / LMHeadLoss (all devices): lm_head and cross-entropy fused and chunked, only at target
     positions, no [tokens, vocabulary] tensors kept for backward;
 - gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
-- skinny_linear, SkinnyLinear (CPU, no autograd: evaluation): the lm_head of a decoding step as weight @ x.T, about
-  half the time of x @ weight.T for a few rows;
+- onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): every linear layer's three products, and the fused
+  head's, on oneDNN's GEMM instead of torch's MKL sgemm, which takes AVX2 paths on AMD CPUs where oneDNN uses
+  AVX-512: 1.5-2.5x the FLOP/s for T5's shapes. Its gain, bench_original.py --sides project
+  project-without=onednn_linear, is in README's Speed section. (It replaced SkinnyLinear, the decoding step's lm_head
+  as weight @ x.T: oneDNN's product is as fast for 8 rows and 1.5x for 32.)
+- malloc_reuse, tune_cpu_allocator (CPU training, glibc): freed heap blocks are kept for reuse instead of being
+  returned to the kernel and faulted in afresh (8,000-26,000 page faults per tiny-T5 step before);
+- cpu_eval_batch, eval_batch_factor (CPU evaluation): generation batches of 8x the training batch instead of 4x;
 - cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64; torch's per-element Bernoulli on AMD
   CPUs was 15% of a task_prefix step, SFC64 draws in about a quarter of that;
-(t5_attention, which routed the dropout of T5's attention probabilities through cpu_dropout as well, gained under 3% in
-both modes on a quiet machine, 0.99x / 0.98x of the step time without it, and was removed by the rule that a trick
-gaining under 3% goes.)
+- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout
+  (removed once for gaining under 3%; with the products on oneDNN, attention's share of a step grew, and it gains
+  4% in task_prefix, where rationales make the decoder's attention long, and nothing in standard);
 - fused_adamw (CPU and CUDA; train_utils.training_arguments): torch's fused AdamW kernel, one pass over the weights
   instead of a dozen, about 5x faster than the foreach kernel for the tiny T5 on 2 cores.
 
@@ -36,14 +42,17 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The labels' padding (model_utils.LABEL_PAD): Hugging Face's losses ignore it.
 IGNORE_INDEX = -100
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
 SPEEDUPS = ("grouped_loss", "length_groups", "shared_embedding", "fused_head", "gelu_tanh", "onednn_linear",
-            "cpu_dropout", "fused_adamw", "malloc_reuse", "cpu_eval_batch")
+            "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
 
@@ -162,6 +171,27 @@ class OneDNNLinear(torch.nn.Linear):
         return onednn_mm_t(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
 
+def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
+    """T5's SDPA attention, except in CPU training, where SDPA would drop attention probabilities with torch's
+    per-element Bernoulli; there the same product runs as three ops with cpu_dropout, on the very additive mask
+    (position bias, padding, causality) that SDPA would be given."""
+    if dropout == 0.0 or query.device.type != "cpu" or position_bias is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_bias=position_bias, **kwargs)
+    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+    scores = torch.matmul(query, key.transpose(2, 3))
+    if scaling is not None and scaling != 1.0:
+        scores = scores * scaling
+    probabilities = cpu_dropout(torch.softmax(scores + bias, dim=-1), dropout)
+    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
+
+
+T5_ATTENTION = "dss_t5_sdpa"
+AttentionInterface.register(T5_ATTENTION, t5_attention)
+AttentionMaskInterface.register(T5_ATTENTION, sdpa_mask)
+
+
 def eval_batch_factor(factor: int, on_gpu: bool) -> int:
     """cpu_eval_batch (CPU): evaluation batches twice the default factor of the training batch.
 
@@ -229,7 +259,7 @@ def speed_up_student(model, enable: bool = True):
     Tricks named in DSS_DISABLE_SPEEDUPS are left out; enable=False puts the stock modules back (the benchmark's
     reference formulation).
     """
-    swap = {name: enable and enabled(name) for name in ("gelu_tanh", "onednn_linear", "cpu_dropout")}
+    swap = {name: enable and enabled(name) for name in ("gelu_tanh", "onednn_linear", "cpu_dropout", "t5_attention")}
     old, new = (NewGELUActivation, GELUTanh) if swap["gelu_tanh"] else (GELUTanh, NewGELUActivation)
     for module in model.modules():
         for name, child in module.named_children():
@@ -239,6 +269,9 @@ def speed_up_student(model, enable: bool = True):
             module.__class__ = CPUDropout if swap["cpu_dropout"] else torch.nn.Dropout
         if type(module) in (torch.nn.Linear, OneDNNLinear):
             module.__class__ = OneDNNLinear if swap["onednn_linear"] else torch.nn.Linear
+    attention = getattr(model.config, "_attn_implementation", None)
+    if getattr(model.config, "model_type", None) in ("t5", "mt5") and attention in ("sdpa", T5_ATTENTION):
+        model.set_attn_implementation(T5_ATTENTION if swap["t5_attention"] else "sdpa")
     return model
 
 

@@ -278,6 +278,48 @@ def test_cpu_dropout_module_is_nn_dropout_outside_cpu_training():
     assert torch.equal(speedups.CPUDropout(1.0).train()(x), torch.zeros_like(x))
 
 
+def with_dropout(model, p):
+    variant = copy.deepcopy(model)
+    for module in variant.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        elif hasattr(module, "has_relative_attention_bias"):  # T5Attention: its probabilities' dropout rate
+            module.dropout = p
+    return variant
+
+
+def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, model, monkeypatch, tmp_path):
+    """In CPU training, t5_attention's own product (padding, causal and position-bias masks) equals SDPA's; with
+    dropout drawn, training differs from evaluation and repeats under the same seed."""
+    inputs = batch(tokenizer, "task_prefix")["expl"]
+    stock = with_dropout(model, 0.3)
+    fast = speed_up_student(with_dropout(model, 0.3))
+    assert fast.config._attn_implementation == speedups.T5_ATTENTION
+    assert fast.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == speedups.T5_ATTENTION
+    assert all(type(m) is speedups.CPUDropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+    with torch.no_grad():
+        expected = stock.eval()(**inputs).logits
+        tolerance = 1e-4 * expected.abs().max()  # float rounding (see above)
+        assert (fast.eval()(**inputs).logits - expected).abs().max() <= tolerance
+        fast.train()
+        torch.manual_seed(1)
+        dropped = fast(**inputs).logits
+        torch.manual_seed(1)
+        assert (fast(**inputs).logits - dropped).abs().max() <= tolerance, "the same seed draws the same masks"
+        assert (dropped - expected).abs().max() > 100 * tolerance
+        calls = []
+        monkeypatch.setattr(speedups, "cpu_dropout", lambda x, p: calls.append(p) or x)
+        # Its own softmax and products round differently from SDPA's kernel, in every layer: 10x the tolerance.
+        assert (fast(**inputs).logits - expected).abs().max() <= 10 * tolerance
+    layers = fast.config.num_layers + 2 * fast.config.num_decoder_layers
+    assert calls.count(0.3) >= 2 * layers, "hidden states and attention probabilities both go through cpu_dropout"
+    fast.save_pretrained(tmp_path)
+    assert speedups.T5_ATTENTION not in (tmp_path / "config.json").read_text(), "nothing saved changes"
+    speed_up_student(fast, enable=False)
+    assert fast.config._attn_implementation == "sdpa"
+    assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
+
+
 @pytest.mark.parametrize("switched_off", ["length_groups", "shared_embedding", "fused_head", "all"])
 def test_grouped_loss_with_a_speedup_switched_off_still_equals_two_passes(tokenizer, model, monkeypatch, switched_off):
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, switched_off)
@@ -294,10 +336,10 @@ def test_each_module_swap_has_its_own_switch(model, monkeypatch):
     fast = speed_up_student(copy.deepcopy(model))
     assert any(isinstance(m, NewGELUActivation) for m in fast.modules()), "gelu_tanh off keeps gelu_new"
     assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
-    assert type(fast.lm_head) is OneDNNLinear
-    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "onednn_linear")
+    assert type(fast.lm_head) is OneDNNLinear and fast.config._attn_implementation == speedups.T5_ATTENTION
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "onednn_linear,t5_attention")
     fast = speed_up_student(copy.deepcopy(model))
-    assert type(fast.lm_head) is torch.nn.Linear
+    assert type(fast.lm_head) is torch.nn.Linear and fast.config._attn_implementation == "sdpa"
     assert any(isinstance(m, GELUTanh) for m in fast.modules())
 
 
