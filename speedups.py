@@ -163,7 +163,7 @@ class OneDNNLinear(torch.nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not onednn_applies(x, self.weight) or x.shape[-1] == 0 or x.numel() == 0:
+        if not onednn_applies(x, self.weight) or x.numel() == 0:
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return OneDNNLinearFunction.apply(x, self.weight, self.bias)
@@ -442,7 +442,9 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
             grad_logits = probabilities.mul_(token_weight[:, None]).to(compute_dtype)
             if onednn:
                 grad_hidden[start : start + rows] = onednn_mm_t(grad_logits, weight_c.T)
-                first, grad_weight = grad_weight is None, torch.empty_like(weight) if grad_weight is None else grad_weight
+                first = grad_weight is None
+                if first:
+                    grad_weight = torch.empty_like(weight)
                 # grad_logits.T @ chunk, a block of vocabulary rows at a time, each transposed into a contiguous copy
                 # that stays in cache: half the time of one whole transposed copy, or of oneDNN reading it strided.
                 for column in range(0, weight.shape[0], VOCABULARY_BLOCK):

@@ -335,11 +335,13 @@ def test_out_of_memory_is_one_line(tiny_t5, custom_data, tmp_path, capsys, monke
     assert line.startswith("error: out of memory") and "--batch_size" in line and "--eval_batch_size" in line
 
 
+def interrupt(*args, **kwargs):
+    """Stands in for any call that the user interrupts with Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def test_ctrl_c_in_the_first_evaluation_leaves_no_empty_folder(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
     from model_utils import TaskPrefixTrainer
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
 
     monkeypatch.setattr(TaskPrefixTrainer, "prediction_step", interrupt)
     out = tmp_path / "out"
@@ -351,9 +353,6 @@ def test_ctrl_c_in_the_first_evaluation_leaves_no_empty_folder(tiny_t5, custom_d
 
 
 def test_ctrl_c_while_loading_leaves_nothing(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(run, "load_student", interrupt)
     out = tmp_path / "out"
     assert run.main(argv(tiny_t5, custom_data, out)) == 130
