@@ -250,16 +250,20 @@ def test_lm_head_loss_under_bf16_autocast_matches_unfused():
 
 def test_cpu_dropout_drops_with_probability_p_and_scales_survivors():
     torch.manual_seed(0)
-    x = (torch.rand(1001, 999) + 0.5).requires_grad_()  # an odd element count: the 64-bit draws are split in two
+    x = (torch.rand(1001, 999) + 0.5).requires_grad_()  # an element count that the 64-bit draws' quarters overrun
     p = 0.1
     torch.manual_seed(1)
     out = speedups.cpu_dropout(x, p)
     kept = out != 0
     n = x.numel()
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
-    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    p_drawn = round(p * 2**16) / 2**16  # p to the draws' 16 bits; survivors scaled so the expectation is x exactly
+    assert abs(p_drawn - p) < 2**-17
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p_drawn))
     (grad,) = torch.autograd.grad(out.sum(), x)
-    torch.testing.assert_close(grad, kept.float() / (1 - p))
+    torch.testing.assert_close(grad, kept.float() / (1 - p_drawn))
+    half = speedups.cpu_dropout(x.detach().bfloat16(), p)
+    assert half.dtype == torch.bfloat16 and 0 < (half == 0).float().mean().item() < 2 * p, "the input's dtype stays"
     rows_kept = kept.float().mean(1)  # no structure: every row keeps about 1 - p
     assert (rows_kept - (1 - p)).abs().max() < 6 * (p * (1 - p) / x.shape[1]) ** 0.5
     torch.manual_seed(1)
