@@ -105,7 +105,6 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         alpha: float = 0.5,
         gen_max_len: int = 64,
         output_rationale: bool = False,
-        max_length_groups: int = 4,
         family=None,
         **kwargs,
     ):
@@ -113,8 +112,6 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         self.alpha = alpha
         # The student's students.StudentFamily (fast loss, generation settings); None: a T5-like seq2seq student.
         self.family = family
-        # Length groups per encoder/decoder call in training (see grouped_loss); 1 only trims trailing padding.
-        self.max_length_groups = max_length_groups
         self.gen_max_len = gen_max_len
         self.output_rationale = output_rationale
         self.generation_overrides = family.generation if family else {}
@@ -149,7 +146,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         if "expl" in inputs:
             views, weights = [inputs["pred"], inputs["expl"]], [self.alpha, 1.0 - self.alpha]
         fast_loss = self.family.fast_loss if self.family else grouped_loss
-        return fast_loss(unwrap_peft(model), views, weights, max_groups=self.max_length_groups)
+        return fast_loss(unwrap_peft(model), views, weights)
 
     def _generate(self, view: dict[str, torch.Tensor]) -> torch.Tensor:
         # With sharded weights (ZeRO-3, FSDP) every process must keep stepping until all have finished

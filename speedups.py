@@ -4,11 +4,10 @@ model_utils.py holds the method (collators, the alpha-weighted loss, the trainer
 it faster. Each trick, where it applies, and its gain as measured (tiny T5, cqa, batch 8, 2 CPU threads; the README's
 Speed section has the commands and tables):
 
-- grouped_loss (all devices; single-process seq2seq students): one encoder pass for both views, rows in length
-  groups, decoder passes trimmed to their longest target. With the module swaps below, the project's step was
-  1.33x (task_prefix) and 1.49x (standard) the two-pass formulation's, in one process (bench.py); its own share is
-  measured by bench_original.py --sides project project-without=grouped_loss;
-  - length_groups (all devices): rows cut into at most 4 groups of similar length, each padded to its own longest;
+- grouped_loss (all devices; single-process seq2seq students): one encoder pass for both views, trimmed to the
+  longest input, one decoder pass per view trimmed to its longest target. With the module swaps below, the
+  project's step was 1.33x (task_prefix) and 1.49x (standard) the two-pass formulation's, in one process
+  (bench.py); its own share is measured by bench_original.py --sides project project-without=grouped_loss;
   - shared_embedding (all devices): one embedding lookup for encoder and decoder inputs where they share the table;
   - fused_head, lm_head_loss / LMHeadLoss (all devices): lm_head and cross-entropy fused and chunked, only at target
     positions, no [tokens, vocabulary] tensors kept for backward;
@@ -30,7 +29,7 @@ Speed section has the commands and tables):
   instead of a dozen, about 5x faster than the foreach kernel for the tiny T5 on 2 cores.
 
 Each can be switched off on its own, for the benchmark or to rule it out when something looks wrong:
-DSS_DISABLE_SPEEDUPS=cpu_dropout,length_groups python run.py ... (or =all: the paper's formulation, stock modules).
+DSS_DISABLE_SPEEDUPS=cpu_dropout,fused_head python run.py ... (or =all: the paper's formulation, stock modules).
 """
 
 import ctypes
@@ -51,7 +50,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 IGNORE_INDEX = -100
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
-SPEEDUPS = ("grouped_loss", "length_groups", "shared_embedding", "fused_head", "gelu_tanh", "onednn_linear",
+SPEEDUPS = ("grouped_loss", "shared_embedding", "fused_head", "gelu_tanh", "onednn_linear",
             "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
@@ -91,10 +90,6 @@ def limit_onednn_caches() -> None:
 
 
 limit_onednn_caches()
-
-# A length group is split off only where that saves at least this many padded tokens: each extra encoder or
-# decoder call costs about as much as this many tokens of the tiny T5 on a CPU, and relatively less on bigger models.
-GROUP_MIN_SAVING = 64
 
 
 @functools.cache
@@ -285,28 +280,6 @@ def used_lengths(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long() * positions).amax(dim=1)
 
 
-def length_groups(lengths: list[int], max_groups: int, min_saving: int = GROUP_MIN_SAVING) -> list[list[int]]:
-    """Row indices, longest first, cut into at most max_groups runs of similar length.
-
-    Each run is later padded only to its own longest row. Cuts are added greedily, the one saving the most
-    padded tokens first, while a cut saves at least min_saving tokens.
-    """
-    groups = [sorted(range(len(lengths)), key=lambda i: -lengths[i])]
-    while len(groups) < max_groups:
-        best_saving, best = 0, None
-        for g, rows in enumerate(groups):
-            longest = lengths[rows[0]]
-            for cut in range(1, len(rows)):
-                saving = (len(rows) - cut) * (longest - lengths[rows[cut]])
-                if saving > best_saving:
-                    best_saving, best = saving, (g, cut)
-        if best is None or best_saving < min_saving:
-            break
-        g, cut = best
-        groups[g : g + 1] = [groups[g][:cut], groups[g][cut:]]
-    return groups
-
-
 def embed(model, input_ids: torch.Tensor, decoder_ids: list[torch.Tensor]) -> list[torch.Tensor]:
     """Token embeddings of the encoder input and of each decoder input, in one lookup where encoder and decoder share
     the table (as T5's do): every lookup's backward writes a dense vocabulary-sized gradient."""
@@ -318,60 +291,48 @@ def embed(model, input_ids: torch.Tensor, decoder_ids: list[torch.Tensor]) -> li
     return [part.view(*ids.shape, -1) for part, ids in zip(flat.split([ids.numel() for ids in every]), every)]
 
 
-def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float], max_groups: int = 4) -> torch.Tensor:
+def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
     """sum_v weights[v] * (mean token cross-entropy of view v): the value two_pass_loss computes, with less work.
 
-    - One encoder pass for all views' rows together (the views share their inputs but for the prefix), the rows
-      sorted by length and run in a few length groups, each padded only to its own longest row;
-    - decoder passes per view, also in length groups, each trimmed to its longest target;
+    - One encoder pass for all views' rows together (the views share their inputs but for the prefix), trimmed to
+      the longest row;
+    - one decoder pass per view, trimmed to its longest target and to its rows' longest input;
     - the lm_head and the cross-entropy only at target positions, not at padding, fused and chunked (LMHeadLoss).
-    Rows never interact in T5 (padding is masked, decoding is causal), so regrouping rows and dropping trailing
-    padding changes no real position's value; only floating-point rounding differs (about 1e-7 relative in fp32).
-    Dropout draws differ, so in training mode the two formulations agree in distribution, not draw by draw.
+    Dropping trailing padding changes no real position's value (padding is masked, decoding is causal); only
+    floating-point rounding differs (about 1e-7 relative in fp32). Dropout draws differ, so in training mode the
+    two formulations agree in distribution, not draw by draw. (Rows sorted into length groups, each padded to its
+    own longest, gained 8% of a task_prefix step while the products ran on MKL; with them on oneDNN, which compiles
+    a kernel for each new shape, the groups' extra calls cost what their padding saved: 0.99x task_prefix, 1.04x
+    standard. They were removed.)
     """
     device = views[0]["input_ids"].device
-    if not enabled("length_groups"):
-        max_groups = 1
     width = max(view["input_ids"].shape[1] for view in views)
     input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
     attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
-    input_lengths = used_lengths(attention_mask.bool()).tolist()
+    input_lengths = used_lengths(attention_mask.bool())
+    length = int(input_lengths.max())
     decoder_ids = [model._shift_right(view["labels"]) for view in views]
-    input_embeds, *decoder_embeds = embed(model, input_ids, decoder_ids)
-
-    # Encoder, in length groups; the outputs padded back into one [rows, width, d_model] tensor in row order.
-    outputs, order = [], []
-    for rows in length_groups(input_lengths, max_groups):
-        index = torch.tensor(rows, device=device)
-        length = input_lengths[rows[0]]
-        states = model.encoder(inputs_embeds=input_embeds[index, :length], attention_mask=attention_mask[index, :length])
-        outputs.append(F.pad(states.last_hidden_state, (0, 0, 0, width - length)))
-        order += rows
-    encoded = torch.cat(outputs)[torch.tensor(order, device=device).argsort()]
+    input_embeds, *decoder_embeds = embed(model, input_ids[:, :length], decoder_ids)
+    encoded = model.encoder(inputs_embeds=input_embeds, attention_mask=attention_mask[:, :length]).last_hidden_state
 
     hidden, targets, token_weights = [], [], []
     offset = 0
     for view, weight, view_embeds in zip(views, weights, decoder_embeds):
-        labels = view["labels"]
-        target_lengths = used_lengths(labels != IGNORE_INDEX).tolist()
-        for rows in length_groups(target_lengths, max_groups):
-            index = torch.tensor(rows, device=device)
-            length = target_lengths[rows[0]]
-            group_labels = labels[index, :length]
-            encoder_rows = index + offset
-            source = max(input_lengths[offset + row] for row in rows)
-            states = model.decoder(
-                inputs_embeds=view_embeds[index, :length],
-                encoder_hidden_states=encoded[encoder_rows, :source],
-                encoder_attention_mask=attention_mask[encoder_rows, :source],
-                use_cache=False,  # as T5ForConditionalGeneration with labels: no key/value cache built in training
-            ).last_hidden_state
-            keep = group_labels != IGNORE_INDEX
-            hidden.append(states[keep])
-            targets.append(group_labels[keep])
-        count = int((labels != IGNORE_INDEX).sum())
+        rows = slice(offset, offset + view["labels"].shape[0])
+        labels = view["labels"][:, : int(used_lengths(view["labels"] != IGNORE_INDEX).max())]
+        source = int(input_lengths[rows].max())
+        states = model.decoder(
+            inputs_embeds=view_embeds[:, : labels.shape[1]],
+            encoder_hidden_states=encoded[rows, :source],
+            encoder_attention_mask=attention_mask[rows, :source],
+            use_cache=False,  # as T5ForConditionalGeneration with labels: no key/value cache built in training
+        ).last_hidden_state
+        keep = labels != IGNORE_INDEX
+        count = int(keep.sum())
+        hidden.append(states[keep])
+        targets.append(labels[keep])
         token_weights.append(torch.full((count,), weight / max(count, 1), device=device))
-        offset += labels.shape[0]
+        offset = rows.stop
 
     hidden = torch.cat(hidden)
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):

@@ -14,7 +14,7 @@ from transformers.activations import GELUTanh, NewGELUActivation
 
 import speedups
 from model_utils import StandardDataCollator, TaskPrefixDataCollator, two_pass_loss
-from speedups import OneDNNLinear, grouped_loss, length_groups, lm_head_loss, speed_up_student
+from speedups import OneDNNLinear, grouped_loss, lm_head_loss, speed_up_student
 from train_utils import tokenize
 
 TEXTS = [
@@ -66,16 +66,15 @@ def loss_and_grads(model, compute):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("max_groups", [1, 2, 4])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_grouped_loss_equals_two_passes(tokenizer, model, alpha, max_groups):
+def test_grouped_loss_equals_two_passes(tokenizer, model, alpha):
     inputs = batch(tokenizer, "task_prefix")
     expected, expected_grads = loss_and_grads(model, lambda: two_pass_loss(model, inputs, alpha)[0])
     views, weights = [inputs["pred"], inputs["expl"]], [alpha, 1 - alpha]
-    got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights, max_groups=max_groups))
+    got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     assert grads.keys() == expected_grads.keys()
-    for name, grad in grads.items():  # rounding differs with the grouping: compare each gradient as a whole
+    for name, grad in grads.items():  # rounding differs with the trimming: compare each gradient as a whole
         difference = (grad - expected_grads[name]).norm() / expected_grads[name].norm()
         assert difference < 1e-3, (name, difference)
 
@@ -83,7 +82,7 @@ def test_grouped_loss_equals_two_passes(tokenizer, model, alpha, max_groups):
 def test_grouped_loss_equals_one_pass_in_standard_mode(tokenizer, model):
     inputs = batch(tokenizer, "standard")
     expected = model(**inputs["pred"]).loss
-    got = grouped_loss(model, [inputs["pred"]], [1.0], max_groups=3)
+    got = grouped_loss(model, [inputs["pred"]], [1.0])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
@@ -97,20 +96,6 @@ def test_grouped_loss_with_untied_head_and_scaled_outputs(tokenizer, model):
         expected = two_pass_loss(variant, inputs, 0.5)[0]
         got = grouped_loss(variant, [inputs["pred"], inputs["expl"]], [0.5, 0.5])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
-
-
-def test_length_groups_partition_rows_longest_first():
-    lengths = [5, 40, 7, 38, 6, 20, 39, 8]
-    groups = length_groups(lengths, max_groups=3, min_saving=1)
-    assert sorted(sum(groups, [])) == list(range(len(lengths)))
-    assert len(groups) == 3
-    flat = [lengths[i] for group in groups for i in group]
-    assert flat == sorted(lengths, reverse=True)
-    padded = sum(len(group) * lengths[group[0]] for group in groups)
-    assert padded < len(lengths) * max(lengths)
-    assert length_groups(lengths, max_groups=1) == [sorted(range(8), key=lambda i: -lengths[i])]
-    assert len(length_groups([10, 10, 10], max_groups=4)) == 1, "equal lengths leave nothing to save"
-    assert len(length_groups(lengths, max_groups=4, min_saving=10**6)) == 1
 
 
 def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
@@ -324,7 +309,7 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
     assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
 
 
-@pytest.mark.parametrize("switched_off", ["length_groups", "shared_embedding", "fused_head", "all"])
+@pytest.mark.parametrize("switched_off", ["shared_embedding", "fused_head", "all"])
 def test_grouped_loss_with_a_speedup_switched_off_still_equals_two_passes(tokenizer, model, monkeypatch, switched_off):
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, switched_off)
     inputs = batch(tokenizer, "task_prefix")

@@ -136,7 +136,7 @@ def test_causal_fast_loss_gradients_match_the_plain_formulation(tiny_students, t
     batch = CausalViewsCollator(tokenizer)(list(tokenized["train"]))
     grads = []
     for loss_fn in (lambda: two_pass_loss(model, batch, 0.4)[0],
-                    lambda: family.fast_loss(model, [batch["pred"], batch["expl"]], [0.4, 0.6], max_groups=2)):
+                    lambda: family.fast_loss(model, [batch["pred"], batch["expl"]], [0.4, 0.6])):
         model.zero_grad()
         loss_fn().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
