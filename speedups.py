@@ -8,7 +8,6 @@ Speed section has the commands and tables):
   longest input, one decoder pass per view trimmed to its longest target. With the module swaps below, the
   project's step was 1.33x (task_prefix) and 1.49x (standard) the two-pass formulation's, in one process
   (bench.py); its own share is measured by bench_original.py --sides project project-without=grouped_loss;
-  - shared_embedding (all devices): one embedding lookup for encoder and decoder inputs where they share the table;
   - fused_head, lm_head_loss / LMHeadLoss (all devices): lm_head and cross-entropy fused and chunked, only at target
     positions, no [tokens, vocabulary] tensors kept for backward;
 - gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
@@ -50,7 +49,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 IGNORE_INDEX = -100
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
-SPEEDUPS = ("grouped_loss", "shared_embedding", "fused_head", "gelu_tanh", "onednn_linear",
+SPEEDUPS = ("grouped_loss", "fused_head", "gelu_tanh", "onednn_linear",
             "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
@@ -280,17 +279,6 @@ def used_lengths(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long() * positions).amax(dim=1)
 
 
-def embed(model, input_ids: torch.Tensor, decoder_ids: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Token embeddings of the encoder input and of each decoder input, in one lookup where encoder and decoder share
-    the table (as T5's do): every lookup's backward writes a dense vocabulary-sized gradient."""
-    encoder_table, decoder_table = model.encoder.embed_tokens, model.decoder.embed_tokens
-    if encoder_table.weight is not decoder_table.weight or not enabled("shared_embedding"):
-        return [encoder_table(input_ids), *(decoder_table(ids) for ids in decoder_ids)]
-    every = [input_ids, *decoder_ids]
-    flat = encoder_table(torch.cat([ids.reshape(-1) for ids in every]))
-    return [part.view(*ids.shape, -1) for part, ids in zip(flat.split([ids.numel() for ids in every]), every)]
-
-
 def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
     """sum_v weights[v] * (mean token cross-entropy of view v): the value two_pass_loss computes, with less work.
 
@@ -311,18 +299,16 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
     attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
     input_lengths = used_lengths(attention_mask.bool())
     length = int(input_lengths.max())
-    decoder_ids = [model._shift_right(view["labels"]) for view in views]
-    input_embeds, *decoder_embeds = embed(model, input_ids[:, :length], decoder_ids)
-    encoded = model.encoder(inputs_embeds=input_embeds, attention_mask=attention_mask[:, :length]).last_hidden_state
+    encoded = model.encoder(input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length]).last_hidden_state
 
     hidden, targets, token_weights = [], [], []
     offset = 0
-    for view, weight, view_embeds in zip(views, weights, decoder_embeds):
+    for view, weight in zip(views, weights):
         rows = slice(offset, offset + view["labels"].shape[0])
         labels = view["labels"][:, : int(used_lengths(view["labels"] != IGNORE_INDEX).max())]
         source = int(input_lengths[rows].max())
         states = model.decoder(
-            inputs_embeds=view_embeds[:, : labels.shape[1]],
+            input_ids=model._shift_right(labels),
             encoder_hidden_states=encoded[rows, :source],
             encoder_attention_mask=attention_mask[rows, :source],
             use_cache=False,  # as T5ForConditionalGeneration with labels: no key/value cache built in training

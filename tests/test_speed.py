@@ -309,7 +309,7 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
     assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
 
 
-@pytest.mark.parametrize("switched_off", ["shared_embedding", "fused_head", "all"])
+@pytest.mark.parametrize("switched_off", ["fused_head", "all"])
 def test_grouped_loss_with_a_speedup_switched_off_still_equals_two_passes(tokenizer, model, monkeypatch, switched_off):
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, switched_off)
     inputs = batch(tokenizer, "task_prefix")
