@@ -26,7 +26,7 @@ from transformers.utils import is_torch_tf32_available
 
 from metrics import METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer
-from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student
+from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
 from students import StudentFamily, family_of, lora_name, save_best, student_record
 from trackers import track_run
 from recovery import FaultGuard, RunError, record_run_args, resume_checkpoint, write_json_atomic
@@ -361,6 +361,8 @@ def build_trainer(
     eval_sets = {split: sort_by_length(tokenized[split]) for split in eval_splits}
     family = family_of(model.config)
     speed_up_student(model)
+    if training_args.device.type == "cpu":
+        tune_cpu_allocator()
     trainer = TaskPrefixTrainer(
         model=model,
         args=training_args,
