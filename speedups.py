@@ -1,31 +1,32 @@
 """Speed tricks for the student: each computes what the stock modules / the paper's two-pass loss compute.
 
 model_utils.py holds the method (collators, the alpha-weighted loss, the trainer); this module holds what only makes
-it faster. Each trick, where it applies, and its gain as measured (tiny T5, cqa, batch 8, 2 CPU threads; the README's
-Speed section has the commands and tables):
+it faster. Each trick, where it applies, and its gain as measured: the step time with it over the step time without
+it, task_prefix / standard (tiny T5, cqa, batch 8, 2 CPU threads, bench_original.py --sides project
+project-without=NAME, 10 rounds; the README's Speed section has the commands, spreads and pooled runs):
 
 - grouped_loss (all devices; single-process seq2seq students): one encoder pass for both views, trimmed to the
-  longest input, one decoder pass per view trimmed to its longest target. With the module swaps below, the
-  project's step was 1.33x (task_prefix) and 1.49x (standard) the two-pass formulation's, in one process
-  (bench.py); its own share is measured by bench_original.py --sides project project-without=grouped_loss;
+  longest input, one decoder pass per view trimmed to its longest target: 0.91x / 1.02x, and 0.82x the working
+  memory in task_prefix;
   - fused_head, lm_head_loss / LMHeadLoss (all devices): lm_head and cross-entropy fused and chunked, only at target
-    positions, no [tokens, vocabulary] tensors kept for backward;
-- gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
+    positions, no [tokens, vocabulary] tensors kept for backward: 0.93x / 0.99x;
+- gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes): 0.98x /
+  0.96x pooled over 39 rounds, and 5% less working memory;
 - onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): every linear layer's three products, and the fused
   head's, on oneDNN's GEMM instead of torch's MKL sgemm, which takes AVX2 paths on AMD CPUs where oneDNN uses
-  AVX-512: 1.5-2.5x the FLOP/s for T5's shapes. Its gain, bench_original.py --sides project
-  project-without=onednn_linear, is in README's Speed section. (It replaced SkinnyLinear, the decoding step's lm_head
-  as weight @ x.T: oneDNN's product is as fast for 8 rows and 1.5x for 32.)
+  AVX-512 (1.5-2.5x the FLOP/s for T5's shapes): 0.78x / 0.86x. (It replaced SkinnyLinear, the decoding step's
+  lm_head as weight @ x.T: oneDNN's product is as fast for 8 rows and 1.5x for 32.)
 - malloc_reuse, tune_cpu_allocator (CPU training, glibc): freed heap blocks are kept for reuse instead of being
-  returned to the kernel and faulted in afresh (8,000-26,000 page faults per tiny-T5 step before);
-- cpu_eval_batch, eval_batch_factor (CPU evaluation): generation batches of 8x the training batch instead of 4x;
-- cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64; torch's per-element Bernoulli on AMD
-  CPUs was 15% of a task_prefix step, SFC64 draws in about a quarter of that;
-- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout
-  (removed once for gaining under 3%; with the products on oneDNN, attention's share of a step grew, and it gains
-  4% in task_prefix, where rationales make the decoder's attention long, and nothing in standard);
+  returned to the kernel and faulted in afresh (about 8,000 page faults per tiny-T5 step without it): 0.965x /
+  0.986x pooled over 20 rounds, 5% and 11% side by side with the original, for about 10% more working memory;
+- cpu_eval_batch, eval_batch_factor (CPU evaluation): generation batches of 8x the training batch instead of 4x:
+  256 cqa test rows in 5.2 s instead of 6.9 s;
+- cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64, 16 bits an element; torch's per-element
+  Bernoulli on AMD CPUs was 15% of a task_prefix step: 0.91x / 0.92x;
+- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout:
+  0.96x / 0.98x pooled over 49 rounds (rationales make the decoder's attention long in task_prefix);
 - fused_adamw (CPU and CUDA; train_utils.training_arguments): torch's fused AdamW kernel, one pass over the weights
-  instead of a dozen, about 5x faster than the foreach kernel for the tiny T5 on 2 cores.
+  instead of a dozen: 0.94x / 0.77x.
 
 Each can be switched off on its own, for the benchmark or to rule it out when something looks wrong:
 DSS_DISABLE_SPEEDUPS=cpu_dropout,fused_head python run.py ... (or =all: the paper's formulation, stock modules).
