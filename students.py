@@ -170,7 +170,8 @@ def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: li
     view (model(**view).loss), with less work: each view's pass trimmed to its longest row, and the lm_head and
     cross-entropy only at the positions that predict a target token (lm_head_loss: no logits for prompts or
     padding, chunked). Views run apart, since an explain row (prompt and rationale) is far longer than a predict
-    row (prompt and label); finer length groups gained nothing more (1.00x task_prefix, 1.04x standard)."""
+    row (prompt and label); both views' rows in up to 4 length groups took as long in task_prefix (1.00x) and 4%
+    longer in standard (a random tiny Llama, bench_original.py)."""
     hidden, targets, token_weights = [], [], []
     for view, weight in zip(views, weights):
         length = int(used_lengths(view["attention_mask"].bool()).max())
