@@ -279,6 +279,13 @@ def used_lengths(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long() * positions).amax(dim=1)
 
 
+def view_token_weights(keep: torch.Tensor, weight: float) -> torch.Tensor:
+    """For each kept target token of one view, weight / (the view's kept tokens): summed against the tokens'
+    cross-entropies, the view's mean token loss times its weight (alpha or 1 - alpha)."""
+    count = int(keep.sum())
+    return torch.full((count,), weight / max(count, 1), device=keep.device)
+
+
 def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
     """sum_v weights[v] * (mean token cross-entropy of view v): the value two_pass_loss computes, with less work.
 
@@ -293,7 +300,6 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
     a kernel for each new shape, the groups' extra calls cost what their padding saved: 0.99x task_prefix, 1.04x
     standard. They were removed.)
     """
-    device = views[0]["input_ids"].device
     width = max(view["input_ids"].shape[1] for view in views)
     input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
     attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
@@ -314,10 +320,9 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
             use_cache=False,  # as T5ForConditionalGeneration with labels: no key/value cache built in training
         ).last_hidden_state
         keep = labels != IGNORE_INDEX
-        count = int(keep.sum())
         hidden.append(states[keep])
         targets.append(labels[keep])
-        token_weights.append(torch.full((count,), weight / max(count, 1), device=device))
+        token_weights.append(view_token_weights(keep, weight))
         offset = rows.stop
 
     hidden = torch.cat(hidden)

@@ -18,7 +18,7 @@ from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, unwrap_peft
-from speedups import grouped_loss, lm_head_loss, used_lengths
+from speedups import grouped_loss, lm_head_loss, used_lengths, view_token_weights
 
 # Between a decoder-only student's prompt and its target (label or rationale): `predict: <input>\n<label><eos>`.
 SEPARATOR = "\n"
@@ -179,10 +179,9 @@ def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: li
                                   attention_mask=view["attention_mask"][:, :length])
         shifted = view["labels"][:, 1:length]  # position i predicts token i + 1
         keep = shifted != LABEL_PAD
-        count = int(keep.sum())
         hidden.append(states.last_hidden_state[:, :-1][keep])
         targets.append(shifted[keep])
-        token_weights.append(torch.full((count,), weight / max(count, 1), device=shifted.device))
+        token_weights.append(view_token_weights(keep, weight))
     head = model.get_output_embeddings()
     return lm_head_loss(torch.cat(hidden), head.weight, torch.cat(targets), torch.cat(token_weights))
 
