@@ -205,8 +205,9 @@ def tune_cpu_allocator() -> bool:
     top once more than twice that is free. A training step frees its activations and its vocabulary-sized gradients
     (32 MiB each for the T5 vocabulary) every step, so the next step takes 8,000-26,000 page faults, each zeroing a
     fresh 4 KiB page: about 15% of a tiny-T5 standard step. With the threshold raised and trimming off, freed blocks
-    are reused and the steady-state step takes none; the peak RSS was unchanged in the benchmark. Process-wide, so
-    only called for CPU training (train_utils.build_trainer); returns whether it took effect.
+    are reused and the steady-state step takes almost none, for about 10% more working memory (the heap keeps what
+    it freed). Process-wide, so only called for CPU training (train_utils.build_trainer); returns whether it took
+    effect.
     """
     if not enabled("malloc_reuse") or not sys.platform.startswith("linux"):
         return False
