@@ -2,8 +2,9 @@
 the greedy generation and the logits along it. tests/test_portable.py runs it under an older transformers, on a
 folder a run saved, and compares with what the project computes from the same folder.
 
-    python load_probe.py '{"folders": {"t5": ".../best"}, "texts": {"t5": ["..."]}, "max_new_tokens": 8}'
-    # prints {"t5": [per text: ids, generated, logits]} as JSON
+    python load_probe.py '{"folders": {"t5": ".../best"}, "texts": {"t5": ["..."]}, "max_new_tokens": 8,
+                           "logits_file": "logits.pt"}'
+    # prints {"t5": [per text: {ids, generated}]} as JSON; logits_file gets {"t5": [per text: logits]} (torch.save)
 
 Only torch and transformers are imported, in APIs that every version since 4.30 has.
 """
@@ -14,7 +15,7 @@ import sys
 
 def probe(tokenizer, model, texts: list[str], max_new_tokens: int) -> list[dict]:
     """Per text: `ids` (the tokenizer's, special tokens included), `generated` (greedy, one row at a time, the new
-    tokens only for a decoder-only model) and `logits` (a forward pass over the generation, float lists)."""
+    tokens only for a decoder-only model) and `logits` (a forward pass over the generation, a float tensor)."""
     import torch
 
     seq2seq = model.config.is_encoder_decoder
@@ -35,20 +36,23 @@ def probe(tokenizer, model, texts: list[str], max_new_tokens: int) -> list[dict]
             else:
                 logits = model(input_ids=tokens).logits
                 generated = tokens[0, len(ids):].tolist()
-        rows.append({"ids": ids, "generated": generated, "logits": logits[0].float().tolist()})
+        rows.append({"ids": ids, "generated": generated, "logits": logits[0].float()})
     return rows
 
 
 def main() -> None:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     request = json.loads(sys.argv[1])
-    results = {}
+    results, logits = {}, {}
     for name, folder in request["folders"].items():
         seq2seq = AutoConfig.from_pretrained(folder).is_encoder_decoder
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(folder).eval()
         results[name] = probe(tokenizer, model, request["texts"][name], request["max_new_tokens"])
+        logits[name] = [row.pop("logits") for row in results[name]]
+    torch.save(logits, request["logits_file"])
     print(json.dumps(results))
 
 if __name__ == "__main__":
