@@ -147,10 +147,11 @@ def test_config_and_tokenizer_config_speak_4x():
 
 
 def compat_env(pins: tuple[str, ...]) -> Path:
-    """A folder with the pinned packages (not torch: the project's is used), built once per set of pins, atomically;
-    skips the test where it cannot be built."""
+    """A folder with the pinned packages (not torch: the project's is used), built once per set of pins and Python,
+    atomically; skips the test where it cannot be built."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dss-compat"
-    target = cache / f"{pins[0].split('==')[1]}-{hashlib.blake2b(' '.join(pins).encode(), digest_size=4).hexdigest()}"
+    key = " ".join([*pins, sys.version, sys.platform])
+    target = cache / f"{pins[0].split('==')[1]}-{hashlib.blake2b(key.encode(), digest_size=4).hexdigest()}"
     if target.is_dir():
         return target
     uv = shutil.which("uv")
@@ -164,7 +165,9 @@ def compat_env(pins: tuple[str, ...]) -> Path:
     done = subprocess.run([*install, str(building), *pins], capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         shutil.rmtree(building, ignore_errors=True)
-        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        lines = done.stderr.strip().splitlines() or ["no message"]
+        first_error = next((line for line in lines if line.startswith("error")), lines[-1])
+        reason = "; ".join(dict.fromkeys([first_error.strip(), lines[-1].strip()]))
         pytest.skip(f"cannot build {' '.join(pins)} from the package registry: {reason}")
     try:
         os.replace(building, target)
