@@ -5,8 +5,8 @@ transformers 5 writes a few things its 4.x releases read otherwise:
 - config.json: T5's `tie_word_embeddings` is always true (the head's scaling moved to `scale_decoder_outputs`), so a
   T5 v1.1 / Flan-T5 student, whose head is its own, would have its head tied to the embeddings by 4.x, its trained
   head weights dropped. The folder states the head's tying as 4.x reads it, which transformers 5 reads the same way.
-- tokenizer.json: the current serialisation (BPE merges as pairs, Metaspace's `prepend_scheme`), which the tokenizers
-  releases paired with 4.x before 4.40 cannot parse. Where the tokenizer can be said in the older form, the file is
+- tokenizer.json: the current serialisation (BPE merges as pairs, Metaspace's `prepend_scheme`), which older tokenizers
+  releases (0.13.3, the paper's, among them) cannot parse. Where the tokenizer can be said in the older form, the file is
   written in it, which the current tokenizers still reads as the same tokenizer. A T5 student's file is the
   tokenisation training used (train_utils.original_t5_pretokenization), and its SentencePiece model is kept beside
   it as spiece.model, as T5 checkpoints ship it.
@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer
+
+from recovery import write_json_atomic
 
 # transformers 5's class names that 4.x spells otherwise (both read the 4.x name).
 LEGACY_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
@@ -69,16 +71,15 @@ def legacy_form(node):
     return convert(node) if convert else node
 
 
-def legacy_tokenizer_json(backend: Tokenizer) -> str | None:
+def legacy_tokenizer_json(backend: Tokenizer) -> dict | None:
     """backend's tokenizer.json in the older format, or None where it cannot be said there or where the current
     tokenizers would not read it back as the same tokenizer."""
-    current = backend.to_str()
+    current = json.loads(backend.to_str())
     try:
-        text = json.dumps(legacy_form(json.loads(current)), ensure_ascii=False, indent=2)
+        legacy = legacy_form(current)
     except NotSayable:
         return None
-    same = json.loads(Tokenizer.from_str(text).to_str()) == json.loads(current)
-    return text if same else None
+    return legacy if json.loads(Tokenizer.from_str(json.dumps(legacy)).to_str()) == current else None
 
 
 def portable_config(config: dict) -> dict:
@@ -99,15 +100,9 @@ def portable_tokenizer_config(config: dict) -> dict:
     return config
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def rewrite_json(path: Path, change) -> None:
     if path.is_file():
-        write_atomic(path, json.dumps(change(json.loads(path.read_text(encoding="utf-8"))), indent=2) + "\n")
+        write_json_atomic(path, change(json.loads(path.read_text(encoding="utf-8"))))
 
 
 def make_portable(directory: Path, tokenizer) -> None:
@@ -121,7 +116,7 @@ def make_portable(directory: Path, tokenizer) -> None:
     backend = getattr(original_t5_pretokenization(tokenizer), "backend_tokenizer", None)
     legacy = legacy_tokenizer_json(backend) if backend is not None else None
     if legacy is not None and (directory / "tokenizer.json").is_file():
-        write_atomic(directory / "tokenizer.json", legacy)
+        write_json_atomic(directory / "tokenizer.json", legacy)
     for attribute, name in getattr(tokenizer, "vocab_files_names", {}).items():
         source = getattr(tokenizer, attribute, None)
         if isinstance(source, str) and Path(source).is_file() and not (directory / name).exists():
