@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from run import positive_int, quiet_tied_weight_notices
+from run import GEN_MAX_LEN, positive_int, quiet_tied_weight_notices
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--json", action="store_true", help="print JSON lines {input, label[, rationale]} instead of text")
     add("--no_prefix", action="store_true", help="feed inputs without `predict: ` (models trained with standard)")
     add("--batch_size", type=positive_int, default=16, help="inputs generated together")
-    add("--max_new_tokens", type=positive_int, default=64, help="tokens generated per label or rationale")
+    add("--max_new_tokens", type=positive_int, default=GEN_MAX_LEN - 1, help="tokens generated per label or "
+        "rationale; a run's evaluation generates its --gen_max_len minus 1 (the start token)")
     add("--max_input_length", type=positive_int, default=1024, help="input tokens kept (truncation), as in run.py")
     args = parser.parse_args(argv)
     if args.no_prefix and args.rationale:
@@ -93,33 +94,37 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
 
 
 def load_model(directory: str):
-    """Tokenizer and model of a saved student (either family, full or LoRA adapter), on the GPU when there is one."""
+    """Tokenizer and model of a saved student (either family, full or LoRA adapter), on the GPU when there is one.
+    A T5 tokenizer gives the token ids that training and evaluation gave (train_utils.original_t5_pretokenization)."""
     import torch
     from transformers.utils import logging
 
     from students import load_saved
+    from train_utils import original_t5_pretokenization
 
     logging.disable_progress_bar()  # stdout/stderr carry predictions and errors only
     quiet_tied_weight_notices()
     _, tokenizer, model = load_saved(directory)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return tokenizer, model
+    return original_t5_pretokenization(tokenizer), model
 
 
 def generate(tokenizer, model, texts: list[str], args: argparse.Namespace) -> list[str]:
-    """Greedy decoding, as at evaluation in training."""
+    """Greedy decoding with the family's settings, decoded as evaluation records it (special tokens skipped)."""
     import torch
 
-    from students import GREEDY, causal_generate, family_of
+    from students import causal_generate, family_of
 
-    if family_of(model.config).prompt_in_output:
+    family = family_of(model.config)
+    if family.prompt_in_output:
         return causal_generate(tokenizer, model, texts, args.max_input_length, args.max_new_tokens, args.chat_template)
     batch = tokenizer(texts, max_length=args.max_input_length, truncation=True, padding=True, return_tensors="pt")
     with torch.inference_mode():
         tokens = model.generate(
-            **batch.to(model.device), max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=False, **GREEDY
+            **batch.to(model.device), max_new_tokens=args.max_new_tokens, num_beams=1, do_sample=False,
+            **family.generation,
         )
-    return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 
 def predictions(tokenizer, model, inputs: list[str], args: argparse.Namespace) -> Iterator[dict[str, str]]:

@@ -29,6 +29,8 @@ from rationales import (
 
 # Kept here rather than imported from train_utils, so a mistyped flag is answered before torch loads.
 OPTIMIZER_NAMES = ("AdamW", "Adafactor")
+# --gen_max_len's default, the original's generation_max_length; predict.py generates one token less by default.
+GEN_MAX_LEN = 64
 
 # --report_to name -> (the package it needs, how to install it); checked here, before torch loads.
 TRACKERS: dict[str, tuple[str, str]] = {
@@ -113,8 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
     add("--max_eval_samples", type=positive_int, default=None,
         help="for debugging and smoke tests: evaluate on the first N rows of valid/test only (not the paper's protocol)")
-    add("--gen_max_len", type=positive_int, default=64, help="generation length at evaluation, counting the decoder's "
-        "start token as the original's generation_max_length did (64: up to 63 generated tokens)")
+    add("--gen_max_len", type=positive_int, default=GEN_MAX_LEN, help="generation length at evaluation, counting the "
+        "decoder's start token as the original's generation_max_length did (64: up to 63 generated tokens)")
     add("--fixed_valid", action="store_true", help="hold out valid (10%%, seed 0) from the whole train file before "
         "--subsample, so every fraction and seed shares it (the original holds it out of the subsample)")
     add("--tolerant_equations", action="store_true", help="svamp/asdiv/--custom_metric equation: values within 1e-9 "

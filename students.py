@@ -304,16 +304,23 @@ def load_student(path: str, dtype=torch.float32, source: dict | None = None, **p
 
 
 def save_best(trainer, directory: Path) -> None:
-    """The selected model: save_pretrained + tokenizer. A LoRA student saves its adapter in best/adapter and the
-    merged model in best/ itself, which plain from_pretrained loads."""
+    """The selected model: save_pretrained + tokenizer, in files that transformers 4.x loads as the same model
+    (portable.make_portable). A LoRA student saves its adapter in best/adapter and the merged model in best/ itself,
+    which plain from_pretrained loads."""
+    from portable import make_portable
+
     if not is_peft(trainer.model):
         trainer.save_model(str(directory))
+        if trainer.is_world_process_zero():
+            make_portable(directory, trainer.processing_class)
         return
     trainer.save_model(str(directory / "adapter"))
     if trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(str(directory))
         trainer.processing_class.save_pretrained(str(directory))
+        for folder in (directory, directory / "adapter"):
+            make_portable(folder, trainer.processing_class)
 
 
 def lora_name(args: argparse.Namespace) -> str:
@@ -326,16 +333,17 @@ def causal_generate(
     tokenizer: PreTrainedTokenizerBase, model, texts: list[str], max_input_length: int, max_new_tokens: int,
     chat_template: bool = False,
 ) -> list[str]:
-    """A decoder-only student's greedy continuations of prompts built as in training (left-padded), decoded."""
+    """A decoder-only student's greedy continuations of prompts built as in training (left-padded), decoded as
+    evaluation records them."""
     prompts = causal_prompts(tokenizer, texts, max_input_length, chat_template)
     input_ids = pad_rows(prompts, tokenizer.pad_token_id, left=True).to(model.device)
     with torch.inference_mode():
         tokens = model.generate(
             input_ids=input_ids, attention_mask=length_mask(prompts, left=True).to(model.device),
-            max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **GREEDY,
+            max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **FAMILIES["causal"].generation,
         )
     continuations = tokens[:, input_ids.shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(continuations, skip_special_tokens=True)]
+    return tokenizer.batch_decode(continuations, skip_special_tokens=True)
 
 
 def load_saved(directory: str | Path):

@@ -8,6 +8,7 @@ fresh clone with nothing beside it passes. DSS_HIDE_SHARED=1 treats ../shared as
 import json
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,23 +72,27 @@ def corpus_lines(n: int = 2000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tiny_t5(directory: Path) -> Path:
+def build_tiny_t5(directory: Path, vocabulary: Path | None = None) -> Path:
     """Save a randomly initialised 2+2-layer T5 (v1.1 shape: gated GELU, untied head) and its tokenizer into
-    directory."""
+    directory: a SentencePiece vocabulary trained here, or the T5 tokenizer folder `vocabulary` (its spiece.model)."""
     import sentencepiece as spm
     import torch
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    text = directory / "corpus.txt"
-    text.write_text("\n".join(corpus_lines()) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(directory / "spiece"), vocab_size=600, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
-    )
-    (directory / "spiece.vocab").unlink()
-    text.unlink()
-    tokenizer = T5Tokenizer.from_pretrained(str(directory), extra_ids=0)
+    if vocabulary is None:
+        text = directory / "corpus.txt"
+        text.write_text("\n".join(corpus_lines()) + "\n")
+        spm.SentencePieceTrainer.train(
+            input=str(text), model_prefix=str(directory / "spiece"), vocab_size=600, model_type="unigram",
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2,
+        )
+        (directory / "spiece.vocab").unlink()
+        text.unlink()
+        tokenizer = T5Tokenizer.from_pretrained(str(directory), extra_ids=0)
+    else:
+        shutil.copyfile(vocabulary / "spiece.model", directory / "spiece.model")
+        tokenizer = T5Tokenizer.from_pretrained(str(vocabulary))
     tokenizer.save_pretrained(str(directory))
     config = T5Config(
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
