@@ -54,6 +54,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# numpy's and torch's generators take seeds below 2**32.
+MAX_SEED = 2**32 - 1
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a seed from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -109,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max_steps", type=positive_int, default=10000, help="training steps")
     add("--lr", type=positive_float, default=5e-5, help="learning rate")
     add("--optimizer_name", default="AdamW", choices=OPTIMIZER_NAMES, help="optimizer")
-    add("--run", type=non_negative_int, default=0, help="seed: data subsample, shuffling and dropout")
+    add("--run", type=seed, default=0, help="seed: data subsample, shuffling and dropout")
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
     add("--max_eval_samples", type=positive_int, default=None,
         help="for debugging and smoke tests: evaluate on the first N rows of valid/test only (not the paper's protocol)")

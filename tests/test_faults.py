@@ -389,7 +389,8 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_t5, custom_data, tmp_path, c
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "inf"], "--lr: must be positive and finite"),
     (["--lr", "nan"], "--lr: must be positive and finite"),
-    (["--run", "-1"], "--run: must be 0 or more"),
+    (["--run", "-1"], "--run: must be a seed from 0 to 4294967295, got -1"),
+    (["--run", "4294967296"], "--run: must be a seed from 0 to 4294967295, got 4294967296"),
     (["--llm", ".."], "--llm '..'"),
     (["--llm", "."], "--llm '.'"),
 ])
