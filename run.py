@@ -15,6 +15,20 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+STARTUP_INTERRUPTED = "interrupted before training started; nothing was written"
+
+
+def _stop_while_starting(signum, frame):
+    print(STARTUP_INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C or SIGTERM while this module's imports load end with the line main() gives, not a traceback or a silent
+    # exit 143; main() takes over from its first line.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    signal.signal(signal.SIGINT, _stop_while_starting)
+
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data
 from metrics import METRICS
 from rationales import (
@@ -437,34 +451,44 @@ def _interrupt(signum, frame):
 
 @contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's pre-emption, a sweep that stops) ends the run as Ctrl-C does."""
+    """SIGTERM (a scheduler's pre-emption, a sweep that stops) ends the run as Ctrl-C does: both raise
+    KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The run, as its folder's only writer; Ctrl-C and SIGTERM end it with a line saying how to go on."""
+    """The run, as its folder's only writer; Ctrl-C and SIGTERM end it with a line saying how to go on, from the
+    first import of torch on."""
     args = parse_args(argv)
+    try:
+        with sigterm_as_interrupt():
+            return train_in_run_folder(args)
+    except KeyboardInterrupt:
+        print(STARTUP_INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def train_in_run_folder(args: argparse.Namespace) -> int:
     from recovery import Interrupted, RunError, run_folder
     from train_utils import is_main_process, run_dirs
 
     try:
-        with sigterm_as_interrupt(), run_folder(*run_dirs(args), is_main_process()):
+        with run_folder(*run_dirs(args), is_main_process()):
             return run_training(args)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(str(e), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130
 
 

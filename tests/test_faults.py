@@ -499,3 +499,38 @@ def test_a_skipped_checkpoint_is_marked_incomplete_before_it_is_saved_again(tmp_
     assert (stale / "trainer_state.json").exists() and guard.step == 4
     guard.on_step_end(args, state, TrainerControl(should_save=True))
     assert not (stale / "trainer_state.json").exists() and checkpoint_problem(stale).startswith("incomplete")
+
+
+# Runs run.py as `python run.py` does, sending the process a signal the moment a module is first imported.
+SIGNAL_AT_IMPORT = """
+import os, runpy, signal, sys
+module, signum = sys.argv[1], getattr(signal, sys.argv[2])
+
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signum)
+        return None
+
+sys.meta_path.insert(0, SignalAtImport())
+sys.argv = sys.argv[3:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module, signum", [
+    ("numpy", "SIGTERM"),  # run.py's own imports
+    ("torch", "SIGTERM"),  # main()'s imports of the training libraries
+    ("torch", "SIGINT"),
+])
+def test_a_signal_during_imports_is_one_line_and_leaves_nothing(tiny_t5, custom_data, tmp_path, module, signum):
+    script = tmp_path / "signal_at_import.py"
+    script.write_text(SIGNAL_AT_IMPORT)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), module, signum, str(ROOT / "run.py"),
+                           *argv(tiny_t5, custom_data, out)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 130
+    assert one_line(done.stderr) == "interrupted before training started; nothing was written"
+    assert not out.exists()
