@@ -41,6 +41,8 @@ CRC_CHECK_BYTES = 4 << 30
 ZIP_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
 # The tokenizers library (Rust) reports a full disk as a bare Exception carrying the OS error's text.
 DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+# torch reports a failed CPU allocation as a plain RuntimeError (CUDA's is a torch.OutOfMemoryError).
+CPU_ALLOCATION_FAILURE = "DefaultCPUAllocator: can't allocate memory"
 
 
 class RunError(Exception):
@@ -244,10 +246,17 @@ def run_settings(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps(settings, default=str))
 
 
+def holds_results(ckpt_dir: Path) -> bool:
+    """Whether a run folder holds anything of a run besides its run_args.json (a checkpoint, even one cut short,
+    best/, results.json): a run killed before its first checkpoint leaves only that record, and nothing to resume."""
+    records = (RUN_ARGS, RUN_ARGS + ".tmp")
+    return ckpt_dir.is_dir() and any(path.name not in records for path in ckpt_dir.iterdir())
+
+
 def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
     """Refuse a resume whose flags would train or measure differently from those the run started with."""
     path = ckpt_dir / RUN_ARGS
-    if not path.is_file():
+    if not path.is_file() or not holds_results(ckpt_dir):
         return
     try:
         recorded = json.loads(path.read_text())
@@ -261,9 +270,10 @@ def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
 
 
 def record_run_args(args: argparse.Namespace, ckpt_dir: Path) -> None:
-    """The run's settings as it starts, for check_same_run; an existing record (a resumed run's) is kept."""
+    """The run's settings as it starts, for check_same_run; the record of a run being resumed is kept, that of an
+    attempt that left nothing to resume is replaced."""
     path = ckpt_dir / RUN_ARGS
-    if path.is_file():
+    if path.is_file() and holds_results(ckpt_dir):
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, run_settings(args))
@@ -342,7 +352,8 @@ def fault_message(error: BaseException, ckpt_dir: Path, model) -> str | None:
         where = getattr(error, "filename", None) or ckpt_dir
         return (f"disk full writing {where}: {_megabytes(_free_bytes(ckpt_dir))} free, a checkpoint needs about "
                 f"{_megabytes(need)}; free space there and run the same command with --resume")
-    if isinstance(error, torch.OutOfMemoryError):
+    if isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                     and CPU_ALLOCATION_FAILURE in str(error)):
         return ("out of memory: lower --batch_size (raising --grad_steps keeps the effective batch) or "
                 "--eval_batch_size, then run the same command with --resume")
     if isinstance(error, OSError) and error.filename:

@@ -324,7 +324,7 @@ def load_student(args: argparse.Namespace):
     """Tokenizer and model (seq2seq or causal LM, LoRA-wrapped with --lora_r) from a local directory or the hub;
     --parallelize spreads the model over GPUs."""
     from recovery import check_tokenizer
-    from students import add_lora, load_student as load, parameter_counts
+    from students import UnsupportedStudent, add_lora, load_student as load, parameter_counts
     from train_utils import RunError, is_main_process
 
     placement = {"device_map": "auto"} if args.parallelize else {}
@@ -332,6 +332,8 @@ def load_student(args: argparse.Namespace):
     quiet_tied_weight_notices()
     try:
         family, tokenizer, model = load(args.from_pretrained, source=source, **placement)
+    except UnsupportedStudent as e:
+        raise RunError(f"--from_pretrained {e}") from None
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, or the weight loaders' own errors for truncated files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
@@ -445,6 +447,15 @@ def dump_data(args: argparse.Namespace) -> None:
     print(f"wrote {count} rows ({', '.join(f'{name} {len(split)}' for name, split in splits.items())}) to {path}")
 
 
+def warn_of_a_batch_beyond_the_split(batch_size: int, rows: int) -> None:
+    """A batch larger than the training split is the whole split at every step: memory for all of its rows at once,
+    which a mistyped --batch_size makes a kernel kill rather than a run."""
+    if batch_size > rows:
+        print(f"warning: --batch_size {batch_size} is larger than the training split ({rows} rows): every step trains "
+              f"on all {rows} rows at once; choose a --batch_size of at most {rows} to train on batches",
+              file=sys.stderr)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -523,6 +534,8 @@ def run_training(args: argparse.Namespace) -> int:
         cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         tokenized = cached_tokenize(cache_dir, tokenize, splits, tokenizer, args.model_type, args.max_input_length,
                                     family, args.chat_template, write=is_main_process())
+        if is_main_process():
+            warn_of_a_batch_beyond_the_split(args.batch_size, len(tokenized["train"]))
         if args.rationales != "first" and args.model_type == "task_prefix":
             from train_utils import MAX_TARGET_LENGTH, original_t5_pretokenization
 

@@ -321,13 +321,25 @@ def test_divergence_stops_with_one_line_and_is_never_the_best_model(tiny_t5, cus
     assert not (run_dir(out) / "best").exists() and not (run_dir(out) / "results.json").exists()
 
 
-def test_out_of_memory_is_one_line(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
+def cuda_out_of_memory():
     import torch
 
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def cpu_out_of_memory():
+    """A real failed allocation of torch's CPU allocator (4 PiB), which raises a plain RuntimeError."""
+    import torch
+
+    torch.empty(1 << 52, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("allocate", [cuda_out_of_memory, cpu_out_of_memory])
+def test_out_of_memory_is_one_line(tiny_t5, custom_data, tmp_path, capsys, monkeypatch, allocate):
     from model_utils import TaskPrefixTrainer
 
     def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        allocate()
 
     monkeypatch.setattr(TaskPrefixTrainer, "compute_loss", no_memory)
     assert run.main(argv(tiny_t5, custom_data, tmp_path / "out")) == 1
@@ -534,3 +546,79 @@ def test_a_signal_during_imports_is_one_line_and_leaves_nothing(tiny_t5, custom_
     assert done.returncode == 130
     assert one_line(done.stderr) == "interrupted before training started; nothing was written"
     assert not out.exists()
+
+
+def test_a_model_that_does_not_generate_text_is_refused_naming_it(tiny_t5, custom_data, tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64)).save_pretrained(model)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_t5 / name, model / name)
+    out = tmp_path / "out"
+    assert run.main(argv(model, custom_data, out)) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --from_pretrained {model} holds a BertForMaskedLM (bert), which does not "
+                           "generate text; students are seq2seq LMs")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("config, heads, supported", [
+    ("T5Config", ["T5ForConditionalGeneration"], True),
+    ("T5Config", ["T5WithLMHeadModel"], True),  # how t5-small's config names it
+    ("BartConfig", ["BartForConditionalGeneration"], True),
+    ("GPT2Config", ["GPT2LMHeadModel"], True),
+    ("LlamaConfig", ["LlamaForCausalLM"], True),
+    ("Qwen2Config", None, True),  # a config saved without its architecture: the family's head
+    ("T5Config", ["T5EncoderModel"], False),
+    ("GPT2Config", ["GPT2Model"], False),  # no head: one would be initialised at random
+    ("BertConfig", ["BertForSequenceClassification"], False),
+    ("ViTConfig", None, False),
+])
+def test_only_text_generating_heads_of_a_family_are_students(config, heads, supported):
+    import transformers
+
+    from students import UnsupportedStudent, supported_family
+
+    model_config = getattr(transformers, config)(architectures=heads)
+    if supported:
+        assert supported_family(model_config, "m").name in ("seq2seq", "causal")
+    else:
+        with pytest.raises(UnsupportedStudent, match="which does not generate text"):
+            supported_family(model_config, "m")
+
+
+def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_plain_rerun(tiny_t5, custom_data, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(ROOT / "run.py"),
+                              *argv(tiny_t5, custom_data, out, "--max_steps", "5000", "--eval_steps", "1000")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: list(out.glob("ckpts/**/run_args.json")), "the first run to start training")
+        first.kill()  # as the kernel's out-of-memory killer does
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    folder = run_dir(out)
+    assert [p.name for p in folder.iterdir()] == ["run_args.json"]
+    # The same command, as a user reruns it (without --resume): there is nothing to resume, so it starts afresh.
+    assert run.main(argv(tiny_t5, custom_data, out)) == 0
+    err = capsys.readouterr().err
+    assert f"note: the earlier attempt in {folder} stopped before its first checkpoint" in err
+    assert json.loads((folder / "run_args.json").read_text())["max_steps"] == 6, "the record is this run's"
+    assert (folder / "results.json").is_file()
+    # With a checkpoint in the folder, the rerun without --resume is refused as before.
+    (folder / "results.json").unlink()
+    assert run.main(argv(tiny_t5, custom_data, out)) == 1
+    assert "results already exist in" in one_line(capsys.readouterr().err)
+
+
+def test_a_batch_larger_than_the_training_split_is_warned_of(tiny_t5, custom_data, tmp_path, capsys):
+    assert run.main(argv(tiny_t5, custom_data, tmp_path / "out", "--batch_size", "100", "--max_steps", "2")) == 0
+    err = capsys.readouterr().err
+    rows = len(load_data("custom", custom_data, llm="dataset")["train"])
+    assert (f"warning: --batch_size 100 is larger than the training split ({rows} rows): every step trains on all "
+            f"{rows} rows at once") in err
