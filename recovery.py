@@ -105,24 +105,36 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"incomplete (no {TRAINER_STATE}: its save was cut short)"
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         return "it holds no model weights"
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    for path in sorted(files):
-        if path.suffix == ".json":
-            try:
-                json.loads(path.read_bytes())
-            except (ValueError, UnicodeDecodeError):
-                problem = f"{path.name} is truncated or not valid JSON"
-            else:
-                problem = None
-        elif path.suffix == ".safetensors":
-            problem = _safetensors_problem(path)
-        elif path.suffix in (".bin", ".pt", ".pth"):
-            problem = _zip_problem(path) if path.stat().st_size else f"{path.name} is empty"
-        else:
-            continue
-        if problem:
-            return problem
+    return _first_problem(p for p in folder.rglob("*") if p.is_file())
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why a JSON, safetensors or torch file of a checkpoint cannot be read, or None (other files are not checked)."""
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            return f"{path.name} is truncated or not valid JSON"
+        return None
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return _zip_problem(path) if path.stat().st_size else f"{path.name} is empty"
     return None
+
+
+def _first_problem(paths) -> str | None:
+    return next((problem for problem in map(_file_problem, sorted(paths)) if problem), None)
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why the model weights of a checkpoint folder cannot be loaded, or None: what loading the selected model
+    reads, which leaves out the optimizer and trainer state that only a resume needs."""
+    weights = [path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)]
+    if not weights:
+        return "it holds no model weights"
+    return _first_problem({file for path in weights for file in ([path] if path.is_file() else path.rglob("*"))
+                           if file.is_file()})
 
 
 def resume_checkpoint(ckpt_dir: Path, say: bool = True) -> Path | None:
@@ -136,6 +148,43 @@ def resume_checkpoint(ckpt_dir: Path, say: bool = True) -> Path | None:
         if say:
             print(f"note: not resuming from {folder}: {problem}", file=sys.stderr, flush=True)
     return None
+
+
+def fall_back_to_readable_best(state, args, say: bool) -> list[dict]:
+    """Before the trainer loads the selected model: where the best checkpoint's weights cannot be read, point the
+    trainer state at the best evaluation whose checkpoint can be, saying which was skipped and why.
+
+    Returns the skipped checkpoints ({"step", "checkpoint", "problem"}), empty where the best one is readable;
+    a RunError where none is. Candidates are the evaluations of state.log_history whose checkpoint folder still
+    exists, best first and, among equals, earliest first, as the trainer chooses."""
+    best = Path(state.best_model_checkpoint)
+    if weights_problem(best) is None:
+        return []
+    metric = args.metric_for_best_model
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    scores = {entry["step"]: entry[metric] for entry in state.log_history if metric in entry}
+    sign = -1 if args.greater_is_better else 1
+    skipped = []
+    for step in sorted(scores, key=lambda step: (sign * scores[step], step)):
+        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+        if not folder.is_dir():
+            continue  # removed by the trainer's rotation (--save_total_limit)
+        problem = weights_problem(folder)
+        if problem:
+            skipped.append({"step": step, "checkpoint": str(folder), "problem": problem})
+            continue
+        if say:
+            close_progress_bars()
+            for skip in skipped:
+                print(f"note: not loading the best checkpoint {skip['checkpoint']} (step {skip['step']}, {metric} "
+                      f"{scores[skip['step']]:.4f}): {skip['problem']}; the selected model is {folder} (step {step}, "
+                      f"{metric} {scores[step]:.4f}), the best evaluation whose checkpoint can be read",
+                      file=sys.stderr, flush=True)
+        state.best_model_checkpoint, state.best_metric, state.best_global_step = str(folder), scores[step], step
+        return skipped
+    reasons = "; ".join(f"{skip['checkpoint']}: {skip['problem']}" for skip in skipped) or str(best)
+    raise RunError(f"no checkpoint of {args.output_dir} holds readable weights to load the selected model from "
+                   f"({reasons}); start the run again with --overwrite")
 
 
 # ---- one writer per run folder ----
@@ -201,11 +250,14 @@ class RunLock:
 
 
 @contextmanager
-def run_folder(ckpt_dir: Path, log_dir: Path, is_main: bool) -> Iterator[None]:
+def run_folder(ckpt_dir: Path, log_dir: Path, is_main: bool, share_refusal: bool = False) -> Iterator[str | None]:
     """Hold the run's lock while the block runs; afterwards remove the lock and any folder this run created that
-    is still empty (a run that failed or was interrupted before writing anything leaves nothing behind)."""
+    is still empty (a run that failed or was interrupted before writing anything leaves nothing behind).
+
+    With share_refusal (a launched run, whose other processes know nothing of the lock), a refused lock is not
+    raised but yielded, for stop_together to tell every process; otherwise the block gets None."""
     if not is_main:
-        yield
+        yield None
         return
     created = _created_folders(ckpt_dir) + _created_folders(log_dir)
     try:
@@ -214,19 +266,36 @@ def run_folder(ckpt_dir: Path, log_dir: Path, is_main: bool) -> Iterator[None]:
         raise RunError(f"cannot create the run folder {ckpt_dir.parent} ({e.strerror}): "
                        "choose another --output_dir") from None
     lock = RunLock(ckpt_dir)
+    refusal = None
     try:
         lock.acquire()
     except OSError as e:
         _remove_empty(created)
         raise RunError(f"cannot write in {ckpt_dir.parent} ({e.strerror}): choose another --output_dir") from None
-    except RunError:
-        _remove_empty(created)
-        raise
+    except RunError as e:
+        if not share_refusal:
+            _remove_empty(created)
+            raise
+        refusal = str(e)
     try:
-        yield
+        yield refusal
     finally:
         lock.release()
         _remove_empty(created)
+
+
+def stop_together(refusal: str | None) -> None:
+    """Raise rank 0's refusal of the run folder (run_folder) in every process of a launched run, which would
+    otherwise wait for rank 0 until the distributed timeout; in a lone process, raise it if any. Call it where
+    every process has joined the process group, before any waits for the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise RunError(refusal)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -492,9 +492,10 @@ def train_in_run_folder(args: argparse.Namespace) -> int:
     from recovery import Interrupted, RunError, run_folder
     from train_utils import is_main_process, run_dirs
 
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        with run_folder(*run_dirs(args), is_main_process()):
-            return run_training(args)
+        with run_folder(*run_dirs(args), is_main_process(), share_refusal=launched) as refusal:
+            return run_training(args, refusal)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -503,8 +504,10 @@ def train_in_run_folder(args: argparse.Namespace) -> int:
         return 130
 
 
-def run_training(args: argparse.Namespace) -> int:
-    from recovery import FaultGuard, check_same_run, faults_explained
+def run_training(args: argparse.Namespace, refusal: str | None = None) -> int:
+    """Check, load, tokenise, train and record; refusal: rank 0's refusal of the run folder in a launched run,
+    raised in every process as soon as they have all joined (recovery.stop_together)."""
+    from recovery import FaultGuard, check_same_run, faults_explained, stop_together
     from students import family_of
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
     from token_cache import cached_tokenize, default_cache_dir
@@ -524,6 +527,7 @@ def run_training(args: argparse.Namespace) -> int:
         ensure_data(args)
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
+        stop_together(refusal)
         tokenizer, model = load_student(args)
         family = family_of(model.config)
         if args.rationales != "first" and family.prompt_in_output:

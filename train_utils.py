@@ -398,14 +398,19 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in names}}
 
 
-def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict) -> dict:
-    """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run."""
+def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict,
+                  loaded_step: int | None = None) -> dict:
+    """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run.
+    loaded_step: the step of the selected model where it is not the protocol's pick (whose checkpoint was
+    unreadable)."""
     evaluations = evaluations_from_history(log_history)
     for entry in evaluations:
         generated = recorder.predictions.get(entry["step"], {})
         if "rationale" in generated:
             entry["rationale_samples"] = generated["rationale"][:RATIONALE_SAMPLES]
     selected = select_evaluation(evaluations, args.select_on)
+    if loaded_step is not None:
+        selected = next(e for e in evaluations if e["step"] == loaded_step)
     test_scores = [e["test_accuracy"] for e in evaluations if "test_accuracy" in e]
     record = {
         "config": vars(args),
@@ -492,5 +497,9 @@ def train_and_evaluate(
         "student": student,
         **(record_extra or {}),
     }
+    loaded_step = None
+    if trainer.unreadable_best:
+        extra["unreadable_best_checkpoints"] = trainer.unreadable_best
+        loaded_step = trainer.state.best_global_step
     test = trainer.eval_dataset["test"]
-    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)
+    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra, loaded_step)

@@ -20,7 +20,7 @@ import run
 import summarize
 from conftest import ROOT, WORDS
 from data_utils import DataError, load_data, read_teacher_outputs
-from recovery import checkpoint_problem, resume_checkpoint, write_json_atomic
+from recovery import checkpoint_problem, checkpoint_step, resume_checkpoint, write_json_atomic
 
 TIMEOUT_S = 240
 
@@ -72,8 +72,8 @@ def uninterrupted(tiny_t5, custom_data, tmp_path_factory) -> tuple[Path, list[tu
     return out, evaluations(out)
 
 
-# SIGKILL at a chosen point inside the trainer's save of checkpoint-4: the folder just made (empty), after the weights
-# (no optimizer or state), or halfway through writing trainer_state.json.
+# SIGKILL at a chosen point inside the trainer's save of a checkpoint (checkpoint-4 unless told): the folder just made
+# (empty), after the weights (no optimizer or state), or halfway through writing trainer_state.json.
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -82,10 +82,10 @@ import run
 
 point = {point!r}
 
-def kill_at_step_4(original, owner_of_state):
+def kill_at_step(original, owner_of_state):
     def wrapper(self, *args, **kwargs):
         step = (self if owner_of_state else self.state).global_step
-        if step == 4:
+        if step == {step}:
             if point == "save_model":
                 os.makedirs(args[0], exist_ok=True)
             if point == "save_to_json":  # as if killed while the file was half written
@@ -98,7 +98,7 @@ def kill_at_step_4(original, owner_of_state):
     return wrapper
 
 owner = TrainerState if point == "save_to_json" else Trainer
-setattr(owner, point, kill_at_step_4(getattr(owner, point), owner is TrainerState))
+setattr(owner, point, kill_at_step(getattr(owner, point), owner is TrainerState))
 sys.exit(run.main(sys.argv[1:]))
 """
 
@@ -111,7 +111,7 @@ def test_sigkill_inside_a_checkpoint_save_resumes_from_the_previous_one(
     tiny_t5, custom_data, uninterrupted, tmp_path, capsys, point, why
 ):
     script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(root=str(ROOT), point=point))
+    script.write_text(KILLER.format(root=str(ROOT), point=point, step=4))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(script), *argv(tiny_t5, custom_data, out)], capture_output=True,
                           text=True, timeout=TIMEOUT_S)
@@ -622,3 +622,88 @@ def test_a_batch_larger_than_the_training_split_is_warned_of(tiny_t5, custom_dat
     rows = len(load_data("custom", custom_data, llm="dataset")["train"])
     assert (f"warning: --batch_size 100 is larger than the training split ({rows} rows): every step trains on all "
             f"{rows} rows at once") in err
+
+
+def test_an_unreadable_best_checkpoint_falls_back_to_the_best_readable_one(tiny_t5, custom_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(root=str(ROOT), point="save_model", step=8))
+    out = tmp_path / "out"
+    flags = argv(tiny_t5, custom_data, out, "--max_steps", "10")
+    done = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == -signal.SIGKILL  # stopped after its third checkpoint
+    folder = run_dir(out)
+    best = Path(json.loads((folder / "checkpoint-6" / "trainer_state.json").read_text())["best_model_checkpoint"])
+    weights = best / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    assert run.main([*flags, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [note] = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("note: not loading")]
+    record = json.loads((folder / "results.json").read_text())
+    chosen = record["selection"]["step"]
+    assert note.startswith(f"note: not loading the best checkpoint {best} (step {checkpoint_step(best)}, "
+                           "eval_test_accuracy ")
+    assert "model.safetensors is truncated" in note and f"the selected model is {folder / f'checkpoint-{chosen}'}" in note
+    assert record["unreadable_best_checkpoints"] == [{"step": checkpoint_step(best), "checkpoint": str(best),
+                                                      "problem": note.split(": ", 2)[2].split("; ")[0]}]
+    # The best evaluation among the checkpoints left, earliest first among equals, as the trainer chooses.
+    scores = {e["step"]: e["test_accuracy"] for e in record["evaluations"]}
+    readable = [step for step in scores if step != checkpoint_step(best) and (folder / f"checkpoint-{step}").is_dir()]
+    assert chosen == min(readable, key=lambda step: (-scores[step], step))
+    assert record["selected_test_accuracy"] == scores[chosen]
+    saved, loaded = load_file(folder / "best" / "model.safetensors"), load_file(
+        folder / f"checkpoint-{chosen}" / "model.safetensors")
+    assert saved.keys() == loaded.keys() and all((saved[k] == loaded[k]).all() for k in saved)
+
+
+def test_no_readable_checkpoint_to_select_is_one_line_naming_each(tmp_path):
+    from transformers import TrainerState, TrainingArguments
+
+    from recovery import RunError, fall_back_to_readable_best
+
+    for step, weights in ((2, b"\x10"), (4, None)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if weights is not None:
+            (folder / "model.safetensors").write_bytes(weights)
+    (tmp_path / "checkpoint-4" / "config.json").write_text("{}")
+    state = TrainerState(best_model_checkpoint=str(tmp_path / "checkpoint-2"), log_history=[
+        {"step": 2, "eval_test_accuracy": 0.5}, {"step": 4, "eval_test_accuracy": 0.25},
+        {"step": 6, "eval_test_accuracy": 0.75}])  # checkpoint-6 was removed by the rotation
+    args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model="eval_test_accuracy",
+                             greater_is_better=True, report_to="none")
+    with pytest.raises(RunError) as error:
+        fall_back_to_readable_best(state, args, say=False)
+    assert str(error.value) == (f"no checkpoint of {tmp_path} holds readable weights to load the selected model from "
+                                f"({tmp_path / 'checkpoint-2'}: model.safetensors is truncated; "
+                                f"{tmp_path / 'checkpoint-4'}: it holds no model weights); start the run again with "
+                                "--overwrite")
+
+
+def test_under_torchrun_a_refused_run_folder_stops_every_rank_with_its_line(tiny_t5, custom_data, tmp_path):
+    from recovery import RunLock
+    from test_distributed import torchrun
+    from train_utils import run_dirs
+
+    out = tmp_path / "out"
+    flags = argv(tiny_t5, custom_data, out)
+    # The folder of two processes with --batch_size 4 is that of one with 8: the same effective batch.
+    ckpt_dir, _ = run_dirs(run.parse_args([*flags, "--batch_size", "8"]))
+    ckpt_dir.parent.mkdir(parents=True)
+    held = RunLock(ckpt_dir)
+    held.acquire()
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        done = subprocess.run([*torchrun(), str(ROOT / "run.py"), *flags], capture_output=True, text=True,
+                              env={**env, "OMP_NUM_THREADS": "1"}, timeout=TIMEOUT_S)
+    finally:
+        held.release()
+    assert done.returncode == 1
+    # Each rank stops with rank 0's line, by itself: none waits in the process group until the launcher kills it
+    # (SIGTERM, which a wait in C++ does not see, then SIGKILL 30 s later).
+    assert done.stderr.count(f"is in use by process {os.getpid()} on ") == 2
+    assert "Unable to shutdown" not in done.stderr and "(SIGKILL)" not in done.stderr
+    assert not list(out.glob("ckpts/**/checkpoint-*")) and not list(out.glob("ckpts/**/run_args.json"))
