@@ -107,8 +107,9 @@ def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone:
     existing = [d for d in (ckpt_dir, log_dir) if d.exists() and any(d.iterdir())]
     if existing and (ckpt_dir / RUN_ARGS).is_file() and not holds_results(ckpt_dir):
         if is_main:
+            logs = f" (its log files stay in {log_dir})" if log_dir in existing else ""
             print(f"note: the earlier attempt in {ckpt_dir} stopped before its first checkpoint, leaving nothing to "
-                  "resume: starting afresh (its log files stay)", file=sys.stderr)
+                  f"resume: starting afresh{logs}", file=sys.stderr)
         existing = []
     wait_for_everyone()
     if existing and not (args.resume or args.overwrite):
