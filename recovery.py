@@ -322,6 +322,11 @@ def holds_results(ckpt_dir: Path) -> bool:
     return ckpt_dir.is_dir() and any(path.name not in records for path in ckpt_dir.iterdir())
 
 
+def attempt_left_nothing(ckpt_dir: Path) -> bool:
+    """Whether a run folder holds only the run_args.json of an attempt that stopped before its first checkpoint."""
+    return (ckpt_dir / RUN_ARGS).is_file() and not holds_results(ckpt_dir)
+
+
 def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
     """Refuse a resume whose flags would train or measure differently from those the run started with."""
     path = ckpt_dir / RUN_ARGS

@@ -29,7 +29,7 @@ from model_utils import LABEL_PAD, TaskPrefixTrainer
 from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
 from students import StudentFamily, family_of, lora_name, save_best, student_record
 from trackers import track_run
-from recovery import RUN_ARGS, FaultGuard, RunError, holds_results, record_run_args, resume_checkpoint, write_json_atomic
+from recovery import FaultGuard, RunError, attempt_left_nothing, record_run_args, resume_checkpoint, write_json_atomic
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
@@ -105,7 +105,7 @@ def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone:
     """
     ckpt_dir, log_dir = run_dirs(args)
     existing = [d for d in (ckpt_dir, log_dir) if d.exists() and any(d.iterdir())]
-    if existing and (ckpt_dir / RUN_ARGS).is_file() and not holds_results(ckpt_dir):
+    if existing and attempt_left_nothing(ckpt_dir):
         if is_main:
             logs = f" (its log files stay in {log_dir})" if log_dir in existing else ""
             print(f"note: the earlier attempt in {ckpt_dir} stopped before its first checkpoint, leaving nothing to "
