@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
 )
 
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, unwrap_peft
@@ -34,8 +35,9 @@ VIEWS = (("pred", "input_ids", "labels"), ("expl", "expl_input_ids", "rationale_
 # (BART checkpoints ship n-gram blocking and a minimum length); for T5 these are its defaults, so nothing changes.
 GREEDY = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0}
 # How the class names of text-generating heads end (T5ForConditionalGeneration, LlamaForCausalLM, GPT2LMHeadModel, and
-# the older T5WithLMHeadModel). A model saved with another head (BertForMaskedLM, T5EncoderModel, GPT2Model) would be
-# trained through a generative head it never had.
+# the older T5WithLMHeadModel). A model saved with another head (BertForMaskedLM, T5EncoderModel) would be trained
+# through a generative head it never had; one saved as its bare base model (facebook/bart-base's BartModel) is taken
+# where its family's generative head needs no weights it lacks (a head tied to the embeddings).
 GENERATIVE_HEADS = ("ForConditionalGeneration", "ForCausalLM", "LMHeadModel")
 SUPPORTED_STUDENTS = ("seq2seq LMs (T5, BART, ...: *ForConditionalGeneration) or decoder-only causal LMs "
                       "(GPT-2, Llama, Qwen2, ...: *ForCausalLM, *LMHeadModel)")
@@ -258,15 +260,26 @@ class UnsupportedStudent(ValueError):
     """A model folder or hub id whose model does not generate text, so no family can train it."""
 
 
+def saved_heads(config) -> list[str]:
+    """The classes the model was saved as (config.architectures), if the config names them."""
+    return getattr(config, "architectures", None) or []
+
+
+def unsupported(config, source: str, why: str) -> UnsupportedStudent:
+    saved_as = "/".join(saved_heads(config)) or "model"
+    return UnsupportedStudent(f"{source} holds a {saved_as} ({config.model_type}), {why}; students are "
+                              f"{SUPPORTED_STUDENTS}")
+
+
 def supported_family(config, source: str) -> StudentFamily:
     """The family that trains this config's model; UnsupportedStudent, naming source and what it holds, where the
-    model is not a text-generating LM of a family (its saved head, config.architectures, must be one too)."""
+    model is not a text-generating LM of a family: its saved head must be one too, or its bare base model (which
+    load_student accepts only where no head weights are missing)."""
     family = family_of(config)
-    heads = getattr(config, "architectures", None) or []
-    if config.model_type not in family.model_types or not all(head.endswith(GENERATIVE_HEADS) for head in heads):
-        saved_as = "/".join(heads) or "model"
-        raise UnsupportedStudent(f"{source} holds a {saved_as} ({config.model_type}), which does not generate text; "
-                                 f"students are {SUPPORTED_STUDENTS}")
+    base = MODEL_MAPPING_NAMES.get(config.model_type)
+    heads_generate = all(head.endswith(GENERATIVE_HEADS) or head == base for head in saved_heads(config))
+    if config.model_type not in family.model_types or not heads_generate:
+        raise unsupported(config, source, "which does not generate text")
     return family
 
 
@@ -327,7 +340,12 @@ def load_student(path: str, dtype=torch.float32, source: dict | None = None, **p
     config = AutoConfig.from_pretrained(path, **source)
     family = supported_family(config, path)
     tokenizer = AutoTokenizer.from_pretrained(path, **source)
-    model = family.auto_class.from_pretrained(path, dtype=dtype, **placement, **source)
+    model, loading = family.auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **placement,
+                                                       **source)
+    missing = sorted(loading["missing_keys"])
+    if missing and not all(head.endswith(GENERATIVE_HEADS) for head in saved_heads(config)):
+        raise unsupported(config, path, f"without the weights of a text-generating head ({', '.join(missing[:3])}"
+                          f"{', ...' if len(missing) > 3 else ''} would start at random)")
     prepare_tokenizer(tokenizer, model)
     return family, tokenizer, model
 

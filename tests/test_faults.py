@@ -571,12 +571,12 @@ def test_a_model_that_does_not_generate_text_is_refused_naming_it(tiny_t5, custo
     ("GPT2Config", ["GPT2LMHeadModel"], True),
     ("LlamaConfig", ["LlamaForCausalLM"], True),
     ("Qwen2Config", None, True),  # a config saved without its architecture: the family's head
+    ("BartConfig", ["BartModel"], True),  # facebook/bart-base: the base model, whose head is its embeddings
     ("T5Config", ["T5EncoderModel"], False),
-    ("GPT2Config", ["GPT2Model"], False),  # no head: one would be initialised at random
     ("BertConfig", ["BertForSequenceClassification"], False),
     ("ViTConfig", None, False),
 ])
-def test_only_text_generating_heads_of_a_family_are_students(config, heads, supported):
+def test_only_text_generating_heads_of_a_family_or_their_base_models_are_students(config, heads, supported):
     import transformers
 
     from students import UnsupportedStudent, supported_family
@@ -707,3 +707,24 @@ def test_under_torchrun_a_refused_run_folder_stops_every_rank_with_its_line(tiny
     assert done.stderr.count(f"is in use by process {os.getpid()} on ") == 2
     assert "Unable to shutdown" not in done.stderr and "(SIGKILL)" not in done.stderr
     assert not list(out.glob("ckpts/**/checkpoint-*")) and not list(out.glob("ckpts/**/run_args.json"))
+
+
+@pytest.mark.parametrize("base, accepted", [("GPT2Model", True), ("BertModel", False)])
+def test_a_bare_base_model_is_a_student_only_where_no_head_weights_would_start_at_random(tiny_t5, tmp_path, base,
+                                                                                          accepted):
+    import transformers
+
+    from students import UnsupportedStudent, load_student
+
+    config = {"GPT2Model": transformers.GPT2Config(vocab_size=600, n_embd=16, n_layer=1, n_head=2),
+              "BertModel": transformers.BertConfig(vocab_size=600, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32)}[base]
+    getattr(transformers, base)(config).save_pretrained(tmp_path)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_t5 / name, tmp_path / name)
+    if accepted:  # GPT-2's head is tied to its embeddings: nothing is missing
+        assert load_student(str(tmp_path))[0].name == "causal"
+    else:  # BERT's prediction head has weights of its own, which a BertModel lacks
+        with pytest.raises(UnsupportedStudent, match=r"holds a BertModel \(bert\), without the weights of a "
+                                                     r"text-generating head \(cls\.predictions\."):
+            load_student(str(tmp_path))
