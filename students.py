@@ -237,8 +237,9 @@ class StudentFamily:
 FAMILIES = {
     "seq2seq": StudentFamily(
         name="seq2seq", auto_class=AutoModelForSeq2SeqLM,
-        model_types=frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES), peft_task_type="SEQ_2_SEQ_LM", prompt_in_output=False,
-        tokenize=None, make_collator=seq2seq_collator, fast_loss_applies=seq2seq_fast_loss_applies,
+        model_types=frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES), peft_task_type="SEQ_2_SEQ_LM",
+        prompt_in_output=False, tokenize=None, make_collator=seq2seq_collator,
+        fast_loss_applies=seq2seq_fast_loss_applies,
         fast_loss=grouped_loss, generation=GREEDY, segment_joiner=lambda tokenizer: tokenizer.eos_token,
     ),
     "causal": StudentFamily(

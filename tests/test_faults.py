@@ -646,7 +646,8 @@ def test_an_unreadable_best_checkpoint_falls_back_to_the_best_readable_one(tiny_
     chosen = record["selection"]["step"]
     assert note.startswith(f"note: not loading the best checkpoint {best} (step {checkpoint_step(best)}, "
                            "eval_test_accuracy ")
-    assert "model.safetensors is truncated" in note and f"the selected model is {folder / f'checkpoint-{chosen}'}" in note
+    assert "model.safetensors is truncated" in note
+    assert f"the selected model is {folder / f'checkpoint-{chosen}'} (step {chosen}, " in note
     assert record["unreadable_best_checkpoints"] == [{"step": checkpoint_step(best), "checkpoint": str(best),
                                                       "problem": note.split(": ", 2)[2].split("; ")[0]}]
     # The best evaluation among the checkpoints left, earliest first among equals, as the trainer chooses.
