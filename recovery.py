@@ -150,25 +150,30 @@ def resume_checkpoint(ckpt_dir: Path, say: bool = True) -> Path | None:
     return None
 
 
-def fall_back_to_readable_best(state, args, say: bool) -> list[dict]:
-    """Before the trainer loads the selected model: where the best checkpoint's weights cannot be read, point the
-    trainer state at the best evaluation whose checkpoint can be, saying which was skipped and why.
+def fall_back_to_readable_best(state, args, say: bool, required: bool = True) -> list[dict]:
+    """Point the trainer state's best checkpoint, where its folder is gone or its weights cannot be read, at the
+    best evaluation whose checkpoint can be, saying which was skipped and why.
 
-    Returns the skipped checkpoints ({"step", "checkpoint", "problem"}), empty where the best one is readable;
-    a RunError where none is. Candidates are the evaluations of state.log_history whose checkpoint folder still
-    exists, best first and, among equals, earliest first, as the trainer chooses."""
-    best = Path(state.best_model_checkpoint)
-    if weights_problem(best) is None:
+    Returns the skipped checkpoints ({"step", "checkpoint", "problem"}), empty where the best one is readable.
+    Candidates are the evaluations of state.log_history whose checkpoint folder still exists, best first and, among
+    equals, earliest first, as the trainer chooses. Where none is readable: a RunError if required (the selected
+    model is being loaded), else the state forgets its best, so that the next evaluation becomes it."""
+    if state.best_global_step is None:
         return []
+    output_dir = Path(args.output_dir)
+    best = Path(state.best_model_checkpoint or output_dir / f"{CHECKPOINT_PREFIX}{state.best_global_step}")
+    problem = weights_problem(best) if best.is_dir() else "its folder no longer exists"
+    if problem is None:
+        return []
+    skipped = [{"step": state.best_global_step, "checkpoint": str(best), "problem": problem}]
     metric = args.metric_for_best_model
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
     scores = {entry["step"]: entry[metric] for entry in state.log_history if metric in entry}
     sign = -1 if args.greater_is_better else 1
-    skipped = []
     for step in sorted(scores, key=lambda step: (sign * scores[step], step)):
-        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-        if not folder.is_dir():
-            continue  # removed by the trainer's rotation (--save_total_limit)
+        folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        if step == state.best_global_step or not folder.is_dir():  # not folders the rotation removed
+            continue
         problem = weights_problem(folder)
         if problem:
             skipped.append({"step": step, "checkpoint": str(folder), "problem": problem})
@@ -177,14 +182,29 @@ def fall_back_to_readable_best(state, args, say: bool) -> list[dict]:
             close_progress_bars()
             for skip in skipped:
                 print(f"note: not loading the best checkpoint {skip['checkpoint']} (step {skip['step']}, {metric} "
-                      f"{scores[skip['step']]:.4f}): {skip['problem']}; the selected model is {folder} (step {step}, "
-                      f"{metric} {scores[step]:.4f}), the best evaluation whose checkpoint can be read",
+                      f"{scores.get(skip['step'], math.nan):.4f}): {skip['problem']}; the selected model is {folder} "
+                      f"(step {step}, {metric} {scores[step]:.4f}), the best evaluation whose checkpoint can be read",
                       file=sys.stderr, flush=True)
         state.best_model_checkpoint, state.best_metric, state.best_global_step = str(folder), scores[step], step
         return skipped
-    reasons = "; ".join(f"{skip['checkpoint']}: {skip['problem']}" for skip in skipped) or str(best)
-    raise RunError(f"no checkpoint of {args.output_dir} holds readable weights to load the selected model from "
-                   f"({reasons}); start the run again with --overwrite")
+    if required:
+        reasons = "; ".join(f"{skip['checkpoint']}: {skip['problem']}" for skip in skipped)
+        raise RunError(f"no checkpoint of {output_dir} holds readable weights to load the selected model from "
+                       f"({reasons}); start the run again with --overwrite")
+    state.best_model_checkpoint, state.best_metric, state.best_global_step = None, None, None
+    return skipped
+
+
+class ReadableBest(TrainerCallback):
+    """When a resumed run starts: the best checkpoint of the state it resumes is checked, and replaced by the best
+    readable one (fall_back_to_readable_best) where its folder is gone, which the trainer would otherwise only
+    ignore, keeping the last model, or its weights are damaged. `skipped` collects what was passed over."""
+
+    def __init__(self, skipped: list[dict]):
+        self.skipped = skipped
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.skipped.extend(fall_back_to_readable_best(state, args, say=state.is_world_process_zero, required=False))
 
 
 # ---- one writer per run folder ----

@@ -624,7 +624,10 @@ def test_a_batch_larger_than_the_training_split_is_warned_of(tiny_t5, custom_dat
             f"{rows} rows at once") in err
 
 
-def test_an_unreadable_best_checkpoint_falls_back_to_the_best_readable_one(tiny_t5, custom_data, tmp_path, capsys):
+@pytest.mark.parametrize("damage, why", [("truncate", "model.safetensors is truncated"),
+                                         ("remove", "its folder no longer exists")])
+def test_an_unreadable_best_checkpoint_falls_back_to_the_best_readable_one(tiny_t5, custom_data, tmp_path, capsys,
+                                                                           damage, why):
     from safetensors.torch import load_file
 
     script = tmp_path / "killer.py"
@@ -636,7 +639,10 @@ def test_an_unreadable_best_checkpoint_falls_back_to_the_best_readable_one(tiny_
     folder = run_dir(out)
     best = Path(json.loads((folder / "checkpoint-6" / "trainer_state.json").read_text())["best_model_checkpoint"])
     weights = best / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:  # which the trainer itself would only ignore, keeping the last model while the record names the best
+        shutil.rmtree(best)
 
     assert run.main([*flags, "--resume"]) == 0
     err = capsys.readouterr().err
@@ -646,7 +652,7 @@ def test_an_unreadable_best_checkpoint_falls_back_to_the_best_readable_one(tiny_
     chosen = record["selection"]["step"]
     assert note.startswith(f"note: not loading the best checkpoint {best} (step {checkpoint_step(best)}, "
                            "eval_test_accuracy ")
-    assert "model.safetensors is truncated" in note
+    assert why in note
     assert f"the selected model is {folder / f'checkpoint-{chosen}'} (step {chosen}, " in note
     assert record["unreadable_best_checkpoints"] == [{"step": checkpoint_step(best), "checkpoint": str(best),
                                                       "problem": note.split(": ", 2)[2].split("; ")[0]}]
@@ -671,7 +677,7 @@ def test_no_readable_checkpoint_to_select_is_one_line_naming_each(tmp_path):
         if weights is not None:
             (folder / "model.safetensors").write_bytes(weights)
     (tmp_path / "checkpoint-4" / "config.json").write_text("{}")
-    state = TrainerState(best_model_checkpoint=str(tmp_path / "checkpoint-2"), log_history=[
+    state = TrainerState(best_model_checkpoint=str(tmp_path / "checkpoint-2"), best_global_step=2, log_history=[
         {"step": 2, "eval_test_accuracy": 0.5}, {"step": 4, "eval_test_accuracy": 0.25},
         {"step": 6, "eval_test_accuracy": 0.75}])  # checkpoint-6 was removed by the rotation
     args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model="eval_test_accuracy",
@@ -729,3 +735,27 @@ def test_a_bare_base_model_is_a_student_only_where_no_head_weights_would_start_a
         with pytest.raises(UnsupportedStudent, match=r"holds a BertModel \(bert\), without the weights of a "
                                                      r"text-generating head \(cls\.predictions\."):
             load_student(str(tmp_path))
+
+
+def test_a_best_checkpoint_damaged_during_the_run_is_passed_over_when_the_selected_model_loads(
+    tiny_t5, custom_data, tmp_path, capsys, monkeypatch
+):
+    from transformers import Trainer
+
+    original = Trainer._save_checkpoint
+
+    def save_then_damage_the_best(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.state.global_step == 6:  # the last save: the best checkpoint goes bad after it was written
+            weights = Path(self.state.best_model_checkpoint) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_damage_the_best)
+    out = tmp_path / "out"
+    assert run.main(argv(tiny_t5, custom_data, out)) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("note: not loading")]
+    assert len(notes) == 1 and "model.safetensors is truncated" in notes[0] and "Traceback" not in err
+    record = json.loads((run_dir(out) / "results.json").read_text())
+    [skipped] = record["unreadable_best_checkpoints"]
+    assert record["selection"]["step"] != skipped["step"]
