@@ -8,6 +8,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from recovery import ReadableBest, fall_back_to_readable_best
 from speedups import enabled, grouped_loss
 
 LABEL_PAD = -100
@@ -115,6 +116,15 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         self.gen_max_len = gen_max_len
         self.output_rationale = output_rationale
         self.generation_overrides = family.generation if family else {}
+        # Best checkpoints passed over as gone or unreadable (recovery.ReadableBest, _load_best_model), for the record.
+        self.unreadable_best: list[dict] = []
+        self.add_callback(ReadableBest(self.unreadable_best))
+
+    def _load_best_model(self) -> None:
+        """The selected model, from the best checkpoint or, where its weights cannot be read (damaged after it was
+        written), from the best evaluation whose checkpoint can be (recovery.fall_back_to_readable_best)."""
+        self.unreadable_best += fall_back_to_readable_best(self.state, self.args, say=self.is_world_process_zero())
+        super()._load_best_model()
 
     def grouped_loss_applies(self, model) -> bool:
         """grouped_loss calls the encoder and decoder directly, which a DDP/FSDP/DeepSpeed wrapper does not allow

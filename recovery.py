@@ -41,6 +41,8 @@ CRC_CHECK_BYTES = 4 << 30
 ZIP_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
 # The tokenizers library (Rust) reports a full disk as a bare Exception carrying the OS error's text.
 DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+# torch reports a failed CPU allocation as a plain RuntimeError (CUDA's is a torch.OutOfMemoryError).
+CPU_ALLOCATION_FAILURE = "DefaultCPUAllocator: can't allocate memory"
 
 
 class RunError(Exception):
@@ -103,24 +105,36 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"incomplete (no {TRAINER_STATE}: its save was cut short)"
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         return "it holds no model weights"
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    for path in sorted(files):
-        if path.suffix == ".json":
-            try:
-                json.loads(path.read_bytes())
-            except (ValueError, UnicodeDecodeError):
-                problem = f"{path.name} is truncated or not valid JSON"
-            else:
-                problem = None
-        elif path.suffix == ".safetensors":
-            problem = _safetensors_problem(path)
-        elif path.suffix in (".bin", ".pt", ".pth"):
-            problem = _zip_problem(path) if path.stat().st_size else f"{path.name} is empty"
-        else:
-            continue
-        if problem:
-            return problem
+    return _first_problem(p for p in folder.rglob("*") if p.is_file())
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why a JSON, safetensors or torch file of a checkpoint cannot be read, or None (other files are not checked)."""
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError):
+            return f"{path.name} is truncated or not valid JSON"
+        return None
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        return _zip_problem(path) if path.stat().st_size else f"{path.name} is empty"
     return None
+
+
+def _first_problem(paths) -> str | None:
+    return next((problem for problem in map(_file_problem, sorted(paths)) if problem), None)
+
+
+def weights_problem(folder: Path) -> str | None:
+    """Why the model weights of a checkpoint folder cannot be loaded, or None: what loading the selected model
+    reads, which leaves out the optimizer and trainer state that only a resume needs."""
+    weights = [path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)]
+    if not weights:
+        return "it holds no model weights"
+    return _first_problem({file for path in weights for file in ([path] if path.is_file() else path.rglob("*"))
+                           if file.is_file()})
 
 
 def resume_checkpoint(ckpt_dir: Path, say: bool = True) -> Path | None:
@@ -134,6 +148,63 @@ def resume_checkpoint(ckpt_dir: Path, say: bool = True) -> Path | None:
         if say:
             print(f"note: not resuming from {folder}: {problem}", file=sys.stderr, flush=True)
     return None
+
+
+def fall_back_to_readable_best(state, args, say: bool, required: bool = True) -> list[dict]:
+    """Point the trainer state's best checkpoint, where its folder is gone or its weights cannot be read, at the
+    best evaluation whose checkpoint can be, saying which was skipped and why.
+
+    Returns the skipped checkpoints ({"step", "checkpoint", "problem"}), empty where the best one is readable.
+    Candidates are the evaluations of state.log_history whose checkpoint folder still exists, best first and, among
+    equals, earliest first, as the trainer chooses. Where none is readable: a RunError if required (the selected
+    model is being loaded), else the state forgets its best, so that the next evaluation becomes it."""
+    if state.best_global_step is None:
+        return []
+    output_dir = Path(args.output_dir)
+    best = Path(state.best_model_checkpoint or output_dir / f"{CHECKPOINT_PREFIX}{state.best_global_step}")
+    problem = weights_problem(best) if best.is_dir() else "its folder no longer exists"
+    if problem is None:
+        return []
+    skipped = [{"step": state.best_global_step, "checkpoint": str(best), "problem": problem}]
+    metric = args.metric_for_best_model
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    scores = {entry["step"]: entry[metric] for entry in state.log_history if metric in entry}
+    sign = -1 if args.greater_is_better else 1
+    for step in sorted(scores, key=lambda step: (sign * scores[step], step)):
+        folder = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        if step == state.best_global_step or not folder.is_dir():  # not folders the rotation removed
+            continue
+        problem = weights_problem(folder)
+        if problem:
+            skipped.append({"step": step, "checkpoint": str(folder), "problem": problem})
+            continue
+        if say:
+            close_progress_bars()
+            for skip in skipped:
+                print(f"note: not loading the best checkpoint {skip['checkpoint']} (step {skip['step']}, {metric} "
+                      f"{scores.get(skip['step'], math.nan):.4f}): {skip['problem']}; the selected model is {folder} "
+                      f"(step {step}, {metric} {scores[step]:.4f}), the best evaluation whose checkpoint can be read",
+                      file=sys.stderr, flush=True)
+        state.best_model_checkpoint, state.best_metric, state.best_global_step = str(folder), scores[step], step
+        return skipped
+    if required:
+        reasons = "; ".join(f"{skip['checkpoint']}: {skip['problem']}" for skip in skipped)
+        raise RunError(f"no checkpoint of {output_dir} holds readable weights to load the selected model from "
+                       f"({reasons}); start the run again with --overwrite")
+    state.best_model_checkpoint, state.best_metric, state.best_global_step = None, None, None
+    return skipped
+
+
+class ReadableBest(TrainerCallback):
+    """When a resumed run starts: the best checkpoint of the state it resumes is checked, and replaced by the best
+    readable one (fall_back_to_readable_best) where its folder is gone, which the trainer would otherwise only
+    ignore, keeping the last model, or its weights are damaged. `skipped` collects what was passed over."""
+
+    def __init__(self, skipped: list[dict]):
+        self.skipped = skipped
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.skipped.extend(fall_back_to_readable_best(state, args, say=state.is_world_process_zero, required=False))
 
 
 # ---- one writer per run folder ----
@@ -199,11 +270,14 @@ class RunLock:
 
 
 @contextmanager
-def run_folder(ckpt_dir: Path, log_dir: Path, is_main: bool) -> Iterator[None]:
+def run_folder(ckpt_dir: Path, log_dir: Path, is_main: bool, share_refusal: bool = False) -> Iterator[str | None]:
     """Hold the run's lock while the block runs; afterwards remove the lock and any folder this run created that
-    is still empty (a run that failed or was interrupted before writing anything leaves nothing behind)."""
+    is still empty (a run that failed or was interrupted before writing anything leaves nothing behind).
+
+    With share_refusal (a launched run, whose other processes know nothing of the lock), a refused lock is not
+    raised but yielded, for stop_together to tell every process; otherwise the block gets None."""
     if not is_main:
-        yield
+        yield None
         return
     created = _created_folders(ckpt_dir) + _created_folders(log_dir)
     try:
@@ -212,19 +286,36 @@ def run_folder(ckpt_dir: Path, log_dir: Path, is_main: bool) -> Iterator[None]:
         raise RunError(f"cannot create the run folder {ckpt_dir.parent} ({e.strerror}): "
                        "choose another --output_dir") from None
     lock = RunLock(ckpt_dir)
+    refusal = None
     try:
         lock.acquire()
     except OSError as e:
         _remove_empty(created)
         raise RunError(f"cannot write in {ckpt_dir.parent} ({e.strerror}): choose another --output_dir") from None
-    except RunError:
-        _remove_empty(created)
-        raise
+    except RunError as e:
+        if not share_refusal:
+            _remove_empty(created)
+            raise
+        refusal = str(e)
     try:
-        yield
+        yield refusal
     finally:
         lock.release()
         _remove_empty(created)
+
+
+def stop_together(refusal: str | None) -> None:
+    """Raise rank 0's refusal of the run folder (run_folder) in every process of a launched run, which would
+    otherwise wait for rank 0 until the distributed timeout; in a lone process, raise it if any. Call it where
+    every process has joined the process group, before any waits for the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise RunError(refusal)
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -244,10 +335,22 @@ def run_settings(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps(settings, default=str))
 
 
+def holds_results(ckpt_dir: Path) -> bool:
+    """Whether a run folder holds anything of a run besides its run_args.json (a checkpoint, even one cut short,
+    best/, results.json): a run killed before its first checkpoint leaves only that record, and nothing to resume."""
+    records = (RUN_ARGS, RUN_ARGS + ".tmp")
+    return ckpt_dir.is_dir() and any(path.name not in records for path in ckpt_dir.iterdir())
+
+
+def attempt_left_nothing(ckpt_dir: Path) -> bool:
+    """Whether a run folder holds only the run_args.json of an attempt that stopped before its first checkpoint."""
+    return (ckpt_dir / RUN_ARGS).is_file() and not holds_results(ckpt_dir)
+
+
 def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
     """Refuse a resume whose flags would train or measure differently from those the run started with."""
     path = ckpt_dir / RUN_ARGS
-    if not path.is_file():
+    if not path.is_file() or not holds_results(ckpt_dir):
         return
     try:
         recorded = json.loads(path.read_text())
@@ -261,9 +364,10 @@ def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
 
 
 def record_run_args(args: argparse.Namespace, ckpt_dir: Path) -> None:
-    """The run's settings as it starts, for check_same_run; an existing record (a resumed run's) is kept."""
+    """The run's settings as it starts, for check_same_run; the record of a run being resumed is kept, that of an
+    attempt that left nothing to resume is replaced."""
     path = ckpt_dir / RUN_ARGS
-    if path.is_file():
+    if path.is_file() and holds_results(ckpt_dir):
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, run_settings(args))
@@ -342,7 +446,8 @@ def fault_message(error: BaseException, ckpt_dir: Path, model) -> str | None:
         where = getattr(error, "filename", None) or ckpt_dir
         return (f"disk full writing {where}: {_megabytes(_free_bytes(ckpt_dir))} free, a checkpoint needs about "
                 f"{_megabytes(need)}; free space there and run the same command with --resume")
-    if isinstance(error, torch.OutOfMemoryError):
+    if isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                     and CPU_ALLOCATION_FAILURE in str(error)):
         return ("out of memory: lower --batch_size (raising --grad_steps keeps the effective batch) or "
                 "--eval_batch_size, then run the same command with --resume")
     if isinstance(error, OSError) and error.filename:

@@ -15,6 +15,20 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+STARTUP_INTERRUPTED = "interrupted before training started; nothing was written"
+
+
+def _stop_while_starting(signum, frame):
+    print(STARTUP_INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C or SIGTERM while this module's imports load end with the line main() gives, not a traceback or a silent
+    # exit 143; main() takes over from its first line.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    signal.signal(signal.SIGINT, _stop_while_starting)
+
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data
 from metrics import METRICS
 from rationales import (
@@ -53,6 +67,17 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+# numpy's and torch's generators take seeds below 2**32.
+MAX_SEED = 2**32 - 1
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a seed from 0 to {MAX_SEED}, got {value}")
     return value
 
 
@@ -111,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max_steps", type=positive_int, default=10000, help="training steps")
     add("--lr", type=positive_float, default=5e-5, help="learning rate")
     add("--optimizer_name", default="AdamW", choices=OPTIMIZER_NAMES, help="optimizer")
-    add("--run", type=non_negative_int, default=0, help="seed: data subsample, shuffling and dropout")
+    add("--run", type=seed, default=0, help="seed: data subsample, shuffling and dropout")
     add("--subsample", type=fraction, default=1.0, help="fraction of train used (seeded by --run)")
     add("--max_eval_samples", type=positive_int, default=None,
         help="for debugging and smoke tests: evaluate on the first N rows of valid/test only (not the paper's protocol)")
@@ -301,7 +326,7 @@ def load_student(args: argparse.Namespace):
     """Tokenizer and model (seq2seq or causal LM, LoRA-wrapped with --lora_r) from a local directory or the hub;
     --parallelize spreads the model over GPUs."""
     from recovery import check_tokenizer
-    from students import add_lora, load_student as load, parameter_counts
+    from students import UnsupportedStudent, add_lora, load_student as load, parameter_counts
     from train_utils import RunError, is_main_process
 
     placement = {"device_map": "auto"} if args.parallelize else {}
@@ -309,6 +334,8 @@ def load_student(args: argparse.Namespace):
     quiet_tied_weight_notices()
     try:
         family, tokenizer, model = load(args.from_pretrained, source=source, **placement)
+    except UnsupportedStudent as e:
+        raise RunError(f"--from_pretrained {e}") from None
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, or the weight loaders' own errors for truncated files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
@@ -422,45 +449,67 @@ def dump_data(args: argparse.Namespace) -> None:
     print(f"wrote {count} rows ({', '.join(f'{name} {len(split)}' for name, split in splits.items())}) to {path}")
 
 
+def warn_of_a_batch_beyond_the_split(batch_size: int, rows: int) -> None:
+    """A batch larger than the training split is the whole split at every step: memory for all of its rows at once,
+    which a mistyped --batch_size makes a kernel kill rather than a run."""
+    if batch_size > rows:
+        print(f"warning: --batch_size {batch_size} is larger than the training split ({rows} rows): every step trains "
+              f"on all {rows} rows at once; choose a --batch_size of at most {rows} to train on batches",
+              file=sys.stderr)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 @contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's pre-emption, a sweep that stops) ends the run as Ctrl-C does."""
+    """SIGTERM (a scheduler's pre-emption, a sweep that stops) ends the run as Ctrl-C does: both raise
+    KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The run, as its folder's only writer; Ctrl-C and SIGTERM end it with a line saying how to go on."""
+    """The run, as its folder's only writer; Ctrl-C and SIGTERM end it with a line saying how to go on, from the
+    first import of torch on."""
     args = parse_args(argv)
+    try:
+        with sigterm_as_interrupt():
+            return train_in_run_folder(args)
+    except KeyboardInterrupt:
+        print(STARTUP_INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def train_in_run_folder(args: argparse.Namespace) -> int:
     from recovery import Interrupted, RunError, run_folder
     from train_utils import is_main_process, run_dirs
 
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        with sigterm_as_interrupt(), run_folder(*run_dirs(args), is_main_process()):
-            return run_training(args)
+        with run_folder(*run_dirs(args), is_main_process(), share_refusal=launched) as refusal:
+            return run_training(args, refusal)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
 
 
-def run_training(args: argparse.Namespace) -> int:
-    from recovery import FaultGuard, check_same_run, faults_explained
+def run_training(args: argparse.Namespace, refusal: str | None = None) -> int:
+    """Check, load, tokenise, train and record; refusal: rank 0's refusal of the run folder in a launched run,
+    raised in every process as soon as they have all joined (recovery.stop_together)."""
+    from recovery import FaultGuard, check_same_run, faults_explained, stop_together
     from students import family_of
     from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
     from token_cache import cached_tokenize, default_cache_dir
@@ -480,6 +529,7 @@ def run_training(args: argparse.Namespace) -> int:
         ensure_data(args)
         # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
         training_args = training_arguments(args, ckpt_dir, log_dir)
+        stop_together(refusal)
         tokenizer, model = load_student(args)
         family = family_of(model.config)
         if args.rationales != "first" and family.prompt_in_output:
@@ -490,6 +540,8 @@ def run_training(args: argparse.Namespace) -> int:
         cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         tokenized = cached_tokenize(cache_dir, tokenize, splits, tokenizer, args.model_type, args.max_input_length,
                                     family, args.chat_template, write=is_main_process())
+        if is_main_process():
+            warn_of_a_batch_beyond_the_split(args.batch_size, len(tokenized["train"]))
         if args.rationales != "first" and args.model_type == "task_prefix":
             from train_utils import MAX_TARGET_LENGTH, original_t5_pretokenization
 

@@ -16,6 +16,11 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
 
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, unwrap_peft
 from speedups import grouped_loss, lm_head_loss, used_lengths, view_token_weights
@@ -29,6 +34,13 @@ VIEWS = (("pred", "input_ids", "labels"), ("expl", "expl_input_ids", "rationale_
 # Plain greedy decoding (the trainer sets num_beams=1, do_sample=False) whatever a student's generation_config adds
 # (BART checkpoints ship n-gram blocking and a minimum length); for T5 these are its defaults, so nothing changes.
 GREEDY = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0}
+# How the class names of text-generating heads end (T5ForConditionalGeneration, LlamaForCausalLM, GPT2LMHeadModel, and
+# the older T5WithLMHeadModel). A model saved with another head (BertForMaskedLM, T5EncoderModel) would be trained
+# through a generative head it never had; one saved as its bare base model (facebook/bart-base's BartModel) is taken
+# where its family's generative head needs no weights it lacks (a head tied to the embeddings).
+GENERATIVE_HEADS = ("ForConditionalGeneration", "ForCausalLM", "LMHeadModel")
+SUPPORTED_STUDENTS = ("seq2seq LMs (T5, BART, ...: *ForConditionalGeneration) or decoder-only causal LMs "
+                      "(GPT-2, Llama, Qwen2, ...: *ForCausalLM, *LMHeadModel)")
 
 # LoRA's default target modules: the attention and MLP projections of each architecture; others get peft's
 # "all-linear" (every linear layer but the output head).
@@ -202,6 +214,7 @@ class StudentFamily:
 
     name: str
     auto_class: type  # the Auto class that loads it
+    model_types: frozenset[str]  # the config model_types auto_class has a generative head for
     peft_task_type: str
     # generate() returns the prompt before the continuation, which evaluation strips.
     prompt_in_output: bool
@@ -223,12 +236,15 @@ class StudentFamily:
 
 FAMILIES = {
     "seq2seq": StudentFamily(
-        name="seq2seq", auto_class=AutoModelForSeq2SeqLM, peft_task_type="SEQ_2_SEQ_LM", prompt_in_output=False,
-        tokenize=None, make_collator=seq2seq_collator, fast_loss_applies=seq2seq_fast_loss_applies,
+        name="seq2seq", auto_class=AutoModelForSeq2SeqLM,
+        model_types=frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES), peft_task_type="SEQ_2_SEQ_LM",
+        prompt_in_output=False, tokenize=None, make_collator=seq2seq_collator,
+        fast_loss_applies=seq2seq_fast_loss_applies,
         fast_loss=grouped_loss, generation=GREEDY, segment_joiner=lambda tokenizer: tokenizer.eos_token,
     ),
     "causal": StudentFamily(
-        name="causal", auto_class=AutoModelForCausalLM, peft_task_type="CAUSAL_LM", prompt_in_output=True,
+        name="causal", auto_class=AutoModelForCausalLM, model_types=frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+        peft_task_type="CAUSAL_LM", prompt_in_output=True,
         tokenize=tokenize_causal, make_collator=lambda tokenizer, model_type: CausalViewsCollator(tokenizer),
         fast_loss_applies=causal_fast_loss_applies, fast_loss=causal_grouped_loss, generation=GREEDY,
         segment_joiner=lambda tokenizer: SEPARATOR,
@@ -239,6 +255,33 @@ FAMILIES = {
 def family_of(config) -> StudentFamily:
     """From the model's config: encoder-decoder models are seq2seq, the rest decoder-only."""
     return FAMILIES["seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"]
+
+
+class UnsupportedStudent(ValueError):
+    """A model folder or hub id whose model does not generate text, so no family can train it."""
+
+
+def saved_heads(config) -> list[str]:
+    """The classes the model was saved as (config.architectures), if the config names them."""
+    return getattr(config, "architectures", None) or []
+
+
+def unsupported(config, source: str, why: str) -> UnsupportedStudent:
+    saved_as = "/".join(saved_heads(config)) or "model"
+    return UnsupportedStudent(f"{source} holds a {saved_as} ({config.model_type}), {why}; students are "
+                              f"{SUPPORTED_STUDENTS}")
+
+
+def supported_family(config, source: str) -> StudentFamily:
+    """The family that trains this config's model; UnsupportedStudent, naming source and what it holds, where the
+    model is not a text-generating LM of a family: its saved head must be one too, or its bare base model (which
+    load_student accepts only where no head weights are missing)."""
+    family = family_of(config)
+    base = MODEL_MAPPING_NAMES.get(config.model_type)
+    heads_generate = all(head.endswith(GENERATIVE_HEADS) or head == base for head in saved_heads(config))
+    if config.model_type not in family.model_types or not heads_generate:
+        raise unsupported(config, source, "which does not generate text")
+    return family
 
 
 def is_peft(model) -> bool:
@@ -296,9 +339,14 @@ def load_student(path: str, dtype=torch.float32, source: dict | None = None, **p
 
     source = source or {}
     config = AutoConfig.from_pretrained(path, **source)
-    family = family_of(config)
+    family = supported_family(config, path)
     tokenizer = AutoTokenizer.from_pretrained(path, **source)
-    model = family.auto_class.from_pretrained(path, dtype=dtype, **placement, **source)
+    model, loading = family.auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **placement,
+                                                       **source)
+    missing = sorted(loading["missing_keys"])
+    if missing and not all(head.endswith(GENERATIVE_HEADS) for head in saved_heads(config)):
+        raise unsupported(config, path, f"without the weights of a text-generating head ({', '.join(missing[:3])}"
+                          f"{', ...' if len(missing) > 3 else ''} would start at random)")
     prepare_tokenizer(tokenizer, model)
     return family, tokenizer, model
 

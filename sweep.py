@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     add = parser.add_argument
     add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    add("--seeds", nargs="+", type=int, default=[0], help="values of run.py --run")
+    add("--seeds", nargs="+", type=run.seed, default=[0], help="values of run.py --run")
     add("--alphas", nargs="+", type=run.unit_interval, default=[0.5],
         help="label-loss weights; only the task_prefix methods (dss_*) run once per alpha")
     add("--fractions", nargs="+", type=run.fraction, default=[0.125, 0.25, 0.5, 1.0],

@@ -5,14 +5,18 @@ outputs, parsers, subsampling and label choices are all covered without listing 
 serialisation, the tokenising function's module source (an edit to the code re-tokenises), its other arguments,
 and the versions of the libraries that tokenise. A changed input is a new entry; nothing is ever overwritten.
 Entries are datasets' save_to_disk folders, written under a temporary name and renamed into place, so a run that
-dies while writing leaves no half entry. Deleting the folder is always safe.
+dies while writing leaves no half entry; the temporary folders of writers that died (SIGKILL) are removed by the next
+writer. Each entry lists its files' sizes and checksums, so one damaged afterwards (a truncated .arrow) is noticed
+when read, discarded and written anew. Deleting the folder is always safe.
 """
 
 import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,8 +29,13 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 # Bump when the entry format changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_VARIABLE = "DSS_CACHE"
+# In each entry: {file: [size, checksum]} for every other file of it, written last.
+MANIFEST = "dss_entry.json"
+# A writer's temporary folder beside the entries: .<key>.<pid>@<host>.<random>, so that one whose writer died can be
+# told from one still being written.
+TEMPORARY = re.compile(r"\.[0-9a-f]+\.(?P<pid>\d+)@(?P<host>.+)\.[^.]+")
 
 
 def default_cache_dir() -> Path:
@@ -91,12 +100,24 @@ def cached_tokenize(
     if cache_dir is None:
         return tokenize_fn(splits, tokenizer, *args, **kwargs)
     entry = Path(cache_dir) / "tokenized" / cache_key(tokenize_fn, splits, tokenizer, *args, **kwargs)
-    if (entry / "dataset_dict.json").is_file():
-        print(f"tokenised splits read from the cache {entry}", file=sys.stderr)
-        return DatasetDict.load_from_disk(str(entry))
+    if entry.is_dir():
+        problem = entry_problem(entry)
+        if problem is None:
+            try:
+                tokenized = DatasetDict.load_from_disk(str(entry))
+            except Exception as e:  # noqa: BLE001 - pyarrow's, datasets' and json's errors for a damaged folder
+                problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            else:
+                print(f"tokenised splits read from the cache {entry}", file=sys.stderr)
+                return tokenized
+        print(f"note: the cached tokenised splits in {entry} are damaged ({problem}): "
+              f"{'discarding them and ' if write else ''}tokenising afresh", file=sys.stderr)
+        if write:
+            discard(entry)
     tokenized = tokenize_fn(splits, tokenizer, *args, **kwargs)
     if write:
         try:
+            remove_stale_temporaries(entry.parent)
             save_entry(tokenized, entry)
         except OSError as e:
             print(f"warning: could not cache the tokenised splits in {entry.parent} ({e}); "
@@ -104,11 +125,79 @@ def cached_tokenize(
     return tokenized
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def entry_files(folder: Path) -> dict[str, list]:
+    """[size, checksum] of every file of an entry folder but its manifest, by path within the folder."""
+    return {path.relative_to(folder).as_posix(): [path.stat().st_size, file_digest(path)]
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def entry_problem(entry: Path) -> str | None:
+    """What is wrong with an entry's files against its manifest (missing, truncated, altered), or None."""
+    try:
+        written = json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is missing or unreadable"
+    found = entry_files(entry)
+    for name, (size, digest) in written.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name][0] != size:
+            return f"{name} has {found[name][0]} bytes, written with {size}"
+        if found[name][1] != digest:
+            return f"{name} differs from what was written (checksum)"
+    return None
+
+
+def temporary_prefix(entry: Path) -> str:
+    return f".{entry.name}.{os.getpid()}@{socket.gethostname()}."
+
+
+def writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary folders whose writer, a process of this host, is gone (killed while writing). Those of
+    live writers, and of other hosts (whose processes cannot be looked up from here), stay."""
+    if not folder.is_dir():
+        return
+    host = socket.gethostname()
+    for path in folder.iterdir():
+        found = TEMPORARY.fullmatch(path.name)
+        if found and found["host"] == host and not writer_alive(int(found["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def discard(entry: Path) -> None:
+    """Remove a damaged entry: renamed aside first, so no reader finds it half removed."""
+    aside = Path(tempfile.mkdtemp(prefix=temporary_prefix(entry), dir=entry.parent))
+    try:
+        os.replace(entry, aside)
+    except OSError:
+        pass  # already discarded by another run
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def save_entry(tokenized: DatasetDict, entry: Path) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    partial = Path(tempfile.mkdtemp(prefix=temporary_prefix(entry), dir=entry.parent))
     try:
         tokenized.save_to_disk(str(partial))
+        (partial / MANIFEST).write_text(json.dumps(entry_files(partial)))
         os.rename(partial, entry)
     except OSError:
         if not (entry / "dataset_dict.json").is_file():  # a concurrent run that wrote the same entry is no failure

@@ -29,7 +29,7 @@ from model_utils import LABEL_PAD, TaskPrefixTrainer
 from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
 from students import StudentFamily, family_of, lora_name, save_best, student_record
 from trackers import track_run
-from recovery import FaultGuard, RunError, record_run_args, resume_checkpoint, write_json_atomic
+from recovery import FaultGuard, RunError, attempt_left_nothing, record_run_args, resume_checkpoint, write_json_atomic
 
 MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
@@ -105,6 +105,12 @@ def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone:
     """
     ckpt_dir, log_dir = run_dirs(args)
     existing = [d for d in (ckpt_dir, log_dir) if d.exists() and any(d.iterdir())]
+    if existing and attempt_left_nothing(ckpt_dir):
+        if is_main:
+            logs = f" (its log files stay in {log_dir})" if log_dir in existing else ""
+            print(f"note: the earlier attempt in {ckpt_dir} stopped before its first checkpoint, leaving nothing to "
+                  f"resume: starting afresh{logs}", file=sys.stderr)
+        existing = []
     wait_for_everyone()
     if existing and not (args.resume or args.overwrite):
         raise RunError(
@@ -393,14 +399,19 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in names}}
 
 
-def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict) -> dict:
-    """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run."""
+def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict,
+                  loaded_step: int | None = None) -> dict:
+    """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run.
+    loaded_step: the step of the selected model where it is not the protocol's pick (whose checkpoint was
+    unreadable)."""
     evaluations = evaluations_from_history(log_history)
     for entry in evaluations:
         generated = recorder.predictions.get(entry["step"], {})
         if "rationale" in generated:
             entry["rationale_samples"] = generated["rationale"][:RATIONALE_SAMPLES]
     selected = select_evaluation(evaluations, args.select_on)
+    if loaded_step is not None:
+        selected = next(e for e in evaluations if e["step"] == loaded_step)
     test_scores = [e["test_accuracy"] for e in evaluations if "test_accuracy" in e]
     record = {
         "config": vars(args),
@@ -487,5 +498,9 @@ def train_and_evaluate(
         "student": student,
         **(record_extra or {}),
     }
+    loaded_step = None
+    if trainer.unreadable_best:
+        extra["unreadable_best_checkpoints"] = trainer.unreadable_best
+        loaded_step = trainer.state.best_global_step
     test = trainer.eval_dataset["test"]
-    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra)
+    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra, loaded_step)

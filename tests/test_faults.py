@@ -20,7 +20,7 @@ import run
 import summarize
 from conftest import ROOT, WORDS
 from data_utils import DataError, load_data, read_teacher_outputs
-from recovery import checkpoint_problem, resume_checkpoint, write_json_atomic
+from recovery import checkpoint_problem, checkpoint_step, resume_checkpoint, write_json_atomic
 
 TIMEOUT_S = 240
 
@@ -72,8 +72,8 @@ def uninterrupted(tiny_t5, custom_data, tmp_path_factory) -> tuple[Path, list[tu
     return out, evaluations(out)
 
 
-# SIGKILL at a chosen point inside the trainer's save of checkpoint-4: the folder just made (empty), after the weights
-# (no optimizer or state), or halfway through writing trainer_state.json.
+# SIGKILL at a chosen point inside the trainer's save of a checkpoint (checkpoint-4 unless told): the folder just made
+# (empty), after the weights (no optimizer or state), or halfway through writing trainer_state.json.
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -82,10 +82,10 @@ import run
 
 point = {point!r}
 
-def kill_at_step_4(original, owner_of_state):
+def kill_at_step(original, owner_of_state):
     def wrapper(self, *args, **kwargs):
         step = (self if owner_of_state else self.state).global_step
-        if step == 4:
+        if step == {step}:
             if point == "save_model":
                 os.makedirs(args[0], exist_ok=True)
             if point == "save_to_json":  # as if killed while the file was half written
@@ -98,7 +98,7 @@ def kill_at_step_4(original, owner_of_state):
     return wrapper
 
 owner = TrainerState if point == "save_to_json" else Trainer
-setattr(owner, point, kill_at_step_4(getattr(owner, point), owner is TrainerState))
+setattr(owner, point, kill_at_step(getattr(owner, point), owner is TrainerState))
 sys.exit(run.main(sys.argv[1:]))
 """
 
@@ -111,7 +111,7 @@ def test_sigkill_inside_a_checkpoint_save_resumes_from_the_previous_one(
     tiny_t5, custom_data, uninterrupted, tmp_path, capsys, point, why
 ):
     script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(root=str(ROOT), point=point))
+    script.write_text(KILLER.format(root=str(ROOT), point=point, step=4))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(script), *argv(tiny_t5, custom_data, out)], capture_output=True,
                           text=True, timeout=TIMEOUT_S)
@@ -321,13 +321,25 @@ def test_divergence_stops_with_one_line_and_is_never_the_best_model(tiny_t5, cus
     assert not (run_dir(out) / "best").exists() and not (run_dir(out) / "results.json").exists()
 
 
-def test_out_of_memory_is_one_line(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
+def cuda_out_of_memory():
     import torch
 
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def cpu_out_of_memory():
+    """A real failed allocation of torch's CPU allocator (4 PiB), which raises a plain RuntimeError."""
+    import torch
+
+    torch.empty(1 << 52, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("allocate", [cuda_out_of_memory, cpu_out_of_memory])
+def test_out_of_memory_is_one_line(tiny_t5, custom_data, tmp_path, capsys, monkeypatch, allocate):
     from model_utils import TaskPrefixTrainer
 
     def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        allocate()
 
     monkeypatch.setattr(TaskPrefixTrainer, "compute_loss", no_memory)
     assert run.main(argv(tiny_t5, custom_data, tmp_path / "out")) == 1
@@ -389,7 +401,8 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_t5, custom_data, tmp_path, c
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "inf"], "--lr: must be positive and finite"),
     (["--lr", "nan"], "--lr: must be positive and finite"),
-    (["--run", "-1"], "--run: must be 0 or more"),
+    (["--run", "-1"], "--run: must be a seed from 0 to 4294967295, got -1"),
+    (["--run", "4294967296"], "--run: must be a seed from 0 to 4294967295, got 4294967296"),
     (["--llm", ".."], "--llm '..'"),
     (["--llm", "."], "--llm '.'"),
 ])
@@ -498,3 +511,251 @@ def test_a_skipped_checkpoint_is_marked_incomplete_before_it_is_saved_again(tmp_
     assert (stale / "trainer_state.json").exists() and guard.step == 4
     guard.on_step_end(args, state, TrainerControl(should_save=True))
     assert not (stale / "trainer_state.json").exists() and checkpoint_problem(stale).startswith("incomplete")
+
+
+# Runs run.py as `python run.py` does, sending the process a signal the moment a module is first imported.
+SIGNAL_AT_IMPORT = """
+import os, runpy, signal, sys
+module, signum = sys.argv[1], getattr(signal, sys.argv[2])
+
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signum)
+        return None
+
+sys.meta_path.insert(0, SignalAtImport())
+sys.argv = sys.argv[3:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module, signum", [
+    ("numpy", "SIGTERM"),  # run.py's own imports
+    ("torch", "SIGTERM"),  # main()'s imports of the training libraries
+    ("torch", "SIGINT"),
+])
+def test_a_signal_during_imports_is_one_line_and_leaves_nothing(tiny_t5, custom_data, tmp_path, module, signum):
+    script = tmp_path / "signal_at_import.py"
+    script.write_text(SIGNAL_AT_IMPORT)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), module, signum, str(ROOT / "run.py"),
+                           *argv(tiny_t5, custom_data, out)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 130
+    assert one_line(done.stderr) == "interrupted before training started; nothing was written"
+    assert not out.exists()
+
+
+def test_a_model_that_does_not_generate_text_is_refused_naming_it(tiny_t5, custom_data, tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64)).save_pretrained(model)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_t5 / name, model / name)
+    out = tmp_path / "out"
+    assert run.main(argv(model, custom_data, out)) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --from_pretrained {model} holds a BertForMaskedLM (bert), which does not "
+                           "generate text; students are seq2seq LMs")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("config, heads, supported", [
+    ("T5Config", ["T5ForConditionalGeneration"], True),
+    ("T5Config", ["T5WithLMHeadModel"], True),  # how t5-small's config names it
+    ("BartConfig", ["BartForConditionalGeneration"], True),
+    ("GPT2Config", ["GPT2LMHeadModel"], True),
+    ("LlamaConfig", ["LlamaForCausalLM"], True),
+    ("Qwen2Config", None, True),  # a config saved without its architecture: the family's head
+    ("BartConfig", ["BartModel"], True),  # facebook/bart-base: the base model, whose head is its embeddings
+    ("T5Config", ["T5EncoderModel"], False),
+    ("BertConfig", ["BertForSequenceClassification"], False),
+    ("ViTConfig", None, False),
+])
+def test_only_text_generating_heads_of_a_family_or_their_base_models_are_students(config, heads, supported):
+    import transformers
+
+    from students import UnsupportedStudent, supported_family
+
+    model_config = getattr(transformers, config)(architectures=heads)
+    if supported:
+        assert supported_family(model_config, "m").name in ("seq2seq", "causal")
+    else:
+        with pytest.raises(UnsupportedStudent, match="which does not generate text"):
+            supported_family(model_config, "m")
+
+
+def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_plain_rerun(tiny_t5, custom_data, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(ROOT / "run.py"),
+                              *argv(tiny_t5, custom_data, out, "--max_steps", "5000", "--eval_steps", "1000")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: list(out.glob("ckpts/**/run_args.json")), "the first run to start training")
+        first.kill()  # as the kernel's out-of-memory killer does
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    folder = run_dir(out)
+    assert [p.name for p in folder.iterdir()] == ["run_args.json"]
+    # The same command, as a user reruns it (without --resume): there is nothing to resume, so it starts afresh.
+    assert run.main(argv(tiny_t5, custom_data, out)) == 0
+    err = capsys.readouterr().err
+    assert f"note: the earlier attempt in {folder} stopped before its first checkpoint" in err
+    assert json.loads((folder / "run_args.json").read_text())["max_steps"] == 6, "the record is this run's"
+    assert (folder / "results.json").is_file()
+    # With a checkpoint in the folder, the rerun without --resume is refused as before.
+    (folder / "results.json").unlink()
+    assert run.main(argv(tiny_t5, custom_data, out)) == 1
+    assert "results already exist in" in one_line(capsys.readouterr().err)
+
+
+def test_a_batch_larger_than_the_training_split_is_warned_of(tiny_t5, custom_data, tmp_path, capsys):
+    assert run.main(argv(tiny_t5, custom_data, tmp_path / "out", "--batch_size", "100", "--max_steps", "2")) == 0
+    err = capsys.readouterr().err
+    rows = len(load_data("custom", custom_data, llm="dataset")["train"])
+    assert (f"warning: --batch_size 100 is larger than the training split ({rows} rows): every step trains on all "
+            f"{rows} rows at once") in err
+
+
+@pytest.mark.parametrize("damage, why", [("truncate", "model.safetensors is truncated"),
+                                         ("remove", "its folder no longer exists")])
+def test_an_unreadable_best_checkpoint_falls_back_to_the_best_readable_one(tiny_t5, custom_data, tmp_path, capsys,
+                                                                           damage, why):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(root=str(ROOT), point="save_model", step=8))
+    out = tmp_path / "out"
+    flags = argv(tiny_t5, custom_data, out, "--max_steps", "10")
+    done = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == -signal.SIGKILL  # stopped after its third checkpoint
+    folder = run_dir(out)
+    best = Path(json.loads((folder / "checkpoint-6" / "trainer_state.json").read_text())["best_model_checkpoint"])
+    weights = best / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:  # which the trainer itself would only ignore, keeping the last model while the record names the best
+        shutil.rmtree(best)
+
+    assert run.main([*flags, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [note] = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("note: not loading")]
+    record = json.loads((folder / "results.json").read_text())
+    chosen = record["selection"]["step"]
+    assert note.startswith(f"note: not loading the best checkpoint {best} (step {checkpoint_step(best)}, "
+                           "eval_test_accuracy ")
+    assert why in note
+    assert f"the selected model is {folder / f'checkpoint-{chosen}'} (step {chosen}, " in note
+    assert record["unreadable_best_checkpoints"] == [{"step": checkpoint_step(best), "checkpoint": str(best),
+                                                      "problem": note.split(": ", 2)[2].split("; ")[0]}]
+    # The best evaluation among the checkpoints left, earliest first among equals, as the trainer chooses.
+    scores = {e["step"]: e["test_accuracy"] for e in record["evaluations"]}
+    readable = [step for step in scores if step != checkpoint_step(best) and (folder / f"checkpoint-{step}").is_dir()]
+    assert chosen == min(readable, key=lambda step: (-scores[step], step))
+    assert record["selected_test_accuracy"] == scores[chosen]
+    saved, loaded = load_file(folder / "best" / "model.safetensors"), load_file(
+        folder / f"checkpoint-{chosen}" / "model.safetensors")
+    assert saved.keys() == loaded.keys() and all((saved[k] == loaded[k]).all() for k in saved)
+
+
+def test_no_readable_checkpoint_to_select_is_one_line_naming_each(tmp_path):
+    from transformers import TrainerState, TrainingArguments
+
+    from recovery import RunError, fall_back_to_readable_best
+
+    for step, weights in ((2, b"\x10"), (4, None)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if weights is not None:
+            (folder / "model.safetensors").write_bytes(weights)
+    (tmp_path / "checkpoint-4" / "config.json").write_text("{}")
+    state = TrainerState(best_model_checkpoint=str(tmp_path / "checkpoint-2"), best_global_step=2, log_history=[
+        {"step": 2, "eval_test_accuracy": 0.5}, {"step": 4, "eval_test_accuracy": 0.25},
+        {"step": 6, "eval_test_accuracy": 0.75}])  # checkpoint-6 was removed by the rotation
+    args = TrainingArguments(output_dir=str(tmp_path), metric_for_best_model="eval_test_accuracy",
+                             greater_is_better=True, report_to="none")
+    with pytest.raises(RunError) as error:
+        fall_back_to_readable_best(state, args, say=False)
+    assert str(error.value) == (f"no checkpoint of {tmp_path} holds readable weights to load the selected model from "
+                                f"({tmp_path / 'checkpoint-2'}: model.safetensors is truncated; "
+                                f"{tmp_path / 'checkpoint-4'}: it holds no model weights); start the run again with "
+                                "--overwrite")
+
+
+def test_under_torchrun_a_refused_run_folder_stops_every_rank_with_its_line(tiny_t5, custom_data, tmp_path):
+    from recovery import RunLock
+    from test_distributed import torchrun
+    from train_utils import run_dirs
+
+    out = tmp_path / "out"
+    flags = argv(tiny_t5, custom_data, out)
+    # The folder of two processes with --batch_size 4 is that of one with 8: the same effective batch.
+    ckpt_dir, _ = run_dirs(run.parse_args([*flags, "--batch_size", "8"]))
+    ckpt_dir.parent.mkdir(parents=True)
+    held = RunLock(ckpt_dir)
+    held.acquire()
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        done = subprocess.run([*torchrun(), str(ROOT / "run.py"), *flags], capture_output=True, text=True,
+                              env={**env, "OMP_NUM_THREADS": "1"}, timeout=TIMEOUT_S)
+    finally:
+        held.release()
+    assert done.returncode == 1
+    # Each rank stops with rank 0's line, by itself: none waits in the process group until the launcher kills it
+    # (SIGTERM, which a wait in C++ does not see, then SIGKILL 30 s later).
+    assert done.stderr.count(f"is in use by process {os.getpid()} on ") == 2
+    assert "Unable to shutdown" not in done.stderr and "(SIGKILL)" not in done.stderr
+    assert not list(out.glob("ckpts/**/checkpoint-*")) and not list(out.glob("ckpts/**/run_args.json"))
+
+
+@pytest.mark.parametrize("base, accepted", [("GPT2Model", True), ("BertModel", False)])
+def test_a_bare_base_model_is_a_student_only_where_no_head_weights_would_start_at_random(tiny_t5, tmp_path, base,
+                                                                                          accepted):
+    import transformers
+
+    from students import UnsupportedStudent, load_student
+
+    config = {"GPT2Model": transformers.GPT2Config(vocab_size=600, n_embd=16, n_layer=1, n_head=2),
+              "BertModel": transformers.BertConfig(vocab_size=600, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32)}[base]
+    getattr(transformers, base)(config).save_pretrained(tmp_path)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_t5 / name, tmp_path / name)
+    if accepted:  # GPT-2's head is tied to its embeddings: nothing is missing
+        assert load_student(str(tmp_path))[0].name == "causal"
+    else:  # BERT's prediction head has weights of its own, which a BertModel lacks
+        with pytest.raises(UnsupportedStudent, match=r"holds a BertModel \(bert\), without the weights of a "
+                                                     r"text-generating head \(cls\.predictions\."):
+            load_student(str(tmp_path))
+
+
+def test_a_best_checkpoint_damaged_during_the_run_is_passed_over_when_the_selected_model_loads(
+    tiny_t5, custom_data, tmp_path, capsys, monkeypatch
+):
+    from transformers import Trainer
+
+    original = Trainer._save_checkpoint
+
+    def save_then_damage_the_best(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.state.global_step == 6:  # the last save: the best checkpoint goes bad after it was written
+            weights = Path(self.state.best_model_checkpoint) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_damage_the_best)
+    out = tmp_path / "out"
+    assert run.main(argv(tiny_t5, custom_data, out)) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("note: not loading")]
+    assert len(notes) == 1 and "model.safetensors is truncated" in notes[0] and "Traceback" not in err
+    record = json.loads((run_dir(out) / "results.json").read_text())
+    [skipped] = record["unreadable_best_checkpoints"]
+    assert record["selection"]["step"] != skipped["step"]

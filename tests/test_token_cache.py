@@ -1,11 +1,17 @@
 """Tokenise once: reruns read the tokenised splits back; any change to what the ids depend on tokenises anew."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
+from conftest import ROOT
 from token_cache import cached_tokenize, default_cache_dir
 from train_utils import tokenize
 
@@ -104,3 +110,75 @@ def test_run_py_tokenises_once_across_a_sweep(tiny_t5, shared_data, tmp_path, ca
     assert run.main(argv("--alpha", "0.3", "--no_cache")) == 0
     assert "read from the cache" not in capsys.readouterr().err
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
+
+
+def damage(entry: Path, how: str) -> None:
+    arrow = sorted(entry.rglob("*.arrow"))[0]
+    data = arrow.read_bytes()
+    if how == "truncate":
+        arrow.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        middle = len(data) // 2
+        arrow.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    else:
+        (entry / "dataset_dict.json").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "remove"])
+def test_a_damaged_entry_is_reported_discarded_and_rebuilt(tokenizer, tmp_path, capsys, how):
+    calls = []
+    tokenize_fn = counting_tokenize(calls)
+    first = cached_tokenize(tmp_path, tokenize_fn, splits(), tokenizer, "task_prefix", 64)
+    [entry] = (tmp_path / "tokenized").iterdir()
+    damage(entry, how)
+    capsys.readouterr()
+
+    again = cached_tokenize(tmp_path, tokenize_fn, splits(), tokenizer, "task_prefix", 64)
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "cache" in line]
+    assert line.startswith(f"note: the cached tokenised splits in {entry} are damaged (")
+    assert line.endswith("): discarding them and tokenising afresh")
+    assert len(calls) == 2 and again["train"].to_list() == first["train"].to_list()
+    cached_tokenize(tmp_path, tokenize_fn, splits(), tokenizer, "task_prefix", 64)
+    assert len(calls) == 2, "the rebuilt entry is read"
+    assert os.listdir(tmp_path / "tokenized") == [entry.name]
+
+
+# Writes a cache entry and is killed (SIGKILL) once its files are written, before they are renamed into place.
+KILLED_WRITER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer
+from token_cache import cached_tokenize
+from train_utils import tokenize
+
+original = DatasetDict.save_to_disk
+
+def save_then_die(self, path, *args, **kwargs):
+    original(self, path, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+DatasetDict.save_to_disk = save_then_die
+rows = Dataset.from_dict({{"input": ["a b"], "label": ["c"], "rationale": ["d"]}})
+cached_tokenize({cache!r}, tokenize, DatasetDict({{"train": rows}}), AutoTokenizer.from_pretrained({model!r}),
+                "task_prefix", 64)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_temporary_that_the_next_writer_removes(tokenizer, tiny_t5, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER.format(root=str(ROOT), cache=str(tmp_path), model=str(tiny_t5)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    folder = tmp_path / "tokenized"
+    [stale] = os.listdir(folder)
+    assert stale.startswith(".")
+    # A live writer's temporary (this process's) and another host's stay: neither can be known to be abandoned.
+    live = folder / f".{'0' * 32}.{os.getpid()}@{socket.gethostname()}.abc"
+    elsewhere = folder / f".{'1' * 32}.{2**22 + 1}@another-host.example.org.abc"
+    live.mkdir()
+    elsewhere.mkdir()
+    cached_tokenize(tmp_path, tokenize, splits(), tokenizer, "standard", 64)
+    left = sorted(os.listdir(folder))
+    assert stale not in left and live.name in left and elsewhere.name in left
+    assert len([name for name in left if not name.startswith(".")]) == 1, "the new entry"
