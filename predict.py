@@ -12,6 +12,7 @@ get the prompts they were trained on (see students.py); pass --chat_template if 
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,9 @@ from run import positive_int, quiet_tied_weight_notices
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
+# An input longer than this many characters per token kept (--max_input_length) is cut before it is tokenised.
+CHARACTERS_PER_TOKEN = 64
+LAST_WORD = re.compile(r"\s+\S*\Z")
 
 
 class InputError(Exception):
@@ -122,13 +126,51 @@ def generate(tokenizer, model, texts: list[str], args: argparse.Namespace) -> li
     return [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
+def cut_for_tokenizer(tokenizer, text: str, max_tokens: int) -> str | None:
+    """The text, or where it is longer than CHARACTERS_PER_TOKEN x max_tokens characters, a prefix of it whose
+    tokens begin with the same max_tokens tokens as the whole text's; None where no such prefix was found.
+
+    Tokenising a 10 MB line whole only to keep its first tokens costs gigabytes and tens of seconds. The prefix ends
+    where a word ends before the budget, and it is taken only if the tokens lying before its last word already
+    number max_tokens: tokenizers split text at whitespace before anything else (SentencePiece's Metaspace, byte-level
+    BPE's pre-tokenising patterns), so no token before a word reaches past it, and those tokens are the whole text's
+    too. None: the budget holds no word boundary, or too few tokens (mostly whitespace or invisible characters).
+    A tokenizer without offsets (not a fast one) gets the whole text, as before."""
+    budget = CHARACTERS_PER_TOKEN * max_tokens
+    if len(text) <= budget or not getattr(tokenizer, "is_fast", False):
+        return text
+    last_word = LAST_WORD.search(text[: budget + 1])
+    prefix = text[: last_word.start()] if last_word else ""
+    before_last_word = LAST_WORD.search(prefix)
+    if before_last_word is None:
+        return None
+    offsets = tokenizer(prefix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    stable = sum(1 for _, end in offsets if end <= before_last_word.start())
+    return prefix if stable >= max_tokens else None
+
+
 def predictions(tokenizer, model, inputs: list[str], args: argparse.Namespace) -> Iterator[dict[str, str]]:
-    """{input, label[, rationale]} per input, generated batch by batch so output streams."""
+    """{input, label[, rationale]} per input, generated batch by batch so output streams. An input far longer than
+    --max_input_length is cut first (cut_for_tokenizer); one that cannot be cut safely is an InputError."""
     label_prefix = "" if args.no_prefix else LABEL_PREFIX
+
+    def prepared(prefix: str, start: int, chunk: list[str]) -> list[str]:
+        texts = []
+        for number, text in enumerate(chunk, start + 1):
+            cut = cut_for_tokenizer(tokenizer, prefix + text, args.max_input_length)
+            if cut is None:
+                budget = CHARACTERS_PER_TOKEN * args.max_input_length
+                raise InputError(f"input {number} ({len(text)} characters, starting {text[:40]!r}) is too long to "
+                                 f"read: its first {budget} characters hold no word boundary or fewer than the "
+                                 f"{args.max_input_length} tokens --max_input_length keeps (mostly whitespace or "
+                                 "invisible characters?); shorten it to the part the model should read")
+            texts.append(cut)
+        return texts
+
     for start in range(0, len(inputs), args.batch_size):
         chunk = inputs[start : start + args.batch_size]
-        labels = generate(tokenizer, model, [label_prefix + t for t in chunk], args)
-        rationales = generate(tokenizer, model, [RATIONALE_PREFIX + t for t in chunk], args) if args.rationale else []
+        labels = generate(tokenizer, model, prepared(label_prefix, start, chunk), args)
+        rationales = generate(tokenizer, model, prepared(RATIONALE_PREFIX, start, chunk), args) if args.rationale else []
         for i, text in enumerate(chunk):
             row = {"input": text, "label": labels[i]}
             if rationales:
@@ -171,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for row in predictions(tokenizer, model, inputs, args):
-        print(format_row(row, args.json), flush=True)
+    try:
+        for row in predictions(tokenizer, model, inputs, args):
+            print(format_row(row, args.json), flush=True)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
