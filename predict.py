@@ -149,28 +149,32 @@ def cut_for_tokenizer(tokenizer, text: str, max_tokens: int) -> str | None:
     return prefix if stable >= max_tokens else None
 
 
+def bounded_texts(tokenizer, prefix: str, inputs: list[str], first_number: int, max_tokens: int) -> list[str]:
+    """prefix + each input, cut where far longer than max_tokens (cut_for_tokenizer); an input that cannot be cut
+    safely is an InputError naming it by its number (first_number for the first)."""
+    texts = []
+    for number, text in enumerate(inputs, first_number):
+        cut = cut_for_tokenizer(tokenizer, prefix + text, max_tokens)
+        if cut is None:
+            raise InputError(f"input {number} ({len(text)} characters, starting {text[:40]!r}) is too long to read: "
+                             f"its first {CHARACTERS_PER_TOKEN * max_tokens} characters hold no word boundary or "
+                             f"fewer than the {max_tokens} tokens --max_input_length keeps (mostly whitespace or "
+                             "invisible characters?); shorten it to the part the model should read")
+        texts.append(cut)
+    return texts
+
+
 def predictions(tokenizer, model, inputs: list[str], args: argparse.Namespace) -> Iterator[dict[str, str]]:
-    """{input, label[, rationale]} per input, generated batch by batch so output streams. An input far longer than
-    --max_input_length is cut first (cut_for_tokenizer); one that cannot be cut safely is an InputError."""
+    """{input, label[, rationale]} per input, generated batch by batch so output streams."""
     label_prefix = "" if args.no_prefix else LABEL_PREFIX
-
-    def prepared(prefix: str, start: int, chunk: list[str]) -> list[str]:
-        texts = []
-        for number, text in enumerate(chunk, start + 1):
-            cut = cut_for_tokenizer(tokenizer, prefix + text, args.max_input_length)
-            if cut is None:
-                budget = CHARACTERS_PER_TOKEN * args.max_input_length
-                raise InputError(f"input {number} ({len(text)} characters, starting {text[:40]!r}) is too long to "
-                                 f"read: its first {budget} characters hold no word boundary or fewer than the "
-                                 f"{args.max_input_length} tokens --max_input_length keeps (mostly whitespace or "
-                                 "invisible characters?); shorten it to the part the model should read")
-            texts.append(cut)
-        return texts
-
     for start in range(0, len(inputs), args.batch_size):
         chunk = inputs[start : start + args.batch_size]
-        labels = generate(tokenizer, model, prepared(label_prefix, start, chunk), args)
-        rationales = generate(tokenizer, model, prepared(RATIONALE_PREFIX, start, chunk), args) if args.rationale else []
+        labels = generate(tokenizer, model, bounded_texts(tokenizer, label_prefix, chunk, start + 1,
+                                                          args.max_input_length), args)
+        rationales = []
+        if args.rationale:
+            rationales = generate(tokenizer, model, bounded_texts(tokenizer, RATIONALE_PREFIX, chunk, start + 1,
+                                                                  args.max_input_length), args)
         for i, text in enumerate(chunk):
             row = {"input": text, "label": labels[i]}
             if rationales:

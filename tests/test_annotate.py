@@ -472,7 +472,8 @@ def test_dropped_connections_and_retry_after_are_retried(endpoint, tmp_path, mon
          "no answer after 2 attempts (last: no answer within --timeout 1 s)"),
         ({"s1": ["latin1"]}, [], "answered with bytes that are not UTF-8 (byte 39: b'\\xe9. So th'...); the answer is "
          "refused, not stored with replacement characters"),
-        ({"s1": ["surrogate"]}, [], 'answered choices[0].text with the lone surrogate escape "\\ud800", which is not text'),
+        ({"s1": ["surrogate"]}, [],
+         'answered choices[0].text with the lone surrogate escape "\\ud800", which is not text'),
         ({"s1": ["huge"]}, ["--max_new_tokens", "16"], " bytes for one answer; "),
         ({"s1": ["huge_declared"]}, ["--max_new_tokens", "16"], "announced 52428839 bytes for one answer"),
     ],
