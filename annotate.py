@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--chat", action="store_true", help="openai: use /v1/chat/completions instead of /v1/completions")
     add("--api_key_env", help="openai: environment variable holding the API key (default: OPENAI_API_KEY, if set)")
     add("--concurrency", type=positive_int, default=8, help="openai: requests in flight at once")
-    add("--timeout", type=positive_float, default=120.0, help="openai: seconds to wait for one answer")
+    add("--timeout", type=positive_float, default=120.0,
+        help="openai: seconds one attempt at a request may take, from sending it to the answer's last byte")
     add("--max_retries", type=non_negative_int, default=5,
         help="openai: retries of a failed request (429, 5xx, timeout, dropped connection), with exponential backoff "
         "from 0.5 s or after the server's Retry-After")

@@ -12,6 +12,7 @@ get the prompts they were trained on (see students.py); pass --chat_template if 
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,9 @@ from run import GEN_MAX_LEN, positive_int, quiet_tied_weight_notices
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
+# An input longer than this many characters per token kept (--max_input_length) is cut before it is tokenised.
+CHARACTERS_PER_TOKEN = 64
+LAST_WORD = re.compile(r"\s+\S*\Z")
 
 
 class InputError(Exception):
@@ -127,13 +131,55 @@ def generate(tokenizer, model, texts: list[str], args: argparse.Namespace) -> li
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 
+def cut_for_tokenizer(tokenizer, text: str, max_tokens: int) -> str | None:
+    """The text, or where it is longer than CHARACTERS_PER_TOKEN x max_tokens characters, a prefix of it whose
+    tokens begin with the same max_tokens tokens as the whole text's; None where no such prefix was found.
+
+    Tokenising a 10 MB line whole only to keep its first tokens costs gigabytes and tens of seconds. The prefix ends
+    where a word ends before the budget, and it is taken only if the tokens lying before its last word already
+    number max_tokens: tokenizers split text at whitespace before anything else (SentencePiece's Metaspace, byte-level
+    BPE's pre-tokenising patterns), so no token before a word reaches past it, and those tokens are the whole text's
+    too. None: the budget holds no word boundary, or too few tokens (mostly whitespace or invisible characters).
+    A tokenizer without offsets (not a fast one) gets the whole text, as before."""
+    budget = CHARACTERS_PER_TOKEN * max_tokens
+    if len(text) <= budget or not getattr(tokenizer, "is_fast", False):
+        return text
+    last_word = LAST_WORD.search(text[: budget + 1])
+    prefix = text[: last_word.start()] if last_word else ""
+    before_last_word = LAST_WORD.search(prefix)
+    if before_last_word is None:
+        return None
+    offsets = tokenizer(prefix, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    stable = sum(1 for _, end in offsets if end <= before_last_word.start())
+    return prefix if stable >= max_tokens else None
+
+
+def bounded_texts(tokenizer, prefix: str, inputs: list[str], first_number: int, max_tokens: int) -> list[str]:
+    """prefix + each input, cut where far longer than max_tokens (cut_for_tokenizer); an input that cannot be cut
+    safely is an InputError naming it by its number (first_number for the first)."""
+    texts = []
+    for number, text in enumerate(inputs, first_number):
+        cut = cut_for_tokenizer(tokenizer, prefix + text, max_tokens)
+        if cut is None:
+            raise InputError(f"input {number} ({len(text)} characters, starting {text[:40]!r}) is too long to read: "
+                             f"its first {CHARACTERS_PER_TOKEN * max_tokens} characters hold no word boundary or "
+                             f"fewer than the {max_tokens} tokens --max_input_length keeps (mostly whitespace or "
+                             "invisible characters?); shorten it to the part the model should read")
+        texts.append(cut)
+    return texts
+
+
 def predictions(tokenizer, model, inputs: list[str], args: argparse.Namespace) -> Iterator[dict[str, str]]:
     """{input, label[, rationale]} per input, generated batch by batch so output streams."""
     label_prefix = "" if args.no_prefix else LABEL_PREFIX
     for start in range(0, len(inputs), args.batch_size):
         chunk = inputs[start : start + args.batch_size]
-        labels = generate(tokenizer, model, [label_prefix + t for t in chunk], args)
-        rationales = generate(tokenizer, model, [RATIONALE_PREFIX + t for t in chunk], args) if args.rationale else []
+        labels = generate(tokenizer, model, bounded_texts(tokenizer, label_prefix, chunk, start + 1,
+                                                          args.max_input_length), args)
+        rationales = []
+        if args.rationale:
+            rationales = generate(tokenizer, model, bounded_texts(tokenizer, RATIONALE_PREFIX, chunk, start + 1,
+                                                                  args.max_input_length), args)
         for i, text in enumerate(chunk):
             row = {"input": text, "label": labels[i]}
             if rationales:
@@ -176,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for row in predictions(tokenizer, model, inputs, args):
-        print(format_row(row, args.json), flush=True)
+    try:
+        for row in predictions(tokenizer, model, inputs, args):
+            print(format_row(row, args.json), flush=True)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

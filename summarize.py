@@ -329,11 +329,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
+    out = args.out or args.folder
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder; it is left as it is: pass a folder (new or existing) for "
+                     "summary.md, summary.csv and the plots")
     runs = load_runs(args.folder)
     if not runs:
         print(f"error: no finished runs (results.json with a test evaluation) under {args.folder}", file=sys.stderr)
         return 1
-    print(summarize(runs, args.out or args.folder, args.alpha, args.teacher_line), end="")
+    try:
+        markdown = summarize(runs, out, args.alpha, args.teacher_line)
+    except OSError as e:
+        print(f"error: cannot write into --out {out} ({e.strerror or e}: {e.filename or out}); pass a folder you can "
+              "write to", file=sys.stderr)
+        return 1
+    print(markdown, end="")
     return 0
 
 

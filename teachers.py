@@ -10,10 +10,18 @@ import asyncio
 import json
 from collections.abc import Callable
 
+import httpx2  # the HTTP library under the openai client
 import openai
 
 Progress = Callable[[int], None]
 Teacher = Callable[[list[str], Progress], list[list[str]]]
+
+# The most bytes an answer may hold: per generated token, room for any vocabulary's longest token written as JSON
+# escapes; plus the JSON around the choices (ids, usage, finish reasons) and the prompt, which some servers echo,
+# at 12 bytes a character (a character outside the BMP is two \uXXXX escapes).
+ANSWER_BYTES_PER_TOKEN = 1024
+ANSWER_ENVELOPE_BYTES = 64 * 1024
+ESCAPED_BYTES_PER_CHARACTER = 12
 
 
 class TeacherError(Exception):
@@ -24,6 +32,59 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     for stop in stops:
         text = text.split(stop)[0]
     return text.lstrip()
+
+
+class AnswerTooLarge(Exception):
+    """An answer outgrew its byte limit while it arrived; not an httpx error, so the openai client does not retry it
+    (the same request would bring the same answer)."""
+
+
+def answer_byte_limit(max_new_tokens: int, samples: int, longest_prompt: int) -> int:
+    """The most bytes one answer of `samples` continuations of at most `max_new_tokens` tokens may take, for prompts
+    of at most `longest_prompt` characters."""
+    return (ANSWER_ENVELOPE_BYTES + ESCAPED_BYTES_PER_CHARACTER * longest_prompt
+            + ANSWER_BYTES_PER_TOKEN * max_new_tokens * samples)
+
+
+class BoundedHTTPClient(openai.DefaultAsyncHttpxClient):
+    """The openai client's HTTP client with two limits on every attempt at a request: `deadline` seconds from
+    sending it to the answer's last byte, so a server that trickles bytes cannot hold a request longer (the expiry is
+    a timeout, which the openai client retries); and `max_bytes` of answer, counted as it arrives, so a huge answer is
+    refused (AnswerTooLarge) before it fills memory. The answer is always read whole before it is returned."""
+
+    def __init__(self, deadline: float, max_bytes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.deadline, self.max_bytes = deadline, max_bytes
+
+    async def send(self, request: httpx2.Request, *, stream: bool = False, **kwargs) -> httpx2.Response:
+        scope = asyncio.timeout(self.deadline)
+        try:
+            async with scope:
+                response = await super().send(request, stream=True, **kwargs)
+                try:
+                    body = await self._bounded_body(response)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise httpx2.ReadTimeout(f"no whole answer within {self.deadline:g} s", request=request) from None
+        # The body is decoded already: the headers that described its transfer no longer apply.
+        transfer = ("content-encoding", "content-length", "transfer-encoding")
+        headers = [(name, value) for name, value in response.headers.multi_items() if name.lower() not in transfer]
+        return httpx2.Response(response.status_code, headers=headers, content=body, request=request,
+                               extensions=response.extensions)
+
+    async def _bounded_body(self, response: httpx2.Response) -> bytes:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise AnswerTooLarge(f"announced {int(declared)} bytes")
+        body = bytearray()
+        async for part in response.aiter_bytes():
+            body += part
+            if len(body) > self.max_bytes:
+                raise AnswerTooLarge(f"sent more than {self.max_bytes} bytes")
+        return bytes(body)
 
 
 class HFTeacher:
@@ -85,9 +146,11 @@ class HFTeacher:
 
 class OpenAITeacher:
     """An OpenAI-compatible endpoint (/v1/completions, or /v1/chat/completions with chat=True) through the official
-    `openai` client: it times out after `timeout` seconds, retries 408/409/429/5xx, timeouts and dropped connections
-    `max_retries` times with exponential backoff (or after the server's Retry-After), and reuses connections.
-    `concurrency` prompts are in flight at once.
+    `openai` client: an attempt at a request times out `timeout` seconds after it was sent unless its answer has
+    arrived whole, and an answer longer than answer_byte_limit allows is refused as it arrives (BoundedHTTPClient);
+    408/409/429/5xx, timeouts and dropped connections are retried `max_retries` times with exponential backoff (or
+    after the server's Retry-After), and connections are reused. `concurrency` prompts are in flight at once. Answers
+    that are not UTF-8, not JSON, or hold no text where the continuation belongs are refused, never stored.
 
     `samples` continuations per prompt are asked for with `n`; from a server that ignores or refuses `n`, one
     request per continuation.
@@ -113,9 +176,12 @@ class OpenAITeacher:
         return asyncio.run(self._complete_all(prompts, progress))
 
     async def _complete_all(self, prompts: list[str], progress: Progress) -> list[list[str]]:
+        self.max_answer_bytes = answer_byte_limit(self.max_new_tokens, self.samples, max(map(len, prompts), default=0))
+        http_client = BoundedHTTPClient(self.timeout, self.max_answer_bytes, timeout=self.timeout)
         async with openai.AsyncOpenAI(
             # Without a key no Authorization header is sent (see _request); the client insists on some key.
             base_url=self.base_url, api_key=self.api_key or "none", timeout=self.timeout, max_retries=self.max_retries,
+            http_client=http_client,
         ) as client:
             slots = asyncio.Semaphore(self.concurrency)
 
@@ -149,6 +215,11 @@ class OpenAITeacher:
                 continue
             except openai.APIError as e:
                 raise self._teacher_error(e) from None
+            except AnswerTooLarge as e:
+                raise TeacherError(f"{self.url} {e} for one answer; {self.max_answer_bytes} bytes are the most that "
+                                   f"--max_new_tokens {self.max_new_tokens} with --samples {self.samples} allows: is "
+                                   "the server ignoring max_tokens? (raise --max_new_tokens if its answers really are "
+                                   "this long)") from None
             texts += self._texts(answer)[:wanted]
         return texts
 
@@ -168,10 +239,17 @@ class OpenAITeacher:
             raw = await client.chat.completions.with_raw_response.create(messages=messages, **params)
         else:
             raw = await client.completions.with_raw_response.create(prompt=prompt, **params)
+        content = raw.http_response.content
         try:
-            return json.loads(raw.text)
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TeacherError(f"{self.url} answered with bytes that are not UTF-8 (byte {e.start}: "
+                               f"{content[e.start : e.start + 8]!r}...); the answer is refused, not stored with "
+                               "replacement characters: check the server (and any proxy before it)") from None
+        try:
+            return json.loads(text)
         except json.JSONDecodeError:
-            raise TeacherError(f"{self.url} answered with something other than JSON: {raw.text[:200]!r}") from None
+            raise TeacherError(f"{self.url} answered with something other than JSON: {text[:200]!r}") from None
 
     def _teacher_error(self, error: openai.APIError) -> TeacherError:
         """What went wrong, in one line: a refusal (4xx) with the server's message, or the last failure retried."""
@@ -206,6 +284,11 @@ class OpenAITeacher:
             if text is not None and not isinstance(text, str):
                 raise TeacherError(f"{self.url} answered choices[{i}].{field} = {json.dumps(text)[:100]}, which is not "
                                    "text; is it an OpenAI-compatible completions server?")
+            # JSON's \uXXXX escapes can spell half of a surrogate pair, which no UTF-8 file can hold.
+            lone = next((char for char in text or "" if "\ud800" <= char <= "\udfff"), None)
+            if lone is not None:
+                raise TeacherError(f"{self.url} answered choices[{i}].{field} with the lone surrogate escape "
+                                   f"{json.dumps(lone)}, which is not text; the answer is refused: check the server")
         return [cut_at_stop(text or "", self.stops) for text in texts]
 
 

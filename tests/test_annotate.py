@@ -2,6 +2,7 @@
 for the transformers teacher and a minimal OpenAI-compatible server in a thread for the HTTP teacher."""
 
 import dataclasses
+import itertools
 import json
 import re
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 import annotate
 import run
+import teachers
 from conftest import ROOT, corpus_lines
 from data_utils import BLANK, DATASETS, DataError, load_data, parse_answer
 from metrics import eval_equation
@@ -199,7 +201,11 @@ class FakeEndpoint:
     the first attempts at one row, misbehaving on purpose: an HTTP status to fail with; ('retry_after', seconds): 429 with
     that Retry-After; 'slow': answer after the client's timeout; 'drop': close the connection unanswered;
     'garbage': a 200 whose body is not JSON; 'number': a 200 with `"text": 123`; 'hang': no answer until the
-    test ends. `n`: 'takes' (n choices), 'ignores' (one choice) or 'refuses' (400 for n > 1)."""
+    test ends; 'trickle': a whole valid answer, status line and headers included, one byte every 0.2 s; 'latin1': a
+    text holding a byte that is not UTF-8; 'surrogate': a text holding the JSON escape of half a surrogate pair;
+    'huge': a 50 MB text in chunked transfer; 'huge_declared': the same with its Content-Length announced.
+    `sent[key]` counts the bytes a 'trickle' or 'huge' answer got written before the client hung up. `n`: 'takes'
+    (n choices), 'ignores' (one choice) or 'refuses' (400 for n > 1)."""
 
     def __init__(self, plan: dict[str, list] | None = None, delay: float = 0.05, n: str = "takes"):
         self.plan = {key: list(steps) for key, steps in (plan or {}).items()}
@@ -207,6 +213,7 @@ class FakeEndpoint:
         self.requests: list[tuple[str, dict, dict]] = []
         self.arrivals: dict[str, list[float]] = {}
         self.in_flight = self.max_in_flight = 0
+        self.sent: dict[str, int] = {}
         self.lock = threading.Lock()
         self.released = threading.Event()
 
@@ -232,6 +239,19 @@ class FakeEndpoint:
                 return
             if step == "garbage":
                 self.send(handler, 200, b"{'choices': [oops")
+                return
+            if step in ("latin1", "surrogate"):
+                text = b" caf\xe9. So" if step == "latin1" else b" \\ud800 So"
+                self.send(handler, 200, b'{"choices": [{"index": 0, "text": "' + text + b' the answer is 1."}]}')
+                return
+            if step == "trickle":
+                body = json.dumps({"choices": [{"index": 0, "text": " So the answer is 1."}]}).encode()
+                raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                    len(body), body)
+                self.write_bounded(handler, key, (raw[i : i + 1] for i in range(len(raw))), pause=0.2)
+                return
+            if step in ("huge", "huge_declared"):
+                self.send_huge(handler, key, declared=step == "huge_declared")
                 return
             if isinstance(step, tuple):
                 self.send(handler, 429, {"error": {"message": "slow down"}}, {"Retry-After": str(step[1])})
@@ -260,6 +280,42 @@ class FakeEndpoint:
         finally:
             with self.lock:
                 self.in_flight -= 1
+
+    def write_bounded(self, handler: BaseHTTPRequestHandler, key: str, parts, pause: float = 0.0) -> None:
+        """Write the parts one by one, counting in sent[key], until they run out, the client hangs up or the test
+        ends."""
+        self.sent[key] = 0
+        handler.close_connection = True
+        for part in parts:
+            if self.released.is_set():
+                return
+            try:
+                handler.wfile.write(part)
+                handler.wfile.flush()
+            except OSError:
+                return
+            self.sent[key] += len(part)
+            time.sleep(pause)
+
+    def send_huge(self, handler: BaseHTTPRequestHandler, key: str, declared: bool) -> None:
+        """A 50 MB answer of 64 KiB parts: chunked, or with its Content-Length announced."""
+        part, count = b"a" * 65536, 800
+        head, tail = b'{"choices": [{"index": 0, "text": "', b'"}]}'
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        if declared:
+            handler.send_header("Content-Length", str(len(head) + len(part) * count + len(tail)))
+            frame = bytes
+        else:
+            handler.send_header("Transfer-Encoding", "chunked")
+
+            def frame(data: bytes) -> bytes:
+                return b"%x\r\n%s\r\n" % (len(data), data)
+
+        handler.end_headers()
+        parts = itertools.chain([frame(head)], (frame(part) for _ in range(count)), [frame(tail)],
+                                [] if declared else [b"0\r\n\r\n"])
+        self.write_bounded(handler, key, parts)
 
     @staticmethod
     def send(handler: BaseHTTPRequestHandler, status: int, payload: dict | bytes, headers: dict | None = None) -> None:
@@ -412,6 +468,14 @@ def test_dropped_connections_and_retry_after_are_retried(endpoint, tmp_path, mon
         ({"s1": ["hang"] * 2}, ["--timeout", "0.3", "--max_retries", "1"],
          "no answer after 2 attempts (last: no answer within --timeout 0.3 s)"),
         ({"s1": ["drop"] * 2}, ["--max_retries", "1"], "no answer after 2 attempts (last: "),
+        ({"s1": ["trickle"] * 2}, ["--timeout", "1", "--max_retries", "1"],
+         "no answer after 2 attempts (last: no answer within --timeout 1 s)"),
+        ({"s1": ["latin1"]}, [], "answered with bytes that are not UTF-8 (byte 39: b'\\xe9. So th'...); the answer is "
+         "refused, not stored with replacement characters"),
+        ({"s1": ["surrogate"]}, [],
+         'answered choices[0].text with the lone surrogate escape "\\ud800", which is not text'),
+        ({"s1": ["huge"]}, ["--max_new_tokens", "16"], " bytes for one answer; "),
+        ({"s1": ["huge_declared"]}, ["--max_new_tokens", "16"], "announced 52428839 bytes for one answer"),
     ],
 )
 def test_unusable_answers_are_one_line_and_keep_finished_chunks(endpoint, tmp_path, monkeypatch, capsys, plan, flags,
@@ -424,6 +488,40 @@ def test_unusable_answers_are_one_line_and_keep_finished_chunks(endpoint, tmp_pa
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert message in line and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "custom" / "t1").iterdir()) == ["train_CoT_0.json"]
+
+
+def test_a_trickling_server_cannot_hold_a_request_past_the_timeout(endpoint, tmp_path, capsys):
+    """--timeout bounds an attempt from sending to the answer's last byte, not the wait between bytes: an answer
+    trickled a byte every 0.2 s (about 30 s in all) is given up after 1 s, retried once, and the run stops."""
+    custom_data(tmp_path, n_train=1)
+    fake, url = endpoint({"s0": ["trickle"] * 2}, delay=0)
+    start = time.monotonic()
+    assert annotate.main(openai_flags(tmp_path, url, "--timeout", "1", "--max_retries", "1")) == 1
+    elapsed = time.monotonic() - start
+    assert "(last: no answer within --timeout 1 s)" in capsys.readouterr().err
+    assert len(fake.arrivals["s0"]) == 2 and elapsed < 4, f"two attempts of 1 s and one backoff took {elapsed:.1f} s"
+    assert fake.sent["s0"] < 20, "the status line and headers were still trickling when the deadline came"
+
+
+@pytest.mark.parametrize("step", ["huge", "huge_declared"])
+def test_a_huge_answer_is_refused_while_it_arrives(endpoint, tmp_path, capsys, step):
+    """--max_new_tokens 16 allows about 80 kB of answer: reading stops there, long before the server's 50 MB, and
+    the answer is not retried (the same request would bring it again)."""
+    custom_data(tmp_path, n_train=1)
+    fake, url = endpoint({"s0": [step]}, delay=0)
+    assert annotate.main(openai_flags(tmp_path, url, "--max_new_tokens", "16", "--max_retries", "3")) == 1
+    err = capsys.readouterr().err
+    limit = teachers.answer_byte_limit(16, 1, len(annotate.build_query(
+        annotate.load_prompt(annotate.parse_args(openai_flags(tmp_path, url))), DATASETS["custom"], {"input": "s0"})))
+    seen = f"announced {50 * 2**20 + 39} bytes" if step == "huge_declared" else f"sent more than {limit} bytes"
+    assert (f"{url}/completions {seen} for one answer; {limit} bytes are the most that --max_new_tokens 16 with "
+            "--samples 1 allows: is the server ignoring max_tokens?") in err and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while fake.sent.get("s0", 0) < 50 * 2**20 and fake.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not fake.in_flight and fake.sent["s0"] < 20 * 2**20, f"the server wrote {fake.sent['s0']} bytes"
+    assert len(fake.arrivals["s0"]) == 1
+    assert not (tmp_path / "custom" / "t1").exists() or not list((tmp_path / "custom" / "t1").iterdir())
 
 
 @pytest.mark.parametrize("server_n, requests_per_prompt", [("takes", 1), ("ignores", 3), ("refuses", 4)])

@@ -76,6 +76,25 @@ def test_summary_of_a_folder_without_runs_fails(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
+def test_summary_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_result(runs, "dss-a", 0.8, run=0)
+    users_file = tmp_path / "notes.txt"
+    users_file.write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main([str(runs), "--out", str(users_file)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"--out {users_file} is a file, not a folder; it is left as it is: pass a folder" in err
+    assert users_file.read_text() == "mine"
+
+    below_a_file = users_file / "summary"
+    assert summarize.main([str(runs), "--out", str(below_a_file)]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: cannot write into --out {below_a_file} (") and "pass a folder you can" in line
+    assert users_file.read_text() == "mine"
+
+
 def test_grid_runs_standard_methods_once_per_seed_and_fraction():
     args, passthrough = sweep.parse_args(
         ["--dataset", "cqa", "--seeds", "0", "1", "--alphas", "0.3", "0.5", "--fractions", "0.5", "1", "--lr", "1e-4"]
