@@ -8,8 +8,9 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from transformers import AutoTokenizer, T5ForConditionalGeneration, TrainerCallback
+from transformers import Adafactor, AutoTokenizer, T5ForConditionalGeneration, TrainerCallback
 
+import speedups
 from faithful_training import OriginalAdamW, OriginalBatchOrder
 from model_utils import TaskPrefixDataCollator, two_pass_loss
 from train_utils import build_trainer, tokenize, training_arguments
@@ -217,3 +218,17 @@ def test_the_same_seed_trains_the_same_run_twice_with_dropout(tiny_t5, tiny_rows
     assert all(torch.equal(a, b) for a, b in zip(weights, weights_again))
     other, _ = losses_and_weights(tiny_t5, tiny_rows, tmp_path / "c", run=1)
     assert other != losses
+
+
+@pytest.mark.parametrize("optimizer_name, disabled, kind, fused", [
+    ("AdamW", "", OriginalAdamW, True),
+    ("AdamW", "fused_adamw", OriginalAdamW, None),
+    ("Adafactor", "", Adafactor, None),
+])
+def test_the_trainer_builds_the_originals_adamw_on_the_fused_kernel(optimizer_name, disabled, kind, fused, tiny_t5,
+                                                                     tiny_rows, tmp_path, monkeypatch):
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, disabled)
+    trainer, _ = tiny_trainer(tiny_t5, tiny_rows, tmp_path, optimizer_name=optimizer_name)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is kind
+    assert optimizer.defaults.get("fused") is fused
