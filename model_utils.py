@@ -5,9 +5,11 @@ from typing import Any
 
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Seq2SeqTrainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from faithful_training import EpochOfStream, OriginalAdamW, OriginalBatchOrder
 from recovery import ReadableBest, fall_back_to_readable_best
 from speedups import enabled, grouped_loss
 
@@ -98,6 +100,10 @@ def unwrap_peft(model):
 class TaskPrefixTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer whose loss is alpha * label loss + (1 - alpha) * rationale loss, and whose evaluation
     only generates (greedy), skipping the loss forward pass that accuracy does not need.
+
+    It trains as the original's Trainer (transformers 4.30) did, step for step: the same batches in the same order
+    (faithful_training.OriginalBatchOrder), each micro-batch's mean loss divided by --grad_steps, and AdamW with
+    4.30's arithmetic (faithful_training.OriginalAdamW).
     """
 
     def __init__(
@@ -119,12 +125,40 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         # Best checkpoints passed over as gone or unreadable (recovery.ReadableBest, _load_best_model), for the record.
         self.unreadable_best: list[dict] = []
         self.add_callback(ReadableBest(self.unreadable_best))
+        # compute_loss returns each micro-batch's mean loss and ignores num_items_in_batch, so the Trainer must divide
+        # it by the accumulation steps, as 4.30 did; this says so whatever the model's forward accepts.
+        self.model_accepts_loss_kwargs = False
 
     def _load_best_model(self) -> None:
         """The selected model, from the best checkpoint or, where its weights cannot be read (damaged after it was
         written), from the best evaluation whose checkpoint can be (recovery.fall_back_to_readable_best)."""
         self.unreadable_best += fall_back_to_readable_best(self.state, self.args, say=self.is_world_process_zero())
         super()._load_best_model()
+
+    def train_batch_order(self) -> OriginalBatchOrder:
+        """The run's micro-batches, max_steps x grad_steps of them, in the original's order for this process."""
+        if self.args.max_steps <= 0:
+            raise ValueError("TaskPrefixTrainer trains for max_steps: set max_steps in the training arguments")
+        return OriginalBatchOrder(
+            len(self.train_dataset), self._train_batch_size, self.args.seed,
+            self.args.max_steps * self.args.gradient_accumulation_steps,
+            world_size=self.args.world_size, rank=self.args.process_index,
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The original's batches as a plain DataLoader: accelerate would swap in its own sampler and, across
+        processes, hand out whole batches where 4.30 gave each process its own rows (_prepare_inputs moves them)."""
+        order = self.train_batch_order()
+        if not any(isinstance(callback, EpochOfStream) for callback in self.callback_handler.callbacks):
+            self.add_callback(EpochOfStream(order.batches_per_epoch()))
+        return DataLoader(self.train_dataset, batch_sampler=order, collate_fn=self.data_collator,
+                          num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        """The Trainer's optimizer for args.optim, with torch's AdamW doing 4.30's AdamW arithmetic."""
+        optimizer_cls, kwargs = Seq2SeqTrainer.get_optimizer_cls_and_kwargs(args, model)
+        return (OriginalAdamW if optimizer_cls is torch.optim.AdamW else optimizer_cls), kwargs
 
     def grouped_loss_applies(self, model) -> bool:
         """grouped_loss calls the encoder and decoder directly, which a DDP/FSDP/DeepSpeed wrapper does not allow

@@ -32,8 +32,9 @@ from trackers import track_run
 from recovery import FaultGuard, RunError, attempt_left_nothing, record_run_args, resume_checkpoint, write_json_atomic
 
 MAX_TARGET_LENGTH = 256
-# AdamW as torch's fused kernel (CPU and CUDA): the same update, one pass over the weights instead of a dozen, 5x
-# faster per step than the foreach kernel for the tiny T5 on 2 CPU cores (bench.py measures its share).
+# AdamW as torch's fused kernel (CPU and CUDA), one pass over the weights instead of a dozen, 5x faster per step than
+# the foreach kernel for the tiny T5 on 2 CPU cores (bench.py measures its share); the trainer gives it the
+# original's arithmetic (faithful_training.OriginalAdamW). Adafactor is transformers' (the original had none).
 OPTIMIZERS = {"AdamW": "adamw_torch_fused", "Adafactor": "adafactor"}
 RATIONALE_SAMPLES = 5
 # Evaluation generates: it keeps no activations for a backward pass, no gradients and no optimizer state, so a row
