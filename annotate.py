@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cli import folder_name, fraction, non_negative_int, positive_float, positive_int, write_json_atomic
 from data_utils import (
     BLANK,
     DATASETS,
@@ -31,7 +32,6 @@ from data_utils import (
 )
 from metrics import METRICS
 from rationales import audit, describe_audit
-from run import folder_name, fraction, non_negative_int, positive_float, positive_int
 from teachers import HFTeacher, OpenAITeacher, Teacher, TeacherError
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -171,13 +171,6 @@ def chunk_layout(outputs: list[list[str]], samples: int) -> list[str] | list[lis
     return [output[0] for output in outputs] if samples == 1 else outputs
 
 
-def write_json_atomic(path: Path, data, indent: int | None = None) -> None:
-    """Write beside the target, then rename: an interrupted run never leaves a truncated chunk."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=indent), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def output_folder(args: argparse.Namespace) -> Path:
     return Path(args.data_dir) / args.dataset / args.llm_name
 
@@ -213,7 +206,7 @@ def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[li
         with tqdm(total=len(rows), initial=done, unit="ex", desc=f"{args.dataset} {args.split}") as bar:
             for i in todo:
                 finished[i] = teacher([build_query(prompt, spec, row) for row in chunks[i]], bar.update)
-                write_json_atomic(paths[i], chunk_layout(finished[i], args.samples))
+                write_json_atomic(paths[i], chunk_layout(finished[i], args.samples), indent=None)
     return [output for outputs in finished for output in outputs]
 
 

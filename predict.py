@@ -17,7 +17,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from run import GEN_MAX_LEN, positive_int, quiet_tied_weight_notices
+from cli import first_line, positive_int
+from run import GEN_MAX_LEN, quiet_tied_weight_notices
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
@@ -213,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer, model = load_model(args.model)
     except Exception as e:  # noqa: BLE001 - OSError, or the weight loaders' own errors for truncated files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: could not load --model {args.model} ({first_line}); save it again or pick another "
+        print(f"error: could not load --model {args.model} ({first_line(e)}); save it again or pick another "
               "checkpoint", file=sys.stderr)
         return 1
     try:

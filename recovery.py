@@ -20,6 +20,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from cli import write_json_atomic
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 RUN_ARGS = "run_args.json"
@@ -371,31 +373,6 @@ def record_run_args(args: argparse.Namespace, ckpt_dir: Path) -> None:
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, run_settings(args))
-
-
-# ---- strict JSON records ----
-
-
-def finite_or_none(data):
-    """NaN and infinities become null: strict JSON has no spelling for them."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
-    if isinstance(data, dict):
-        return {key: finite_or_none(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite_or_none(value) for value in data]
-    return data
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Strict JSON (no NaN) written to a temporary name and renamed, so a reader sees the old file or the new one."""
-    text = json.dumps(finite_or_none(data), indent=2, default=str, allow_nan=False)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- the one-line answers ----

@@ -29,6 +29,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop_while_starting)
     signal.signal(signal.SIGINT, _stop_while_starting)
 
+from cli import first_line, fraction, folder_name, positive_float, positive_int, seed, unit_interval
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data
 from metrics import METRICS
 from rationales import (
@@ -54,57 +55,6 @@ TRACKERS: dict[str, tuple[str, str]] = {
 }
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-# numpy's and torch's generators take seeds below 2**32.
-MAX_SEED = 2**32 - 1
-
-
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be a seed from 0 to {MAX_SEED}, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
-    return value
-
-
-def folder_name(text: str) -> bool:
-    """A single folder name: letters, digits, . _ -, and not . or .. (which would leave the data folder)."""
-    return bool(re.fullmatch(r"[\w.-]+", text)) and text.strip(".") != ""
-
-
-def unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within (0, 1], got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -295,7 +245,7 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
             get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP status is an answer
             outcome.append(None)
         except Exception as e:  # whatever the HTTP stack raises, there was no answer
-            outcome.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            outcome.append(first_line(e))
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -337,8 +287,7 @@ def load_student(args: argparse.Namespace):
     except UnsupportedStudent as e:
         raise RunError(f"--from_pretrained {e}") from None
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, or the weight loaders' own errors for truncated files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line}); pass a local "
+        raise RunError(f"could not load --from_pretrained {args.from_pretrained!r} ({first_line(e)}); pass a local "
                        "directory holding a saved seq2seq or causal LM and its tokenizer, or a reachable hub "
                        "id") from None
     check_tokenizer(tokenizer, f"--from_pretrained {args.from_pretrained}")
@@ -353,7 +302,7 @@ def load_student(args: argparse.Namespace):
         try:
             model = add_lora(model, args)
         except ValueError as e:  # peft: target modules not found in the model
-            raise RunError(f"--lora_targets: {str(e).strip().splitlines()[0]}; name modules of "
+            raise RunError(f"--lora_targets: {first_line(e)}; name modules of "
                            f"{model.config.model_type} (see print(model)) or leave --lora_targets out") from None
     if is_main_process():
         trainable, total = parameter_counts(model)
@@ -440,8 +389,7 @@ def dump_data(args: argparse.Namespace) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
     except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"could not load the tokenizer of --from_pretrained {args.from_pretrained!r} ({first_line}); "
+        raise RunError(f"could not load the tokenizer of --from_pretrained {args.from_pretrained!r} ({first_line(e)}); "
                        "pass a local directory holding it, or a reachable hub id") from None
     splits = prepare_splits(args, tokenizer.eos_token)
     tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import run
+from cli import fraction, non_negative_int, seed, unit_interval
 from rationales import RATIONALE_MODES
 from train_utils import run_dirs
 
@@ -84,10 +85,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     add = parser.add_argument
     add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    add("--seeds", nargs="+", type=run.seed, default=[0], help="values of run.py --run")
-    add("--alphas", nargs="+", type=run.unit_interval, default=[0.5],
+    add("--seeds", nargs="+", type=seed, default=[0], help="values of run.py --run")
+    add("--alphas", nargs="+", type=unit_interval, default=[0.5],
         help="label-loss weights; only the task_prefix methods (dss_*) run once per alpha")
-    add("--fractions", nargs="+", type=run.fraction, default=[0.125, 0.25, 0.5, 1.0],
+    add("--fractions", nargs="+", type=fraction, default=[0.125, 0.25, 0.5, 1.0],
         help="values of run.py --subsample (the paper's by default)")
     add("--rationale_modes", nargs="+", default=["first"], choices=RATIONALE_MODES,
         help="values of run.py --rationales; dss_* run once per mode, standard_distill once for first/all/correct "
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                        help="submit the pending runs as one Slurm job array and return; run it again to resubmit "
                        "what is unfinished")
     slurm.add_argument("--slurm_partition", help="partition (default: the cluster's)")
-    slurm.add_argument("--slurm_gpus", type=run.non_negative_int, default=1, help="GPUs per run")
+    slurm.add_argument("--slurm_gpus", type=non_negative_int, default=1, help="GPUs per run")
     slurm.add_argument("--slurm_time", type=slurm_minutes, default=slurm_minutes("24:00:00"),
                        help="time limit per run: minutes, HH:MM:SS or D-HH:MM:SS (default 24:00:00)")
     slurm.add_argument("--slurm_mem", type=slurm_memory, help="memory per run, such as 64G (default: the cluster's)")

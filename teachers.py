@@ -13,6 +13,8 @@ from collections.abc import Callable
 import httpx2  # the HTTP library under the openai client
 import openai
 
+from cli import first_line
+
 Progress = Callable[[int], None]
 Teacher = Callable[[list[str], Progress], list[list[str]]]
 
@@ -106,8 +108,7 @@ class HFTeacher:
                 model, dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None
             )
         except (OSError, ValueError) as e:
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise TeacherError(f"could not load --model {model!r} ({first_line}); pass a local directory holding a "
+            raise TeacherError(f"could not load --model {model!r} ({first_line(e)}); pass a local directory holding a "
                                "saved causal LM and tokenizer, or a reachable hub id") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -28,6 +28,8 @@ import transformers
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from cli import first_line
+
 # Bump when the entry format changes.
 CACHE_VERSION = 2
 CACHE_VARIABLE = "DSS_CACHE"
@@ -106,7 +108,7 @@ def cached_tokenize(
             try:
                 tokenized = DatasetDict.load_from_disk(str(entry))
             except Exception as e:  # noqa: BLE001 - pyarrow's, datasets' and json's errors for a damaged folder
-                problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                problem = first_line(e)
             else:
                 print(f"tokenised splits read from the cache {entry}", file=sys.stderr)
                 return tokenized
