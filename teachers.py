@@ -8,7 +8,10 @@ Temperature 0 is greedy decoding.
 
 import asyncio
 import json
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx2  # the HTTP library under the openai client
 import openai
@@ -145,6 +148,30 @@ class HFTeacher:
         return outputs
 
 
+@contextmanager
+def ctrl_c_cancels(task: asyncio.Task, interrupted: threading.Event) -> Iterator[None]:
+    """Ctrl-C cancels `task` at once (and sets `interrupted`), through the event loop's own signal handler.
+
+    asyncio.run's handler is a plain Python one: it runs when the main thread next runs Python code. The kernel may
+    deliver the signal to any thread (the HTTP stack's, tqdm's), and then nothing wakes the main thread while the
+    loop waits on sockets that never answer. The loop's handler writes to the loop's wakeup pipe, so the loop runs
+    it at once. Outside the main thread signals cannot be caught, and asyncio.run's handling stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def cancel() -> None:
+        interrupted.set()
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, cancel)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
 class OpenAITeacher:
     """An OpenAI-compatible endpoint (/v1/completions, or /v1/chat/completions with chat=True) through the official
     `openai` client: an attempt at a request times out `timeout` seconds after it was sent unless its answer has
@@ -172,11 +199,22 @@ class OpenAITeacher:
         self.server_takes_n = True
 
     def __call__(self, prompts: list[str], progress: Progress) -> list[list[str]]:
-        """Every prompt's continuations, in order. The first unusable answer, or Ctrl-C, cancels the requests
-        still in flight and their retries."""
-        return asyncio.run(self._complete_all(prompts, progress))
+        """Every prompt's continuations, in order. The first unusable answer, or Ctrl-C (KeyboardInterrupt),
+        cancels the requests still in flight and their retries."""
+        interrupted = threading.Event()
+        try:
+            return asyncio.run(self._complete_all(prompts, progress, interrupted))
+        except asyncio.CancelledError:
+            if interrupted.is_set():
+                raise KeyboardInterrupt from None
+            raise
 
-    async def _complete_all(self, prompts: list[str], progress: Progress) -> list[list[str]]:
+    async def _complete_all(self, prompts: list[str], progress: Progress, interrupted: threading.Event
+                            ) -> list[list[str]]:
+        with ctrl_c_cancels(asyncio.current_task(), interrupted):
+            return await self._complete_all_now(prompts, progress)
+
+    async def _complete_all_now(self, prompts: list[str], progress: Progress) -> list[list[str]]:
         self.max_answer_bytes = answer_byte_limit(self.max_new_tokens, self.samples, max(map(len, prompts), default=0))
         http_client = BoundedHTTPClient(self.timeout, self.max_answer_bytes, timeout=self.timeout)
         async with openai.AsyncOpenAI(
