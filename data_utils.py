@@ -14,8 +14,9 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,7 +70,9 @@ def _choice_text(answer: str) -> str:
     return label[:-1] if label.endswith(".") else label
 
 
-def _cqa(output: str, lstrip: bool) -> tuple[str, str]:
+def parse_cqa(output: str, lstrip: bool = False) -> tuple[str, str]:
+    """PaLM: `... So the answer is (d) math problem.\n\nQ: ...` -> (rationale, 'math problem'); lstrip=True drops
+    leading whitespace first (GPT-NeoX's outputs)."""
     text = output.split("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "So the answer is")
     if split is None:
@@ -77,17 +80,9 @@ def _cqa(output: str, lstrip: bool) -> tuple[str, str]:
     return split[0].rstrip(), _choice_text(split[1])
 
 
-def parse_cqa(output: str) -> tuple[str, str]:
-    """PaLM: `... So the answer is (d) math problem.\n\nQ: ...` -> (rationale, 'math problem')."""
-    return _cqa(output, lstrip=False)
-
-
-def parse_cqa_gpt(output: str) -> tuple[str, str]:
-    """GPT-NeoX: as parse_cqa, with leading whitespace dropped."""
-    return _cqa(output, lstrip=True)
-
-
-def _equation(output: str, lstrip: bool) -> tuple[str, str]:
+def parse_equation(output: str, lstrip: bool = False) -> tuple[str, str]:
+    """PaLM: `... The answer is (84 / 2).` -> (rationale, '(84 / 2)'), for svamp and asdiv; lstrip=True drops leading
+    whitespace first (GPT-NeoX's outputs)."""
     text = output.split("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "The answer is")
     if split is None:
@@ -96,31 +91,18 @@ def _equation(output: str, lstrip: bool) -> tuple[str, str]:
     return split[0].rstrip(), equation.group(0) if equation else BLANK
 
 
-def parse_equation(output: str) -> tuple[str, str]:
-    """PaLM: `... The answer is (84 / 2).` -> (rationale, '(84 / 2)'); used for svamp and asdiv."""
-    return _equation(output, lstrip=False)
-
-
-def parse_equation_gpt(output: str) -> tuple[str, str]:
-    """GPT-NeoX (svamp): as parse_equation, with leading whitespace dropped."""
-    return _equation(output, lstrip=True)
-
-
-def _esnli(output: str, lstrip: bool) -> tuple[str, str]:
+def parse_esnli(output: str, lstrip: bool = False) -> tuple[str, str]:
+    """PaLM: `<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral'); lstrip=True drops the
+    rationale's leading whitespace (GPT-NeoX's outputs)."""
     rationale = output.split("Answer:")[0].rstrip()
     parts = output.split("Answer: ")
     label = parts[1].split("Premise")[0].rstrip() if len(parts) > 1 else BLANK
     return rationale.lstrip() if lstrip else rationale, label
 
 
-def parse_esnli(output: str) -> tuple[str, str]:
-    """PaLM: `<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral')."""
-    return _esnli(output, lstrip=False)
-
-
-def parse_esnli_gpt(output: str) -> tuple[str, str]:
-    """GPT-NeoX: as parse_esnli, with the rationale's leading whitespace dropped."""
-    return _esnli(output, lstrip=True)
+parse_cqa_gpt = partial(parse_cqa, lstrip=True)
+parse_equation_gpt = partial(parse_equation, lstrip=True)
+parse_esnli_gpt = partial(parse_esnli, lstrip=True)
 
 
 def _anli(text: str, markers: tuple[str, ...]) -> tuple[str, str]:
@@ -210,6 +192,14 @@ class DatasetSpec:
         return bool(self.chunks)
 
 
+def _nli_spec(parse, parse_gpt, chunk_size: int, chunks: dict[str, int], cue: str) -> DatasetSpec:
+    """A premise/hypothesis dataset (esnli, anli1): the teacher's query ends with `cue`, where its answers begin."""
+    return DatasetSpec(
+        ("train", "valid", "test"), ("premise", "hypothesis", "label"), _nli_row, parse, chunk_size, chunks,
+        query=f"Premise: {{premise}}\nHypothesis: {{hypothesis}}\n{cue}", classes=NLI_LABELS, parse_gpt=parse_gpt,
+    )
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "cqa": DatasetSpec(
         ("train", "test"), ("question", "choices", "answer"), _cqa_row, parse_cqa, 1000, {"train": 10, "test": 2},
@@ -219,28 +209,8 @@ DATASETS: dict[str, DatasetSpec] = {
         ("train", "test"), ("input", "label"), _plain_row, parse_equation, 500, {"train": 2, "test": 1}, "equation",
         parse_gpt=parse_equation_gpt,
     ),
-    "esnli": DatasetSpec(
-        ("train", "valid", "test"),
-        ("premise", "hypothesis", "label"),
-        _nli_row,
-        parse_esnli,
-        5500,
-        {"train": 100, "valid": 2, "test": 2},
-        query="Premise: {premise}\nHypothesis: {hypothesis}\nReasonings:",
-        classes=NLI_LABELS,
-        parse_gpt=parse_esnli_gpt,
-    ),
-    "anli1": DatasetSpec(
-        ("train", "valid", "test"),
-        ("premise", "hypothesis", "label"),
-        _nli_row,
-        parse_anli,
-        5000,
-        {"train": 4, "valid": 1, "test": 1},
-        query="Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:",
-        classes=NLI_LABELS,
-        parse_gpt=parse_anli_gpt,
-    ),
+    "esnli": _nli_spec(parse_esnli, parse_esnli_gpt, 5500, {"train": 100, "valid": 2, "test": 2}, "Reasonings:"),
+    "anli1": _nli_spec(parse_anli, parse_anli_gpt, 5000, {"train": 4, "valid": 1, "test": 1}, "Answer:"),
     "asdiv": DatasetSpec(
         ("train", "test"),
         ("Body", "Question", "Answer"),
@@ -270,27 +240,30 @@ def decode_utf8(data: bytes, path: Path, number: int | None = None) -> str:
                         "re-save the file as UTF-8") from None
 
 
+def json_rows(
+    lines: Iterable[str], error: type[Exception], source: str, remedy: str = ""
+) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank JSON line; a line that is not JSON raises `error` naming source, line
+    and reason, followed by `remedy` (each command has its own error type and advice)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{source}:{number}: not valid JSON ({e.msg}){remedy}") from None
+
+
 def numbered_json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) of each non-blank line of a JSON-lines file; a bad line is reported with file and line."""
     rows = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            line = decode_utf8(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); fix or re-download the file") from None
+        lines = (decode_utf8(raw, path, number) for number, raw in enumerate(f, 1))
+        for number, row in json_rows(lines, DataError, str(path), "; fix or re-download the file"):
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
             rows.append((number, row))
     return rows
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; a bad line is reported with file and line number."""
-    return [row for _, row in numbered_json_lines(path)]
 
 
 def data_path(data_dir: Path, name: str, split: str) -> Path:

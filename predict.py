@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cli import first_line, positive_int
+from data_utils import json_rows
 from run import GEN_MAX_LEN, quiet_tied_weight_notices
 
 LABEL_PREFIX = "predict: "
@@ -59,13 +60,7 @@ def parse_lines(lines: list[str], source: str, as_json: bool) -> list[str]:
     if not as_json:
         return [line for line in lines if line.strip()]
     inputs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{source}:{number}: not valid JSON ({e.msg})") from None
+    for number, row in json_rows(lines, InputError, source):
         if not isinstance(row, dict) or not isinstance(row.get("input"), str):
             raise InputError(f"{source}:{number}: expected a JSON object with a string \"input\" field")
         inputs.append(row["input"])
