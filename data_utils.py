@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:  # `datasets` takes seconds to import; run.py answers flag mistakes before that.
+if TYPE_CHECKING:  # `datasets` is slow to import; run.py answers flag mistakes before that.
     from datasets import Dataset, DatasetDict
 
 # The paper's README has users unzip the datasets.zip committed in its repository; this is that file.

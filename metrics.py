@@ -18,7 +18,7 @@ import numpy as np
 # Longer strings are refused (wrong): labels and generated answers are a few dozen characters; this bounds the work.
 MAX_EQUATION_CHARS = 2000
 # Integers above this many bits are refused: far past any answer (floats end at 1,024 bits), and below it arithmetic
-# stays in microseconds.
+# stays cheap.
 MAX_INT_BITS = 16384
 # Tuples with more items than this, nested items included, are refused (a tuple answer is wrong anyway; this bounds
 # `(1,) * n` and comparisons of nested tuples).

@@ -131,12 +131,12 @@ def cut_for_tokenizer(tokenizer, text: str, max_tokens: int) -> str | None:
     """The text, or where it is longer than CHARACTERS_PER_TOKEN x max_tokens characters, a prefix of it whose
     tokens begin with the same max_tokens tokens as the whole text's; None where no such prefix was found.
 
-    Tokenising a 10 MB line whole only to keep its first tokens costs gigabytes and tens of seconds. The prefix ends
-    where a word ends before the budget, and it is taken only if the tokens lying before its last word already
-    number max_tokens: tokenizers split text at whitespace before anything else (SentencePiece's Metaspace, byte-level
-    BPE's pre-tokenising patterns), so no token before a word reaches past it, and those tokens are the whole text's
-    too. None: the budget holds no word boundary, or too few tokens (mostly whitespace or invisible characters).
-    A tokenizer without offsets (not a fast one) gets the whole text, as before."""
+    Tokenising a huge line whole only to keep its first tokens would cost memory and time out of all proportion.
+    The prefix ends where a word ends before the budget, and it is taken only if the tokens lying before its last
+    word already number max_tokens: tokenizers split text at whitespace before anything else (SentencePiece's
+    Metaspace, byte-level BPE's pre-tokenising patterns), so no token before a word reaches past it, and those
+    tokens are the whole text's too. None: the budget holds no word boundary, or too few tokens (mostly whitespace or invisible characters).
+    A tokenizer without offsets (not a fast one) gets the whole text."""
     budget = CHARACTERS_PER_TOKEN * max_tokens
     if len(text) <= budget or not getattr(tokenizer, "is_fast", False):
         return text
