@@ -166,8 +166,8 @@ def read_finished_chunk(path: Path, expected: int, samples: int) -> list[list[st
 
 
 def chunk_layout(outputs: list[list[str]], samples: int) -> list[str] | list[list[str]]:
-    """What a chunk file holds: PaLM's one string per row for K = 1 (so greedy runs write today's files), else the
-    list of K strings per row."""
+    """What a chunk file holds: PaLM's one string per row for K = 1 (the layout of the paper's files), else the list
+    of K strings per row."""
     return [output[0] for output in outputs] if samples == 1 else outputs
 
 
@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = output_folder(args)
     try:
         prompt = load_prompt(args)
-        rows = read_rows(Path(args.data_dir), args.dataset, args.split, eos="</s>")
-        if not rows:
-            raise DataError(f"{args.dataset} {args.split} has no rows to annotate")
+        rows = read_rows(Path(args.data_dir), args.dataset, args.split, eos="</s>")  # refuses an empty file
         outputs = annotate(args, prompt, rows)
     except (DataError, TeacherError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,21 +7,14 @@ Everything that differs between datasets is data in DATASETS: which files to rea
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import sys
-import tempfile
-import urllib.request
-import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
-if TYPE_CHECKING:  # `datasets` takes seconds to import; run.py answers flag mistakes before that.
+if TYPE_CHECKING:  # `datasets` is slow to import; run.py answers flag mistakes before that.
     from datasets import Dataset, DatasetDict
 
 # The paper's README has users unzip the datasets.zip committed in its repository; this is that file.
@@ -69,7 +62,9 @@ def _choice_text(answer: str) -> str:
     return label[:-1] if label.endswith(".") else label
 
 
-def _cqa(output: str, lstrip: bool) -> tuple[str, str]:
+def parse_cqa(output: str, lstrip: bool = False) -> tuple[str, str]:
+    """PaLM: `... So the answer is (d) math problem.\n\nQ: ...` -> (rationale, 'math problem'); lstrip=True drops
+    leading whitespace first (GPT-NeoX's outputs)."""
     text = output.split("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "So the answer is")
     if split is None:
@@ -77,17 +72,9 @@ def _cqa(output: str, lstrip: bool) -> tuple[str, str]:
     return split[0].rstrip(), _choice_text(split[1])
 
 
-def parse_cqa(output: str) -> tuple[str, str]:
-    """PaLM: `... So the answer is (d) math problem.\n\nQ: ...` -> (rationale, 'math problem')."""
-    return _cqa(output, lstrip=False)
-
-
-def parse_cqa_gpt(output: str) -> tuple[str, str]:
-    """GPT-NeoX: as parse_cqa, with leading whitespace dropped."""
-    return _cqa(output, lstrip=True)
-
-
-def _equation(output: str, lstrip: bool) -> tuple[str, str]:
+def parse_equation(output: str, lstrip: bool = False) -> tuple[str, str]:
+    """PaLM: `... The answer is (84 / 2).` -> (rationale, '(84 / 2)'), for svamp and asdiv; lstrip=True drops leading
+    whitespace first (GPT-NeoX's outputs)."""
     text = output.split("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "The answer is")
     if split is None:
@@ -96,31 +83,18 @@ def _equation(output: str, lstrip: bool) -> tuple[str, str]:
     return split[0].rstrip(), equation.group(0) if equation else BLANK
 
 
-def parse_equation(output: str) -> tuple[str, str]:
-    """PaLM: `... The answer is (84 / 2).` -> (rationale, '(84 / 2)'); used for svamp and asdiv."""
-    return _equation(output, lstrip=False)
-
-
-def parse_equation_gpt(output: str) -> tuple[str, str]:
-    """GPT-NeoX (svamp): as parse_equation, with leading whitespace dropped."""
-    return _equation(output, lstrip=True)
-
-
-def _esnli(output: str, lstrip: bool) -> tuple[str, str]:
+def parse_esnli(output: str, lstrip: bool = False) -> tuple[str, str]:
+    """PaLM: `<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral'); lstrip=True drops the
+    rationale's leading whitespace (GPT-NeoX's outputs)."""
     rationale = output.split("Answer:")[0].rstrip()
     parts = output.split("Answer: ")
     label = parts[1].split("Premise")[0].rstrip() if len(parts) > 1 else BLANK
     return rationale.lstrip() if lstrip else rationale, label
 
 
-def parse_esnli(output: str) -> tuple[str, str]:
-    """PaLM: `<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral')."""
-    return _esnli(output, lstrip=False)
-
-
-def parse_esnli_gpt(output: str) -> tuple[str, str]:
-    """GPT-NeoX: as parse_esnli, with the rationale's leading whitespace dropped."""
-    return _esnli(output, lstrip=True)
+parse_cqa_gpt = partial(parse_cqa, lstrip=True)
+parse_equation_gpt = partial(parse_equation, lstrip=True)
+parse_esnli_gpt = partial(parse_esnli, lstrip=True)
 
 
 def _anli(text: str, markers: tuple[str, ...]) -> tuple[str, str]:
@@ -210,6 +184,14 @@ class DatasetSpec:
         return bool(self.chunks)
 
 
+def _nli_spec(parse, parse_gpt, chunk_size: int, chunks: dict[str, int], cue: str) -> DatasetSpec:
+    """A premise/hypothesis dataset (esnli, anli1): the teacher's query ends with `cue`, where its answers begin."""
+    return DatasetSpec(
+        ("train", "valid", "test"), ("premise", "hypothesis", "label"), _nli_row, parse, chunk_size, chunks,
+        query=f"Premise: {{premise}}\nHypothesis: {{hypothesis}}\n{cue}", classes=NLI_LABELS, parse_gpt=parse_gpt,
+    )
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "cqa": DatasetSpec(
         ("train", "test"), ("question", "choices", "answer"), _cqa_row, parse_cqa, 1000, {"train": 10, "test": 2},
@@ -219,28 +201,8 @@ DATASETS: dict[str, DatasetSpec] = {
         ("train", "test"), ("input", "label"), _plain_row, parse_equation, 500, {"train": 2, "test": 1}, "equation",
         parse_gpt=parse_equation_gpt,
     ),
-    "esnli": DatasetSpec(
-        ("train", "valid", "test"),
-        ("premise", "hypothesis", "label"),
-        _nli_row,
-        parse_esnli,
-        5500,
-        {"train": 100, "valid": 2, "test": 2},
-        query="Premise: {premise}\nHypothesis: {hypothesis}\nReasonings:",
-        classes=NLI_LABELS,
-        parse_gpt=parse_esnli_gpt,
-    ),
-    "anli1": DatasetSpec(
-        ("train", "valid", "test"),
-        ("premise", "hypothesis", "label"),
-        _nli_row,
-        parse_anli,
-        5000,
-        {"train": 4, "valid": 1, "test": 1},
-        query="Premise: {premise}\nHypothesis: {hypothesis}\nAnswer:",
-        classes=NLI_LABELS,
-        parse_gpt=parse_anli_gpt,
-    ),
+    "esnli": _nli_spec(parse_esnli, parse_esnli_gpt, 5500, {"train": 100, "valid": 2, "test": 2}, "Reasonings:"),
+    "anli1": _nli_spec(parse_anli, parse_anli_gpt, 5000, {"train": 4, "valid": 1, "test": 1}, "Answer:"),
     "asdiv": DatasetSpec(
         ("train", "test"),
         ("Body", "Question", "Answer"),
@@ -270,27 +232,30 @@ def decode_utf8(data: bytes, path: Path, number: int | None = None) -> str:
                         "re-save the file as UTF-8") from None
 
 
+def json_rows(
+    lines: Iterable[str], error: type[Exception], source: str, remedy: str = ""
+) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank JSON line; a line that is not JSON raises `error` naming source, line
+    and reason, followed by `remedy` (each command has its own error type and advice)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{source}:{number}: not valid JSON ({e.msg}){remedy}") from None
+
+
 def numbered_json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) of each non-blank line of a JSON-lines file; a bad line is reported with file and line."""
     rows = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            line = decode_utf8(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); fix or re-download the file") from None
+        lines = (decode_utf8(raw, path, number) for number, raw in enumerate(f, 1))
+        for number, row in json_rows(lines, DataError, str(path), "; fix or re-download the file"):
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
             rows.append((number, row))
     return rows
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; a bad line is reported with file and line number."""
-    return [row for _, row in numbered_json_lines(path)]
 
 
 def data_path(data_dir: Path, name: str, split: str) -> Path:
@@ -498,68 +463,3 @@ def subsample(train: Dataset, fraction: float, seed: int) -> Dataset:
     if int(len(train) * fraction) < 1:
         raise DataError(f"--subsample {fraction} of {len(train)} train rows keeps none; use a larger fraction")
     return train.train_test_split(test_size=1.0 - fraction, seed=seed)["train"]
-
-
-def _download(url: str, target: Path) -> None:
-    """Copy a URL (or local path) to target with a progress bar."""
-    source = url if "://" in url else Path(url).resolve().as_uri()
-    with urllib.request.urlopen(source, timeout=60) as response, open(target, "wb") as out:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc="datasets.zip") as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-
-
-def source_folders(name: str) -> set[str]:
-    """The <name>/ folders a dataset reads (asdiv: svamp's too)."""
-    spec = DATASETS[name]
-    return {source for split in spec.splits for source in spec.sources.get(split, (name,))}
-
-
-def fetch_data(url: str, data_dir: Path, ask: bool, dataset: str | None = None) -> None:
-    """Fetch and unpack datasets.zip into data_dir, all or nothing: unpack beside it, check that it holds the paper's
-    <name>/ folders (and `dataset`'s, when given), then rename into place."""
-    manual = (
-        f"data folder {data_dir} not found: download {DATA_URL}, unzip it and pass the 'datasets' folder as "
-        "--data_dir (or run again with --download)"
-    )
-    if ask:
-        if not sys.stdin.isatty():
-            raise DataError(manual)
-        answer = input(f"{data_dir} does not exist. Download and unpack the paper's data from {url}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            raise DataError(manual)
-    parent = data_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".datasets-download-") as tmp:
-        archive = Path(tmp) / "datasets.zip"
-        try:
-            _download(url, archive)
-        except (OSError, ValueError) as e:
-            raise DataError(f"could not fetch {url} ({e}); {manual}") from None
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                broken = zf.testzip()
-                if broken is not None:
-                    raise DataError(f"{url}: archive member {broken} is corrupt; download it again")
-                unpacked = Path(tmp) / "unpacked"
-                for member in zf.namelist():
-                    if member.startswith("/") or ".." in Path(member).parts:
-                        raise DataError(f"{url}: archive member {member!r} would unpack outside the data folder")
-                zf.extractall(unpacked)
-        except zipfile.BadZipFile:
-            raise DataError(f"{url} is not a zip archive; download {DATA_URL} by hand") from None
-        # The repository's copy unpacks to datasets/<name>/; a re-zipped one may hold the <name>/ folders directly.
-        root = unpacked / "datasets" if (unpacked / "datasets").is_dir() else unpacked
-        paper = [name for name, spec in DATASETS.items() if spec.from_paper]
-        found = [name for name in paper if (root / name).is_dir()]
-        if not found:
-            raise DataError(f"{url} holds none of the folders {', '.join(paper)}; is it the paper's datasets.zip?")
-        missing = sorted(source_folders(dataset) - set(found)) if dataset else []
-        if missing:
-            raise DataError(f"{url} holds {', '.join(found)} but not {', '.join(m + '/' for m in missing)}, which "
-                            f"--dataset {dataset} reads; is it the whole datasets.zip?")
-        shutil.rmtree(root / "__MACOSX", ignore_errors=True)
-        os.replace(root, data_dir)
-    print(f"unpacked {', '.join(found)} into {data_dir}", file=sys.stderr)

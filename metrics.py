@@ -18,7 +18,7 @@ import numpy as np
 # Longer strings are refused (wrong): labels and generated answers are a few dozen characters; this bounds the work.
 MAX_EQUATION_CHARS = 2000
 # Integers above this many bits are refused: far past any answer (floats end at 1,024 bits), and below it arithmetic
-# stays in microseconds.
+# stays cheap.
 MAX_INT_BITS = 16384
 # Tuples with more items than this, nested items included, are refused (a tuple answer is wrong anyway; this bounds
 # `(1,) * n` and comparisons of nested tuples).
@@ -201,17 +201,21 @@ def equations_match_tolerant(pred: str, gold: str) -> bool:
         return a == b
 
 
-def text_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
-    """Exact string match, as the paper's numpy string arrays compared (which ignore trailing NUL characters)."""
-    if len(preds) != len(golds):
-        raise ValueError(f"{len(preds)} predictions for {len(golds)} gold labels")
-    return float(np.mean([p.rstrip("\0") == g.rstrip("\0") for p, g in zip(preds, golds)])) if golds else 0.0
-
-
 def _accuracy(match: Callable[[str, str], bool], preds: Sequence[str], golds: Sequence[str]) -> float:
+    """The share of (prediction, gold) pairs that match; 0.0 for none."""
     if len(preds) != len(golds):
         raise ValueError(f"{len(preds)} predictions for {len(golds)} gold labels")
     return float(np.mean([match(p, g) for p, g in zip(preds, golds)])) if golds else 0.0
+
+
+def texts_match(pred: str, gold: str) -> bool:
+    """Exact string match, as the paper's numpy string arrays compared (which ignore trailing NUL characters)."""
+    return pred.rstrip("\0") == gold.rstrip("\0")
+
+
+def text_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
+    """Labels compared as exact strings (see texts_match)."""
+    return _accuracy(texts_match, preds, golds)
 
 
 def equation_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
@@ -220,7 +224,7 @@ def equation_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
 
 
 def equation_accuracy_tolerant(preds: Sequence[str], golds: Sequence[str]) -> float:
-    """--tolerant_equations: as equation_accuracy, with values within 1e-9 counted as equal."""
+    """--tolerant_equations: as equation_accuracy, with values within REL_TOL/ABS_TOL counted as equal."""
     return _accuracy(equations_match_tolerant, preds, golds)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cli import first_line, positive_int
+from data_utils import json_rows
 from run import GEN_MAX_LEN, quiet_tied_weight_notices
 
 LABEL_PREFIX = "predict: "
@@ -59,13 +60,7 @@ def parse_lines(lines: list[str], source: str, as_json: bool) -> list[str]:
     if not as_json:
         return [line for line in lines if line.strip()]
     inputs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{source}:{number}: not valid JSON ({e.msg})") from None
+    for number, row in json_rows(lines, InputError, source):
         if not isinstance(row, dict) or not isinstance(row.get("input"), str):
             raise InputError(f"{source}:{number}: expected a JSON object with a string \"input\" field")
         inputs.append(row["input"])
@@ -136,12 +131,12 @@ def cut_for_tokenizer(tokenizer, text: str, max_tokens: int) -> str | None:
     """The text, or where it is longer than CHARACTERS_PER_TOKEN x max_tokens characters, a prefix of it whose
     tokens begin with the same max_tokens tokens as the whole text's; None where no such prefix was found.
 
-    Tokenising a 10 MB line whole only to keep its first tokens costs gigabytes and tens of seconds. The prefix ends
-    where a word ends before the budget, and it is taken only if the tokens lying before its last word already
-    number max_tokens: tokenizers split text at whitespace before anything else (SentencePiece's Metaspace, byte-level
-    BPE's pre-tokenising patterns), so no token before a word reaches past it, and those tokens are the whole text's
-    too. None: the budget holds no word boundary, or too few tokens (mostly whitespace or invisible characters).
-    A tokenizer without offsets (not a fast one) gets the whole text, as before."""
+    Tokenising a huge line whole only to keep its first tokens would cost memory and time out of all proportion.
+    The prefix ends where a word ends before the budget, and it is taken only if the tokens lying before its last
+    word already number max_tokens: tokenizers split text at whitespace before anything else (SentencePiece's
+    Metaspace, byte-level BPE's pre-tokenising patterns), so no token before a word reaches past it, and those
+    tokens are the whole text's too. None: the budget holds no word boundary, or too few tokens (mostly whitespace or invisible characters).
+    A tokenizer without offsets (not a fast one) gets the whole text."""
     budget = CHARACTERS_PER_TOKEN * max_tokens
     if len(text) <= budget or not getattr(tokenizer, "is_fast", False):
         return text

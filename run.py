@@ -30,7 +30,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, _stop_while_starting)
 
 from cli import first_line, fraction, folder_name, positive_float, positive_int, seed, unit_interval
-from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data
+from data_utils import DATA_URL, DATASETS, DataError, load_data
+from download import fetch_data
 from metrics import METRICS
 from rationales import (
     RATIONALE_MODES,

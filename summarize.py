@@ -192,6 +192,17 @@ def teacher_lines(runs: list[dict]) -> dict[str, tuple[float, float | None]]:
     return dict(sorted(lines.items()))
 
 
+def save_accuracy_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
+    """Label, title and grid the test-accuracy axes the plots share, write them to path and free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 def plot_fraction(
     table: dict[tuple[str, float], dict], title: str, path: Path,
     teachers: dict[str, tuple[float, float | None]] | None = None,
@@ -213,13 +224,8 @@ def plot_fraction(
     ax.set_xscale("log", base=2)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(fractions, [percent(f) for f in fractions])
-    ax.set_xlabel("share of the training set used (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title}: accuracy vs training data")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, "share of the training set used (log scale)", f"{title}: accuracy vs training data",
+                       path)
 
 
 def alpha_lines(runs: list[dict]) -> dict[tuple[str, float], dict[float, dict]]:
@@ -244,13 +250,8 @@ def plot_alpha(lines: dict[tuple[str, float], dict[float, dict]], title: str, pa
             list(by_alpha), [100 * s["mean"] for s in stats], yerr=[100 * (s["std"] or 0.0) for s in stats],
             marker="o", capsize=3, label=f"{method}, {percent(fraction)} of train",
         )
-    ax.set_xlabel("alpha (weight of the label loss; 1 - alpha weighs rationales)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title}: accuracy vs alpha")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, "alpha (weight of the label loss; 1 - alpha weighs rationales)",
+                       f"{title}: accuracy vs alpha", path)
 
 
 def csv_rows(dataset: str, label: str, select_on: str, table: dict, alpha: float) -> list[dict]:

@@ -42,6 +42,10 @@ GRID_FLAGS = (
 # submitit's executor for --slurm; the tests use its "local" one, which runs the jobs as processes on this machine.
 SLURM_CLUSTER = "slurm"
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+# prctl's option that has the kernel signal a process when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+# After Ctrl-C, how long a run has to write its last line before it is told to stop.
+INTERRUPT_GRACE_S = 5.0
 
 
 def slurm_minutes(text: str) -> int:
@@ -73,9 +77,6 @@ def slurm_option(text: str) -> tuple[str, str]:
     if not equals or not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
         raise argparse.ArgumentTypeError(f"expected an sbatch option as KEY=VALUE (such as account=abc), got {text!r}")
     return key, value
-PR_SET_PDEATHSIG = 1
-# After Ctrl-C, how long a run has to write its last line before it is told to stop.
-INTERRUPT_GRACE_S = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

@@ -48,7 +48,7 @@ def default_cache_dir() -> Path:
 
 
 def hash_split(split: Dataset, digest) -> None:
-    """Feed a split's schema and every value into digest (Arrow buffers, so a 10k-row split takes milliseconds)."""
+    """Feed a split's schema and every value into digest (its Arrow buffers, not row by row, so hashing stays quick)."""
     table = split.data.table
     if split._indices is not None:  # a select()ed split: its rows, in order
         table = table.take(split._indices.column(0))

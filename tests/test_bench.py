@@ -1,4 +1,4 @@
-"""bench.py in a small configuration on the real data, so that it cannot rot: fields, and the loss check."""
+"""bench/bench.py in a small configuration on the real data, so that it cannot rot: fields, and the loss check."""
 
 import json
 import os
@@ -9,13 +9,16 @@ import pytest
 
 from conftest import ROOT
 
+BENCH = ROOT / "bench"  # developer tools, run as scripts; imported here from their folder
+sys.path.insert(0, str(BENCH))
+
 TRAIN_FIELDS = {"examples_per_s", "tokens_per_s", "median_step_s", "cpu_s_per_step", "model_flops_per_step",
                 "padded_flops_per_step", "achieved_flops_per_s", "fraction_of_matmul_peak", "peak_memory_bytes"}
 
 
 def test_bench_small_configuration(tiny_t5, shared_data, tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data),
+    cmd = [sys.executable, str(BENCH / "bench.py"), "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data),
            "--dataset", "svamp", "--mode", "both", "--batch_size", "4", "--max_input_length", "64", "--steps", "2",
            "--warmup", "1", "--rounds", "2", "--eval", "--eval_rows", "16", "--eval_reference", "--gen_max_len", "4",
            "--process_memory",
@@ -47,7 +50,6 @@ def test_bench_small_configuration(tiny_t5, shared_data, tmp_path):
 
 
 def test_flops_formula_counts_what_a_hand_count_gives():
-    sys.path.insert(0, str(ROOT))
     from types import SimpleNamespace
 
     from bench import forward_flops
@@ -71,7 +73,7 @@ def test_bench_decoder_only_configuration(shared_data, tmp_path):
     if not (SHARED_TOKENIZER / "spiece.model").is_file():
         pytest.skip(f"public T5 vocabulary not found at {SHARED_TOKENIZER}")
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--random_causal", "tiny", "--causal_layers", "1", "--data_dir",
+    cmd = [sys.executable, str(BENCH / "bench.py"), "--random_causal", "tiny", "--causal_layers", "1", "--data_dir",
            str(shared_data), "--tokenizer", str(SHARED_TOKENIZER), "--batch_size", "2", "--max_input_length", "64",
            "--steps", "1", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -90,10 +92,10 @@ def test_bench_decoder_only_configuration(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_side_by_side_driver_against_itself(tiny_t5, shared_data, tmp_path):
-    """bench_original.py with the project on both sides (CI has no original): each side's long-lived process runs
-    its blocks of steps in turn, the probe times them from inside, and the summary pairs each round's blocks."""
+    """bench/bench_original.py with the project on both sides (CI has no original): each side's long-lived process
+    runs its blocks of steps in turn, the probe times them from inside, and the summary pairs each round's blocks."""
     out = tmp_path / "sbs.json"
-    cmd = [sys.executable, str(ROOT / "bench_original.py"), "--sides", "project", "project-without=all",
+    cmd = [sys.executable, str(BENCH / "bench_original.py"), "--sides", "project", "project-without=all",
            "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data), "--dataset", "svamp",
            "--modes", "standard", "--rounds", "2", "--block", "2", "--warmup", "1", "--threads", "1",
            "--batch_size", "4", "--max_input_length", "64", "--gen_max_len", "4",
@@ -118,7 +120,6 @@ def test_side_by_side_driver_against_itself(tiny_t5, shared_data, tmp_path):
 
 
 def test_block_step_times_start_at_each_resume_and_skip_the_warmup():
-    sys.path.insert(0, str(ROOT))
     from bench_original import block_step_seconds
 
     record = {"steps": [[1.0, 2.0], [5.0, 9.0], [6.0, 11.0], [7.5, 14.0], [20.0, 30.0], [20.5, 31.0]],
@@ -130,7 +131,6 @@ def test_block_step_times_start_at_each_resume_and_skip_the_warmup():
 def test_probe_times_outermost_evaluations_and_cuts_their_rows():
     """As transformers 4.30 calls it (one evaluate per split, the set passed in) and as 5 does (the trainer's own
     dict, evaluate calling itself per split): each outermost call is timed once, on the first rows only."""
-    sys.path.insert(0, str(ROOT))
     import time
 
     from datasets import Dataset

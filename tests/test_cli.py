@@ -97,7 +97,8 @@ def make_archive(tmp_path: Path, corrupt: bool = False) -> Path:
 
 
 def test_download_unpacks_all_or_nothing(tmp_path):
-    from data_utils import fetch_data, load_data
+    from data_utils import load_data
+    from download import fetch_data
 
     target = tmp_path / "data" / "datasets"
     fetch_data(make_archive(tmp_path).as_uri(), target, ask=False)
@@ -106,7 +107,8 @@ def test_download_unpacks_all_or_nothing(tmp_path):
 
 
 def test_corrupt_or_unreachable_archive_leaves_nothing_behind(tmp_path):
-    from data_utils import DataError, fetch_data
+    from data_utils import DataError
+    from download import fetch_data
 
     target = tmp_path / "data" / "datasets"
     with pytest.raises(DataError, match="corrupt|not a zip"):

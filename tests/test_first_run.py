@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import data_utils
+import download
 import run
 from conftest import ROOT
 from test_cli import run_cli
@@ -201,7 +202,7 @@ def zip_folder(folder: Path, archive: Path, prefix: str) -> Path:
 def test_download_unpacks_with_or_without_a_top_level_datasets_folder(fake_data_dir, tmp_path, prefix, capsys):
     archive = zip_folder(fake_data_dir, tmp_path / "datasets.zip", prefix)
     target = tmp_path / "fetched" / "datasets"
-    data_utils.fetch_data(archive.as_uri(), target, ask=False, dataset="cqa")
+    download.fetch_data(archive.as_uri(), target, ask=False, dataset="cqa")
     assert sorted(p.name for p in target.iterdir()) == ["cqa", "svamp"]
     assert (target / "cqa" / "llm" / "train_CoT_9.json").is_file()
     assert f"unpacked cqa, svamp into {target}" in capsys.readouterr().err
@@ -211,7 +212,7 @@ def test_download_without_the_datasets_folder_is_refused_and_leaves_nothing(fake
     archive = zip_folder(fake_data_dir / "svamp", tmp_path / "datasets.zip", "datasets/svamp/")
     target = tmp_path / "fetched" / "datasets"
     with pytest.raises(data_utils.DataError, match=r"holds svamp but not cqa/, which --dataset cqa reads"):
-        data_utils.fetch_data(str(archive), target, ask=False, dataset="cqa")
+        download.fetch_data(str(archive), target, ask=False, dataset="cqa")
     with pytest.raises(data_utils.DataError, match=r"holds svamp but not asdiv/, which --dataset asdiv reads"):
-        data_utils.fetch_data(str(archive), target, ask=False, dataset="asdiv")
+        download.fetch_data(str(archive), target, ask=False, dataset="asdiv")
     assert list(target.parent.iterdir()) == []

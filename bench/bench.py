@@ -1,6 +1,6 @@
 """Throughput of the project's training and evaluation path, measured against the paper's formulation in one run.
 
-    OMP_NUM_THREADS=2 python bench.py --random_init tiny --dataset cqa --mode both --batch_size 8 \
+    OMP_NUM_THREADS=2 python bench/bench.py --random_init tiny --dataset cqa --mode both --batch_size 8 \
         --max_input_length 256 --eval --eval_reference --process_memory --out bench.json
 
 Per mode (task_prefix, standard) it trains the same batches from the same initial weights along two paths:
@@ -57,7 +57,7 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root, where run.py and the library live
 SHARED = ROOT.parent / "shared"
 
 # t5-v1_1 shapes (gated-GELU, untied lm_head, dropout 0.1); tiny is the issue's reference model.
@@ -238,7 +238,8 @@ def child_peak_rss(code: str) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "vmhwm_bytes"
-        wrapped = (f"try:\n{textwrap.indent(code, '    ')}\nfinally:\n    import pathlib, bench\n"
+        wrapped = (f"try:\n{textwrap.indent(code, '    ')}\nfinally:\n    import pathlib, sys\n"
+                   f"    sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n    import bench\n"
                    f"    pathlib.Path({str(report)!r}).write_text(str(bench.proc_status_bytes('VmHWM')))\n")
         proc = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:

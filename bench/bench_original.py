@@ -1,6 +1,6 @@
 """Side by side: the original research code against this project, in alternating rounds, timed inside each process.
 
-    OMP_NUM_THREADS=2 python bench_original.py --original_src /tmp/original/src \
+    OMP_NUM_THREADS=2 python bench/bench_original.py --original_src /tmp/original/src \
         --original_python /tmp/original/venv/bin/python --from_pretrained /tmp/ref-t5 \
         --data_dir ../shared/datasets --rounds 9 --block 6 --eval --out bench_original.json
 
@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root, where run.py lives
+PROBE = Path(__file__).resolve().parent / "bench_probe.py"
 MODES = ("task_prefix", "standard")
 
 
@@ -94,7 +95,7 @@ def side_command(args: argparse.Namespace, side: str, mode: str, steps: int, eva
     if side == "original":
         if evaluate and args.eval_rows:
             env["DSS_PROBE_EVAL_ROWS"] = str(args.eval_rows)
-        return [str(args.original_python), str(ROOT / "bench_probe.py"), str(args.original_src / "run.py"), *common], env
+        return [str(args.original_python), str(PROBE), str(args.original_src / "run.py"), *common], env
     if side.startswith("project-without="):
         env["DSS_DISABLE_SPEEDUPS"] = side.split("=", 1)[1].replace("+", ",")
     output = work / "project-out"
@@ -103,7 +104,7 @@ def side_command(args: argparse.Namespace, side: str, mode: str, steps: int, eva
     rows = args.eval_rows if evaluate else 16
     if rows:
         project += ["--max_eval_samples", str(rows)]
-    return [sys.executable, str(ROOT / "bench_probe.py"), str(ROOT / "run.py"), *common, *project], env
+    return [sys.executable, str(PROBE), str(ROOT / "run.py"), *common, *project], env
 
 
 def launch(args, side: str, mode: str, steps: int, evaluate: bool, folder: Path, block: int = 0):

@@ -1,7 +1,7 @@
 """Times a Hugging Face training script from inside its own process, for bench_original.py.
 
     DSS_PROBE_OUT=probe.json [DSS_PROBE_WARMUP=4 DSS_PROBE_BLOCK=8] [DSS_PROBE_EVAL_ROWS=256] \
-        python bench_probe.py path/to/run.py --flag value ...
+        python bench/bench_probe.py path/to/run.py --flag value ...
 
 Runs the script as __main__ (with its own interpreter, so the original code runs on its own library versions)
 after adding a TrainerCallback to every Trainer, and writes to $DSS_PROBE_OUT: wall and process-CPU timestamps at
