@@ -573,7 +573,7 @@ def causal_bench(args, device: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from model_utils import one_pass_per_view
+    from model_utils import LABEL_PAD, one_pass_per_view
     from students import FAMILIES
 
     shape = dict(CAUSAL_CONFIGS[args.random_causal])
@@ -615,7 +615,7 @@ def causal_bench(args, device: str) -> dict:
     result = {name: {"median_step_s": statistics.median(t), "examples_per_s": args.batch_size / statistics.median(t),
                      "cpu_s_per_step": statistics.median(cpu_times[name]), "peak_memory_bytes": memory[name]}
               for name, t in timings.items()}
-    targets = sum(int((b[v]["labels"] != -100).sum()) for b in batches for v in ("pred", "expl"))
+    targets = sum(int((b[v]["labels"] != LABEL_PAD).sum()) for b in batches for v in ("pred", "expl"))
     positions = sum(b[v]["input_ids"].numel() for b in batches for v in ("pred", "expl"))
     return {
         "model": {"shape": args.random_causal, "layers": args.causal_layers, "vocab_size": config.vocab_size,

@@ -1,8 +1,8 @@
-"""Fast implementations of the trainer's one loss, model_utils.weighted_view_loss: sum over the views of
-weight * (mean token cross-entropy of the view's targets), which the paper's alpha * label_loss + (1 - alpha) *
-rationale_loss is with views (predict, explain) and weights (alpha, 1 - alpha).
+"""Fast implementations of the trainer's one loss (model_utils.TaskPrefixTrainer.weighted_view_loss): the sum over
+the views of weight * (mean token cross-entropy of the view's targets), which the paper's alpha * label_loss +
+(1 - alpha) * rationale_loss is with views (predict, explain) and weights (alpha, 1 - alpha).
 
-The plain implementation (model_utils.weighted_view_loss) runs one full forward pass per view, each padded to its
+The plain implementation (model_utils.one_pass_per_view) runs one full forward pass per view, each padded to its
 own longest row, and keeps [tokens, vocabulary] logits for backward. These compute the same value, up to float
 rounding, with less work:
 
@@ -46,7 +46,7 @@ def seq2seq_fast_loss_applies(model) -> bool:
 
 
 def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
-    """model_utils.weighted_view_loss for T5-like seq2seq students, with less work than one full pass per view.
+    """The trainer's weighted_view_loss for T5-like seq2seq students, with less work than one pass per view.
 
     - One encoder pass for all views' rows together (the views share their inputs but for the prefix), trimmed to
       the longest row;
@@ -105,7 +105,7 @@ def causal_fast_loss_applies(model) -> bool:
 
 
 def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
-    """model_utils.weighted_view_loss for decoder-only students, with less work than one full pass per view: each
+    """The trainer's weighted_view_loss for decoder-only students, with less work than one full pass per view: each
     view's pass trimmed to its longest row, and the lm_head and cross-entropy only at the positions that predict a
     target token (lm_head_loss: no logits for prompts or padding, chunked). Views run apart, since an explain row
     (prompt and rationale) is far longer than a predict row (prompt and label)."""

@@ -7,9 +7,9 @@ Per batch the student is trained on the paper's loss
 
 where label_loss is the mean token cross-entropy of the predict view's targets and rationale_loss that of the
 explain view's (standard mode has the predict view alone, without prefix, and trains on label_loss). That is one
-operation, a weighted sum over views of each view's mean token cross-entropy: weighted_view_loss(model, views,
-weights). Its plain implementation, one_pass_per_view, is the definition itself (one full forward pass per view);
-fast_loss.py holds faster implementations of the same value, which TaskPrefixTrainer.weighted_view_loss takes where
+operation, a weighted sum over views of each view's mean token cross-entropy: TaskPrefixTrainer.weighted_view_loss
+(model, views, weights). Its plain implementation, one_pass_per_view, is the definition itself (one full forward
+pass per view); fast_loss.py holds faster implementations of the same value, which the trainer takes where
 TaskPrefixTrainer.fast_loss_applies says they apply (by default, on one device).
 """
 

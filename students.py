@@ -62,8 +62,8 @@ class StudentFamily:
     tokenize: Callable[..., DatasetDict]
     # (tokenizer, model_type) -> the batches' collator (model_utils)
     make_collator: Callable[[PreTrainedTokenizerBase, str], Callable]
-    # The fast implementation of the trainer's loss (model_utils.weighted_view_loss; fast_loss.py), and which models
-    # it applies to.
+    # The fast implementation of the trainer's loss (TaskPrefixTrainer.weighted_view_loss; fast_loss.py), and the
+    # models it applies to.
     fast_loss: Callable
     fast_loss_applies: Callable[[PreTrainedModel], bool]
     generation: dict  # generate() settings at evaluation, over the student's generation_config
