@@ -1,7 +1,20 @@
-"""The multi-task data collator and the task-prefix trainer of distilling step-by-step."""
+"""The method of distilling step-by-step: both views of each example batched, the paper's loss, and the trainer.
+
+Each training example gives two views (views.py): `predict: <input>` -> label and `explain: <input>` -> rationale.
+Per batch the student is trained on the paper's loss
+
+    alpha * label_loss + (1 - alpha) * rationale_loss
+
+where label_loss is the mean token cross-entropy of the predict view's targets and rationale_loss that of the
+explain view's (standard mode has the predict view alone, without prefix, and trains on label_loss). That is one
+operation, a weighted sum over views of each view's mean token cross-entropy: TaskPrefixTrainer.weighted_view_loss
+(model, views, weights). Its plain implementation, one_pass_per_view, is the definition itself (one full forward
+pass per view); fast_loss.py holds faster implementations of the same value, which the trainer takes where
+TaskPrefixTrainer.fast_loss_applies says they apply (by default, on one device).
+"""
 
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -11,48 +24,58 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from faithful_training import EpochOfStream, OriginalAdamW, OriginalBatchOrder
 from recovery import ReadableBest, fall_back_to_readable_best
-from speedups import enabled, grouped_loss
+from speedups import enabled
+from views import VIEWS
 
+if TYPE_CHECKING:
+    from students import StudentFamily
+
+# The labels' padding, which the loss leaves out (Hugging Face's losses ignore -100).
 LABEL_PAD = -100
 
 
-def _pad(sequences: list[list[int]], value: int, pad_to_multiple_of: int | None) -> torch.Tensor:
-    length = max(len(s) for s in sequences)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        out[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Rows of ids as one [rows, longest row] tensor, filled with value after each row (before it, with left)."""
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            start = width - len(row) if left else 0
+            out[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
     return out
 
 
-def collate_view(
-    features: list[dict], pad_token_id: int, input_key: str, label_key: str | None, pad_to_multiple_of: int | None
-) -> dict[str, torch.Tensor]:
-    """One view's batch, padded to its own longest row: labels with -100 so padding never counts in the loss."""
-    input_ids = _pad([f[input_key] for f in features], pad_token_id, pad_to_multiple_of)
+def length_mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
+    """1 at real tokens. From lengths, not ids: a decoder-only student's pad token is often its EOS, a real target."""
+    return pad([[1] * len(row) for row in rows], 0, left)
+
+
+def collate_view(features: list[dict], pad_token_id: int, input_key: str, label_key: str) -> dict[str, torch.Tensor]:
+    """One seq2seq view's batch, padded to its own longest row: labels with LABEL_PAD, so padding never counts in
+    the loss."""
+    input_ids = pad([f[input_key] for f in features], pad_token_id)
     batch = {"input_ids": input_ids, "attention_mask": (input_ids != pad_token_id).long()}
-    if label_key is not None and label_key in features[0]:
-        batch["labels"] = _pad([f[label_key] for f in features], LABEL_PAD, pad_to_multiple_of)
+    if label_key in features[0]:
+        batch["labels"] = pad([f[label_key] for f in features], LABEL_PAD)
     return batch
 
 
 class TaskPrefixDataCollator:
-    """Batches both views of each example: `pred` (predict: input -> label), `expl` (explain: input -> rationale).
+    """Batches both views of each example for a seq2seq student: `pred` (predict: input -> label), `expl`
+    (explain: input -> rationale).
 
     Each view is padded on its own, since labels are a few tokens and rationales up to 256. Rows are
-    pre-tokenised lists of ids, so collation is plain tensor filling.
+    pre-tokenised lists of ids (views.py), so collation is plain tensor filling.
 
     Rows with `kept_rationale_labels` (run.py --rationales all/correct/vote) have any number of rationales: the
     explain view then holds one row per kept rationale of the batch's inputs, and is None where none of them kept one.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.pad_token_id = tokenizer.pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
-        batch = {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels", self.pad_to_multiple_of)}
+        batch = {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels")}
         if "kept_rationale_labels" in features[0]:
             rows = [
                 {"expl_input_ids": f["expl_input_ids"], "rationale_labels": ids}
@@ -60,14 +83,10 @@ class TaskPrefixDataCollator:
                 for ids in f["kept_rationale_labels"]
             ]
             batch["expl"] = (
-                collate_view(rows, self.pad_token_id, "expl_input_ids", "rationale_labels", self.pad_to_multiple_of)
-                if rows
-                else None
+                collate_view(rows, self.pad_token_id, "expl_input_ids", "rationale_labels") if rows else None
             )
         elif "expl_input_ids" in features[0]:
-            batch["expl"] = collate_view(
-                features, self.pad_token_id, "expl_input_ids", "rationale_labels", self.pad_to_multiple_of
-            )
+            batch["expl"] = collate_view(features, self.pad_token_id, "expl_input_ids", "rationale_labels")
         return batch
 
 
@@ -75,21 +94,56 @@ class StandardDataCollator(TaskPrefixDataCollator):
     """Input -> label only (standard finetuning and standard distillation); same batch shape as task_prefix."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
-        return {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels", self.pad_to_multiple_of)}
+        return {"pred": collate_view(features, self.pad_token_id, "input_ids", "labels")}
 
 
-def two_pass_loss(model, inputs: dict[str, dict[str, torch.Tensor]], alpha: float):
-    """The paper's formulation: one full forward pass per view, each padded to its own longest row.
+class CausalViewsCollator:
+    """Each view as decoder-only sequences. Per view v:
 
-    Returns (loss, {"pred": outputs, "expl": outputs or None}); kept as the reference that grouped_loss must equal.
+    - batch[v]: prompt + target, right-padded; labels are LABEL_PAD at the prompt and padding (the training loss);
+    - batch[v + "_prompt"]: the prompts alone, left-padded, and the targets as labels (generation and scoring).
     """
-    pred_outputs = model(**inputs["pred"])
-    loss = pred_outputs.loss
-    expl_outputs = None
-    if "expl" in inputs:
-        expl_outputs = model(**inputs["expl"])
-        loss = alpha * loss + (1.0 - alpha) * expl_outputs.loss
-    return loss, {"pred": pred_outputs, "expl": expl_outputs}
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+        batch = {}
+        for view, prompt_key, target_key in VIEWS:
+            if prompt_key not in features[0]:
+                continue
+            prompts, targets = [f[prompt_key] for f in features], [f[target_key] for f in features]
+            sequences = [p + t for p, t in zip(prompts, targets)]
+            batch[view] = {
+                "input_ids": pad(sequences, self.pad_token_id),
+                "attention_mask": length_mask(sequences),
+                "labels": pad([[LABEL_PAD] * len(p) + t for p, t in zip(prompts, targets)], LABEL_PAD),
+            }
+            batch[view + "_prompt"] = {
+                "input_ids": pad(prompts, self.pad_token_id, left=True),
+                "attention_mask": length_mask(prompts, left=True),
+                "labels": pad(targets, LABEL_PAD),
+            }
+        return batch
+
+
+def seq2seq_collator(tokenizer: PreTrainedTokenizerBase, model_type: str):
+    return (TaskPrefixDataCollator if model_type == "task_prefix" else StandardDataCollator)(tokenizer)
+
+
+def causal_collator(tokenizer: PreTrainedTokenizerBase, model_type: str) -> CausalViewsCollator:
+    return CausalViewsCollator(tokenizer)
+
+
+def one_pass_per_view(model, views: list[dict[str, torch.Tensor]], weights: list[float]):
+    """weighted_view_loss's plain implementation, the definition itself: one full forward pass per view, each padded
+    to its own longest row, whose .loss is the view's mean token cross-entropy (LABEL_PAD left out); the loss is
+    sum_v weights[v] * that. Returns (loss, the passes' outputs)."""
+    outputs = [model(**view) for view in views]
+    loss = weights[0] * outputs[0].loss
+    for weight, output in zip(weights[1:], outputs[1:]):
+        loss = loss + weight * output.loss
+    return loss, outputs
 
 
 def unwrap_peft(model):
@@ -104,30 +158,83 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
     It trains as the original's Trainer (transformers 4.30) did, step for step: the same batches in the same order
     (faithful_training.OriginalBatchOrder), each micro-batch's mean loss divided by --grad_steps, and AdamW with
     4.30's arithmetic (faithful_training.OriginalAdamW).
+
+    family: the student's students.StudentFamily (its fast loss, generation settings). use_fast_loss=False keeps
+    the plain implementation of the loss wherever the fast one would apply (the benchmark's reference side).
     """
 
     def __init__(
         self,
         *args,
+        family: "StudentFamily",
         alpha: float = 0.5,
         gen_max_len: int = 64,
         output_rationale: bool = False,
-        family=None,
+        use_fast_loss: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
-        # The student's students.StudentFamily (fast loss, generation settings); None: a T5-like seq2seq student.
         self.family = family
         self.gen_max_len = gen_max_len
         self.output_rationale = output_rationale
-        self.generation_overrides = family.generation if family else {}
+        self.use_fast_loss = use_fast_loss
+        self.generation_overrides = family.generation
         # Best checkpoints passed over as gone or unreadable (recovery.ReadableBest, _load_best_model), for the record.
         self.unreadable_best: list[dict] = []
         self.add_callback(ReadableBest(self.unreadable_best))
         # compute_loss returns each micro-batch's mean loss and ignores num_items_in_batch, so the Trainer must divide
         # it by the accumulation steps, as 4.30 did; this says so whatever the model's forward accepts.
         self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The paper's loss on one batch: alpha * label_loss + (1 - alpha) * rationale_loss.
+
+        return_outputs: also each view's model outputs, {"pred": ..., "expl": ... or None}, from the plain
+        implementation (the only one that has them).
+        """
+        label_view, rationale_view = inputs["pred"], inputs.get("expl")
+        if rationale_view is not None:
+            # alpha * label_loss + (1 - alpha) * rationale_loss
+            views, weights = [label_view, rationale_view], [self.alpha, 1.0 - self.alpha]
+        else:
+            # Standard mode: label_loss alone. With --rationales all/correct/vote, a batch where no input kept a
+            # rationale: alpha * label_loss, below.
+            views, weights = [label_view], [1.0]
+        if return_outputs:
+            loss, outputs = one_pass_per_view(model, views, weights)
+        else:
+            loss, outputs = self.weighted_view_loss(model, views, weights), None
+        if "expl" in inputs and rationale_view is None:
+            loss = self.alpha * loss
+        if not return_outputs:
+            return loss
+        return loss, {"pred": outputs[0], "expl": outputs[1] if rationale_view is not None else None}
+
+    def weighted_view_loss(self, model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
+        """sum_v weights[v] * (mean token cross-entropy of view v's targets): by the family's fast implementation
+        (fast_loss.py: the same value with less work) where fast_loss_applies, else by one_pass_per_view."""
+        if self.fast_loss_applies(model):
+            return self.family.fast_loss(unwrap_peft(model), views, weights)
+        return one_pass_per_view(model, views, weights)[0]
+
+    def fast_loss_applies(self, model) -> bool:
+        """The family's fast implementation calls the model's modules directly (T5's encoder and decoder, a
+        decoder-only base model, the lm_head): for a model it applies to (family.fast_loss_applies), unless a
+        DDP/FSDP/DeepSpeed wrapper stands between (their gradient sync and parameter gathering hang on the wrapper's
+        forward) or the model is split over GPUs, and unless switched off (use_fast_loss, DSS_DISABLE_SPEEDUPS=
+        grouped_loss)."""
+        model = unwrap_peft(model)
+        return (
+            self.use_fast_loss
+            and isinstance(model, PreTrainedModel)
+            and self.family.fast_loss_applies(model)
+            and self.accelerator.num_processes == 1
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            # --parallelize spreads layers over GPUs; the regrouped tensors would cross devices.
+            and len(set(getattr(model, "hf_device_map", {}).values())) <= 1
+            and enabled("grouped_loss")
+        )
 
     def _load_best_model(self) -> None:
         """The selected model, from the best checkpoint or, where its weights cannot be read (damaged after it was
@@ -160,38 +267,6 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         optimizer_cls, kwargs = Seq2SeqTrainer.get_optimizer_cls_and_kwargs(args, model)
         return (OriginalAdamW if optimizer_cls is torch.optim.AdamW else optimizer_cls), kwargs
 
-    def grouped_loss_applies(self, model) -> bool:
-        """grouped_loss calls the encoder and decoder directly, which a DDP/FSDP/DeepSpeed wrapper does not allow
-        (their gradient sync and parameter gathering hang on the wrapper's forward), nor a model split over GPUs."""
-        model = unwrap_peft(model)
-        applies = self.family.fast_loss_applies if self.family else lambda m: all(
-            hasattr(m, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
-        return (
-            isinstance(model, PreTrainedModel)
-            and applies(model)
-            and self.accelerator.num_processes == 1
-            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-            # --parallelize spreads layers over GPUs; the regrouped tensors would cross devices.
-            and len(set(getattr(model, "hf_device_map", {}).values())) <= 1
-            and enabled("grouped_loss")
-        )
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """alpha * label loss + (1 - alpha) * rationale loss: by grouped_loss (the same value, with one encoder pass
-        and less padding) where it applies; by the two-pass formulation where outputs are wanted or it does not."""
-        if "expl" in inputs and inputs["expl"] is None:
-            # No input of this batch kept a rationale (--rationales all/correct/vote): the label loss keeps weight alpha.
-            result = self.compute_loss(model, {"pred": inputs["pred"]}, return_outputs, num_items_in_batch)
-            return (self.alpha * result[0], result[1]) if return_outputs else self.alpha * result
-        if return_outputs or not self.grouped_loss_applies(model):
-            loss, outputs = two_pass_loss(model, inputs, self.alpha)
-            return (loss, outputs) if return_outputs else loss
-        views, weights = [inputs["pred"]], [1.0]
-        if "expl" in inputs:
-            views, weights = [inputs["pred"], inputs["expl"]], [self.alpha, 1.0 - self.alpha]
-        fast_loss = self.family.fast_loss if self.family else grouped_loss
-        return fast_loss(unwrap_peft(model), views, weights)
-
     def _generate(self, view: dict[str, torch.Tensor]) -> torch.Tensor:
         # With sharded weights (ZeRO-3, FSDP) every process must keep stepping until all have finished
         # (synced_gpus), or one waits forever for another's shards; FSDP1 gathers the whole model, as
@@ -212,7 +287,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
                 synced_gpus=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
                 **self.generation_overrides,
             )
-        if self.family and self.family.prompt_in_output:
+        if self.family.prompt_in_output:
             tokens = tokens[:, view["input_ids"].shape[1] :]  # decoder-only: score the continuation only
         # Pad to a fixed width so batches can be concatenated and gathered across processes.
         width = self.gen_max_len

@@ -8,7 +8,7 @@ transformers 5 writes a few things its 4.x releases read otherwise:
 - tokenizer.json: the current serialisation (BPE merges as pairs, Metaspace's `prepend_scheme`), which older tokenizers
   releases (0.13.3, the paper's, among them) cannot parse. Where the tokenizer can be said in the older form, the file is
   written in it, which the current tokenizers still reads as the same tokenizer. A T5 student's file is the
-  tokenisation training used (train_utils.original_t5_pretokenization), and its SentencePiece model is kept beside
+  tokenisation training used (views.original_t5_pretokenization), and its SentencePiece model is kept beside
   it as spiece.model, as T5 checkpoints ship it.
 - tokenizer_config.json: the generic fast tokenizer's class name and the list of extra special tokens under their
   4.x names.
@@ -108,7 +108,7 @@ def rewrite_json(path: Path, change) -> None:
 def make_portable(directory: Path, tokenizer) -> None:
     """Rewrite a save_pretrained folder (a model and its tokenizer, or a tokenizer alone) so that transformers 4.x
     loads it as 5 does."""
-    from train_utils import original_t5_pretokenization
+    from views import original_t5_pretokenization
 
     directory = Path(directory)
     rewrite_json(directory / "config.json", portable_config)

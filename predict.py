@@ -7,7 +7,7 @@ optionally with its rationales. Seq2seq and decoder-only students alike.
 Inputs come from the arguments, from --file (one input per line, or JSON lines with an "input" field for inputs
 spanning lines), or from stdin. They get the task prefixes used in training: `predict: ` for the label and
 `explain: ` for the rationale; --no_prefix is for models trained with --model_type standard. Decoder-only students
-get the prompts they were trained on (see students.py); pass --chat_template if the run did.
+get the prompts they were trained on (see views.py); pass --chat_template if the run did.
 """
 
 import argparse
@@ -20,9 +20,8 @@ from pathlib import Path
 from cli import first_line, positive_int
 from data_utils import json_rows
 from run import GEN_MAX_LEN, quiet_tied_weight_notices
+from views import EXPLAIN_PREFIX, PREDICT_PREFIX
 
-LABEL_PREFIX = "predict: "
-RATIONALE_PREFIX = "explain: "
 # An input longer than this many characters per token kept (--max_input_length) is cut before it is tokenised.
 CHARACTERS_PER_TOKEN = 64
 LAST_WORD = re.compile(r"\s+\S*\Z")
@@ -95,12 +94,12 @@ def read_inputs(args: argparse.Namespace) -> list[str]:
 
 def load_model(directory: str):
     """Tokenizer and model of a saved student (either family, full or LoRA adapter), on the GPU when there is one.
-    A T5 tokenizer gives the token ids that training and evaluation gave (train_utils.original_t5_pretokenization)."""
+    A T5 tokenizer gives the token ids that training and evaluation gave (views.original_t5_pretokenization)."""
     import torch
     from transformers.utils import logging
 
     from students import load_saved
-    from train_utils import original_t5_pretokenization
+    from views import original_t5_pretokenization
 
     logging.disable_progress_bar()  # stdout/stderr carry predictions and errors only
     quiet_tied_weight_notices()
@@ -167,14 +166,14 @@ def bounded_texts(tokenizer, prefix: str, inputs: list[str], first_number: int, 
 
 def predictions(tokenizer, model, inputs: list[str], args: argparse.Namespace) -> Iterator[dict[str, str]]:
     """{input, label[, rationale]} per input, generated batch by batch so output streams."""
-    label_prefix = "" if args.no_prefix else LABEL_PREFIX
+    label_prefix = "" if args.no_prefix else PREDICT_PREFIX
     for start in range(0, len(inputs), args.batch_size):
         chunk = inputs[start : start + args.batch_size]
         labels = generate(tokenizer, model, bounded_texts(tokenizer, label_prefix, chunk, start + 1,
                                                           args.max_input_length), args)
         rationales = []
         if args.rationale:
-            rationales = generate(tokenizer, model, bounded_texts(tokenizer, RATIONALE_PREFIX, chunk, start + 1,
+            rationales = generate(tokenizer, model, bounded_texts(tokenizer, EXPLAIN_PREFIX, chunk, start + 1,
                                                                   args.max_input_length), args)
         for i, text in enumerate(chunk):
             row = {"input": text, "label": labels[i]}

@@ -380,7 +380,8 @@ def dump_data(args: argparse.Namespace) -> None:
     """--dump_data: the prepared rows and their token ids, from the tokenizer alone (no model weights are read)."""
     from transformers import AutoTokenizer
 
-    from train_utils import RunError, tokenize, write_prepared_rows
+    from train_utils import RunError, write_prepared_rows
+    from views import tokenize_seq2seq
 
     path = Path(args.dump_data)
     if path.exists():
@@ -393,7 +394,7 @@ def dump_data(args: argparse.Namespace) -> None:
         raise RunError(f"could not load the tokenizer of --from_pretrained {args.from_pretrained!r} ({first_line(e)}); "
                        "pass a local directory holding it, or a reachable hub id") from None
     splits = prepare_splits(args, tokenizer.eos_token)
-    tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+    tokenized = tokenize_seq2seq(splits, tokenizer, args.model_type, args.max_input_length)
     count = write_prepared_rows(path, splits, tokenized, args.model_type)
     print(f"wrote {count} rows ({', '.join(f'{name} {len(split)}' for name, split in splits.items())}) to {path}")
 
@@ -460,7 +461,7 @@ def run_training(args: argparse.Namespace, refusal: str | None = None) -> int:
     raised in every process as soon as they have all joined (recovery.stop_together)."""
     from recovery import FaultGuard, check_same_run, faults_explained, stop_together
     from students import family_of
-    from train_utils import RunError, is_main_process, run_dirs, tokenize, train_and_evaluate, training_arguments
+    from train_utils import RunError, is_main_process, run_dirs, train_and_evaluate, training_arguments
     from token_cache import cached_tokenize, default_cache_dir
 
     try:
@@ -487,12 +488,12 @@ def run_training(args: argparse.Namespace, refusal: str | None = None) -> int:
         record_extra: dict = {}
         splits = prepare_splits(args, family.segment_joiner(tokenizer), record_extra)
         cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-        tokenized = cached_tokenize(cache_dir, tokenize, splits, tokenizer, args.model_type, args.max_input_length,
-                                    family, args.chat_template, write=is_main_process())
+        tokenized = cached_tokenize(cache_dir, family.tokenize, splits, tokenizer, args.model_type,
+                                    args.max_input_length, args.chat_template, write=is_main_process())
         if is_main_process():
             warn_of_a_batch_beyond_the_split(args.batch_size, len(tokenized["train"]))
         if args.rationales != "first" and args.model_type == "task_prefix":
-            from train_utils import MAX_TARGET_LENGTH, original_t5_pretokenization
+            from views import MAX_TARGET_LENGTH, original_t5_pretokenization
 
             tokenized["train"] = tokenize_kept_rationales(
                 tokenized["train"], splits["train"]["rationales"], original_t5_pretokenization(tokenizer),

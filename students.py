@@ -1,9 +1,7 @@
 """Student families: what differs between seq2seq students (T5, Flan-T5, mT5, BART) and decoder-only ones (GPT-2,
-Llama, Qwen2, SmolLM, Gemma), kept as data in one small spec per family. The method itself (two views, the
-alpha-weighted loss, the trainer) is model_utils'.
-
-Decoder-only views: each view is one sequence, `<prompt><SEPARATOR><target><EOS>`, with the loss on the target and
-EOS only; at evaluation the model continues the left-padded `<prompt><SEPARATOR>` greedily until EOS.
+Llama, Qwen2, SmolLM, Gemma), kept as data in one small spec per family: how their views become token ids
+(views.py), how they are batched and which fast loss computes on them (model_utils.py, fast_loss.py). The method
+itself (two views, the alpha-weighted loss, the trainer) is model_utils'.
 """
 
 import argparse
@@ -22,15 +20,10 @@ from transformers.models.auto.modeling_auto import (
     MODEL_MAPPING_NAMES,
 )
 
-from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator, unwrap_peft
-from speedups import grouped_loss, lm_head_loss, used_lengths, view_token_weights
+from fast_loss import causal_fast_loss_applies, causal_grouped_loss, grouped_loss, seq2seq_fast_loss_applies
+from model_utils import causal_collator, length_mask, pad, seq2seq_collator, unwrap_peft
+from views import SEPARATOR, causal_prompts, tokenize_causal, tokenize_seq2seq
 
-# Between a decoder-only student's prompt and its target (label or rationale): `predict: <input>\n<label><eos>`.
-SEPARATOR = "\n"
-MAX_TARGET_LENGTH = 256  # as train_utils: labels and rationales are cut at 256 tokens, EOS included
-PROMPT_MARK = "\x00dss-input\x00"  # stands for the input text while a chat template is rendered
-# The two views: (batch key, prompt column, target column); standard mode has the first only.
-VIEWS = (("pred", "input_ids", "labels"), ("expl", "expl_input_ids", "rationale_labels"))
 # Plain greedy decoding (the trainer sets num_beams=1, do_sample=False) whatever a student's generation_config adds
 # (BART checkpoints ship n-gram blocking and a minimum length); for T5 these are its defaults, so nothing changes.
 GREEDY = {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0}
@@ -55,159 +48,6 @@ LORA_TARGETS = {
 }
 
 
-def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            start = width - len(row) if left else 0
-            out[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
-def length_mask(rows: list[list[int]], left: bool = False) -> torch.Tensor:
-    """1 at real tokens. From lengths, not ids: a decoder-only student's pad token is often its EOS, a real target."""
-    return pad_rows([[1] * len(r) for r in rows], 0, left)
-
-
-class CausalViewsCollator:
-    """Each view as decoder-only sequences. Per view v:
-
-    - batch[v]: prompt + target, right-padded; labels are -100 at the prompt and padding (the training loss);
-    - batch[v + "_prompt"]: the prompts alone, left-padded, and the targets as labels (generation and scoring).
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.pad_token_id = tokenizer.pad_token_id
-
-    def __call__(self, features: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
-        batch = {}
-        for view, prompt_key, target_key in VIEWS:
-            if prompt_key not in features[0]:
-                continue
-            prompts, targets = [f[prompt_key] for f in features], [f[target_key] for f in features]
-            sequences = [p + t for p, t in zip(prompts, targets)]
-            batch[view] = {
-                "input_ids": pad_rows(sequences, self.pad_token_id),
-                "attention_mask": length_mask(sequences),
-                "labels": pad_rows([[LABEL_PAD] * len(p) + t for p, t in zip(prompts, targets)], LABEL_PAD),
-            }
-            batch[view + "_prompt"] = {
-                "input_ids": pad_rows(prompts, self.pad_token_id, left=True),
-                "attention_mask": length_mask(prompts, left=True),
-                "labels": pad_rows(targets, LABEL_PAD),
-            }
-        return batch
-
-
-def prompt_frame(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> tuple[list[int], list[int]]:
-    """Token ids before and after a decoder-only prompt's text: the tokenizer's BOS (if it adds one) and SEPARATOR,
-    or, with chat_template, the chat template's user turn around the text and its generation prompt."""
-    if chat_template:
-        if not tokenizer.chat_template:
-            raise ValueError("--chat_template: the student's tokenizer has no chat template (use an instruct model or "
-                             "drop --chat_template)")
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": PROMPT_MARK}], tokenize=False, add_generation_prompt=True
-        )
-        head, tail = rendered.split(PROMPT_MARK)
-        return tuple(tokenizer(part, add_special_tokens=False)["input_ids"] for part in (head, tail))
-    bos = [t for t in tokenizer("")["input_ids"] if t == tokenizer.bos_token_id]
-    return bos, tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
-
-
-def causal_prompts(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_input_length: int, chat_template: bool
-) -> list[list[int]]:
-    """Prompt token ids; the text is truncated so that the whole prompt fits max_input_length."""
-    head, tail = prompt_frame(tokenizer, chat_template)
-    room = max(1, max_input_length - len(head) - len(tail))
-    body = tokenizer(texts, add_special_tokens=False, max_length=room, truncation=True)["input_ids"]
-    return [head + ids + tail for ids in body]
-
-
-def causal_targets(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    ids = tokenizer(texts, add_special_tokens=False, max_length=MAX_TARGET_LENGTH - 1, truncation=True)["input_ids"]
-    return [t + [tokenizer.eos_token_id] for t in ids]
-
-
-def tokenize_causal(
-    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, model_type: str, max_input_length: int,
-    chat_template: bool = False,
-) -> DatasetDict:
-    """The same columns as train_utils.tokenize gives seq2seq students (prompts in input_ids/expl_input_ids,
-    targets ending in EOS in labels/rationale_labels); CausalViewsCollator joins them into sequences."""
-    prefix = "predict: " if model_type == "task_prefix" else ""
-
-    def encode(batch: dict) -> dict:
-        encoded = {
-            "input_ids": causal_prompts(
-                tokenizer, [prefix + t for t in batch["input"]], max_input_length, chat_template
-            ),
-            "labels": causal_targets(tokenizer, batch["label"]),
-        }
-        if model_type == "task_prefix":
-            encoded["expl_input_ids"] = causal_prompts(
-                tokenizer, [f"explain: {t}" for t in batch["input"]], max_input_length, chat_template
-            )
-            encoded["rationale_labels"] = causal_targets(tokenizer, batch["rationale"])
-        return encoded
-
-    tokenized = DatasetDict()
-    for name, split in splits.items():
-        drop = [c for c in split.column_names if c not in ("input", "label")]
-        tokenized[name] = split.map(encode, batched=True, remove_columns=drop, desc=f"tokenizing {name}")
-    return tokenized
-
-
-# Config fields of architectures whose forward changes the logits after the head (soft-capping: Gemma 2/3; scaling:
-# Granite, Cohere), with the values that leave them unchanged.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": (None, 0.0), "logits_scaling": (None, 1.0), "logit_scale": (None, 1.0)}
-
-
-def causal_fast_loss_applies(model) -> bool:
-    """causal_grouped_loss computes logits as hidden @ lm_head.weight.T: not for heads with a bias or models that
-    transform logits after the head, which the plain formulation handles."""
-    head = model.get_output_embeddings()
-    return (
-        model.base_model is not model
-        and isinstance(head, torch.nn.Linear)
-        and head.bias is None
-        and all(getattr(model.config, name, None) in neutral for name, neutral in LOGIT_TRANSFORMS.items())
-    )
-
-
-def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
-    """sum_v weights[v] * (mean token cross-entropy of view v's targets): the value of one full forward pass per
-    view (model(**view).loss), with less work: each view's pass trimmed to its longest row, and the lm_head and
-    cross-entropy only at the positions that predict a target token (lm_head_loss: no logits for prompts or
-    padding, chunked). Views run apart, since an explain row (prompt and rationale) is far longer than a predict
-    row (prompt and label); both views' rows in up to 4 length groups took as long in task_prefix (1.00x) and 4%
-    longer in standard (a random tiny Llama, bench_original.py)."""
-    hidden, targets, token_weights = [], [], []
-    for view, weight in zip(views, weights):
-        length = int(used_lengths(view["attention_mask"].bool()).max())
-        states = model.base_model(input_ids=view["input_ids"][:, :length],
-                                  attention_mask=view["attention_mask"][:, :length])
-        shifted = view["labels"][:, 1:length]  # position i predicts token i + 1
-        keep = shifted != LABEL_PAD
-        hidden.append(states.last_hidden_state[:, :-1][keep])
-        targets.append(shifted[keep])
-        token_weights.append(view_token_weights(keep, weight))
-    head = model.get_output_embeddings()
-    return lm_head_loss(torch.cat(hidden), head.weight, torch.cat(targets), torch.cat(token_weights))
-
-
-def seq2seq_fast_loss_applies(model) -> bool:
-    """grouped_loss runs T5's encoder and decoder directly; other seq2seq students (BART: final_logits_bias, its
-    own shifting) take the plain formulation."""
-    return all(hasattr(model, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
-
-
-def seq2seq_collator(tokenizer: PreTrainedTokenizerBase, model_type: str):
-    return (TaskPrefixDataCollator if model_type == "task_prefix" else StandardDataCollator)(tokenizer)
-
-
 @dataclass(frozen=True, repr=False)
 class StudentFamily:
     """What differs between model families; everything else is shared."""
@@ -218,11 +58,14 @@ class StudentFamily:
     peft_task_type: str
     # generate() returns the prompt before the continuation, which evaluation strips.
     prompt_in_output: bool
-    # None: train_utils.tokenize's own (seq2seq) branch.
-    tokenize: Callable | None
+    # (splits, tokenizer, model_type, max_input_length, chat_template) -> both views' token ids (views.py)
+    tokenize: Callable[..., DatasetDict]
+    # (tokenizer, model_type) -> the batches' collator (model_utils)
     make_collator: Callable[[PreTrainedTokenizerBase, str], Callable]
-    fast_loss_applies: Callable[[PreTrainedModel], bool]
+    # The fast implementation of the trainer's loss (TaskPrefixTrainer.weighted_view_loss; fast_loss.py), and the
+    # models it applies to.
     fast_loss: Callable
+    fast_loss_applies: Callable[[PreTrainedModel], bool]
     generation: dict  # generate() settings at evaluation, over the student's generation_config
     # What joins an input's parts (e-SNLI/ANLI: premise and hypothesis): T5's </s>, as the paper's code does; for
     # decoder-only students a newline, since their EOS inside a prompt would read as the end of the text (or turn).
@@ -230,7 +73,7 @@ class StudentFamily:
 
     def __repr__(self) -> str:
         """The same in every process (the tokenisation cache hashes it): the name and its tokenising code's source."""
-        code = inspect.getsource(inspect.getmodule(self.tokenize)) if self.tokenize else ""
+        code = inspect.getsource(inspect.getmodule(self.tokenize))
         return f"StudentFamily({self.name!r}, {hashlib.blake2b(code.encode(), digest_size=8).hexdigest()})"
 
 
@@ -238,15 +81,15 @@ FAMILIES = {
     "seq2seq": StudentFamily(
         name="seq2seq", auto_class=AutoModelForSeq2SeqLM,
         model_types=frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES), peft_task_type="SEQ_2_SEQ_LM",
-        prompt_in_output=False, tokenize=None, make_collator=seq2seq_collator,
-        fast_loss_applies=seq2seq_fast_loss_applies,
-        fast_loss=grouped_loss, generation=GREEDY, segment_joiner=lambda tokenizer: tokenizer.eos_token,
+        prompt_in_output=False, tokenize=tokenize_seq2seq, make_collator=seq2seq_collator,
+        fast_loss=grouped_loss, fast_loss_applies=seq2seq_fast_loss_applies, generation=GREEDY,
+        segment_joiner=lambda tokenizer: tokenizer.eos_token,
     ),
     "causal": StudentFamily(
         name="causal", auto_class=AutoModelForCausalLM, model_types=frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
         peft_task_type="CAUSAL_LM", prompt_in_output=True,
-        tokenize=tokenize_causal, make_collator=lambda tokenizer, model_type: CausalViewsCollator(tokenizer),
-        fast_loss_applies=causal_fast_loss_applies, fast_loss=causal_grouped_loss, generation=GREEDY,
+        tokenize=tokenize_causal, make_collator=causal_collator,
+        fast_loss=causal_grouped_loss, fast_loss_applies=causal_fast_loss_applies, generation=GREEDY,
         segment_joiner=lambda tokenizer: SEPARATOR,
     ),
 }
@@ -384,7 +227,7 @@ def causal_generate(
     """A decoder-only student's greedy continuations of prompts built as in training (left-padded), decoded as
     evaluation records them."""
     prompts = causal_prompts(tokenizer, texts, max_input_length, chat_template)
-    input_ids = pad_rows(prompts, tokenizer.pad_token_id, left=True).to(model.device)
+    input_ids = pad(prompts, tokenizer.pad_token_id, left=True).to(model.device)
     with torch.inference_mode():
         tokens = model.generate(
             input_ids=input_ids, attention_mask=length_mask(prompts, left=True).to(model.device),

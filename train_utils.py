@@ -1,7 +1,6 @@
-"""Training and evaluation setup: tokenisation, run folders, the trainer, and the per-run record."""
+"""Training and evaluation setup: run folders, the trainer, and the per-run record."""
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -27,11 +26,10 @@ from transformers.utils import is_torch_tf32_available
 from metrics import METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer
 from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
-from students import StudentFamily, family_of, lora_name, save_best, student_record
+from students import family_of, lora_name, save_best, student_record
 from trackers import track_run
 from recovery import FaultGuard, RunError, attempt_left_nothing, record_run_args, resume_checkpoint, write_json_atomic
 
-MAX_TARGET_LENGTH = 256
 # AdamW as torch's fused kernel (CPU and CUDA), one pass over the weights instead of a dozen, 5x faster per step than
 # the foreach kernel for the tiny T5 on 2 CPU cores (bench.py measures its share); the trainer gives it the
 # original's arithmetic (faithful_training.OriginalAdamW). Adafactor is transformers' (the original had none).
@@ -122,69 +120,6 @@ def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone:
         for d in existing:
             shutil.rmtree(d)
     wait_for_everyone()
-
-
-def original_t5_pretokenization(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """A copy of a T5 tokenizer that gives the token ids the paper's T5 tokenizer gave; any other tokenizer as is.
-
-    transformers 5 builds T5's tokenizer with a whitespace split before SentencePiece's Metaspace, which drops a
-    whitespace-only piece ('▁', id 3) that the tokenizer of the paper's day (transformers 4.x, tokenizers 0.13) kept
-    where a text, or the text before a literal </s>, ends in whitespace: anli inputs whose hypothesis ends in a space,
-    blank targets (' '). That tokenizer collapsed runs of spaces and split at '▁' alone; the copy does the same.
-    """
-    from tokenizers import Regex, normalizers, pre_tokenizers
-    from transformers import T5Tokenizer
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not isinstance(tokenizer, T5Tokenizer) or backend is None or backend.pre_tokenizer is None:
-        return tokenizer
-    steps = [step["type"] for step in json.loads(backend.pre_tokenizer.__getstate__()).get("pretokenizers", [])]
-    if steps != ["WhitespaceSplit", "Metaspace"]:
-        return tokenizer
-    original = copy.deepcopy(tokenizer)
-    backend = original.backend_tokenizer
-    collapse_spaces = normalizers.Replace(Regex(" {2,}"), " ")
-    backend.normalizer = normalizers.Sequence([n for n in (backend.normalizer, collapse_spaces) if n is not None])
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    return original
-
-
-def tokenize(
-    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, model_type: str, max_input_length: int,
-    family: StudentFamily | None = None, chat_template: bool = False,
-) -> DatasetDict:
-    """Token ids for both views, computed once; text columns input/label stay for the prediction records."""
-    if family is not None and family.tokenize is not None:  # decoder-only students: students.tokenize_causal
-        return family.tokenize(splits, tokenizer, model_type, max_input_length, chat_template)
-
-    # Standard mode has no explain view, and its input has no task prefix, as in the paper.
-    prefix = "predict: " if model_type == "task_prefix" else ""
-    tokenizer = original_t5_pretokenization(tokenizer)
-
-    def encode(batch: dict) -> dict:
-        encoded = {
-            "input_ids": tokenizer(
-                [prefix + text for text in batch["input"]], max_length=max_input_length, truncation=True
-            )["input_ids"],
-            "labels": tokenizer(text_target=batch["label"], max_length=MAX_TARGET_LENGTH, truncation=True)[
-                "input_ids"
-            ],
-        }
-        if model_type == "task_prefix":
-            encoded["expl_input_ids"] = tokenizer(
-                [f"explain: {text}" for text in batch["input"]], max_length=max_input_length, truncation=True
-            )["input_ids"]
-            encoded["rationale_labels"] = tokenizer(
-                text_target=batch["rationale"], max_length=MAX_TARGET_LENGTH, truncation=True
-            )["input_ids"]
-        return encoded
-
-    keep = {"input", "label"}
-    tokenized = DatasetDict()
-    for name, split in splits.items():
-        drop = [c for c in split.column_names if c not in keep]
-        tokenized[name] = split.map(encode, batched=True, remove_columns=drop, desc=f"tokenizing {name}")
-    return tokenized
 
 
 def write_prepared_rows(path: Path, splits: DatasetDict, tokenized: DatasetDict, model_type: str) -> int:

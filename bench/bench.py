@@ -5,10 +5,10 @@
 
 Per mode (task_prefix, standard) it trains the same batches from the same initial weights along two paths:
 
-- optimized: train_utils.build_trainer exactly as run.py uses it (TaskPrefixTrainer with grouped_loss, the fused
-  GELU, OneDNNLinear and CPUDropout modules, fused AdamW);
+- optimized: train_utils.build_trainer exactly as run.py uses it (TaskPrefixTrainer with fast_loss.grouped_loss, the
+  fused GELU, OneDNNLinear and CPUDropout modules, fused AdamW);
 - two_pass: that same trainer set back to the paper's formulation: two full forward passes per step, each view
-  padded on its own (model_utils.two_pass_loss), the stock T5 modules and SDPA attention, and the foreach AdamW
+  padded on its own (model_utils.one_pass_per_view), the stock T5 modules and SDPA attention, and the foreach AdamW
   kernel (the project before these optimisations).
 
 Each round trains both paths once, alternating which goes first (ABBA), so load drifting on a shared machine hits
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0)
     add("--random_causal", choices=sorted(CAUSAL_CONFIGS),
         help="instead: the decoder-only configuration, a random model of this shape, task_prefix training steps by "
-        "students.causal_grouped_loss against the plain formulation (one forward pass per view, full logits)")
+        "fast_loss.causal_grouped_loss against the plain formulation (one forward pass per view, full logits)")
     add("--causal_layers", type=int, default=2, help="--random_causal: decoder layers")
     add("--out", default="bench.json", help="where the JSON report goes")
     add("--overwrite", action="store_true", help="replace an existing --out report")
@@ -291,10 +291,10 @@ def reference_prediction_step(self, model, inputs, prediction_loss_only, ignore_
     """The paper's evaluation step: a loss forward pass (which accuracy does not need), then generation."""
     import torch
 
-    from model_utils import TaskPrefixTrainer, two_pass_loss
+    from model_utils import TaskPrefixTrainer
 
     with torch.no_grad():
-        loss = two_pass_loss(model, self._prepare_inputs(inputs), self.alpha)[0].detach()
+        loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()  # use_fast_loss off: two passes
     _, predictions, labels = TaskPrefixTrainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
     return loss, predictions, labels
 
@@ -306,7 +306,7 @@ def set_reference(trainer):
     from speedups import speed_up_student
 
     speed_up_student(trainer.model, enable=False)
-    trainer.grouped_loss_applies = lambda model: False  # compute_loss then takes its two-pass branch
+    trainer.use_fast_loss = False  # compute_loss then takes one full pass per view
     trainer.prediction_step = types.MethodType(reference_prediction_step, trainer)
     if trainer.args.optim == OptimizerNames.ADAMW_TORCH_FUSED:
         trainer.args.optim = OptimizerNames.ADAMW_TORCH
@@ -480,14 +480,14 @@ class Bench:
 
     def mode(self, mode: str) -> dict:
         import run
-        from train_utils import tokenize
+        from views import tokenize_seq2seq
 
         a = self.args
         run_args = self.run_args(mode)
         splits = run.prepare_splits(run_args, self.tokenizer.eos_token)
         if a.eval_rows:
             splits["test"] = splits["test"].select(range(min(a.eval_rows, len(splits["test"]))))
-        tokenized = tokenize(splits, self.tokenizer, mode, a.max_input_length)
+        tokenized = tokenize_seq2seq(splits, self.tokenizer, mode, a.max_input_length)
         report = {"step0_loss": self.check_loss(mode, run_args, tokenized), "rounds": []}
         for r in range(a.rounds):
             order = ("optimized", "two_pass") if r % 2 == 0 else ("two_pass", "optimized")
@@ -557,7 +557,8 @@ def causal_batches(args, tokenizer, device) -> list[dict]:
     from datasets import DatasetDict
 
     from data_utils import load_data
-    from students import CausalViewsCollator, tokenize_causal
+    from model_utils import CausalViewsCollator
+    from views import tokenize_causal
 
     train = load_data(args.dataset, args.data_dir, llm="palm")["train"].rename_column("llm_rationale", "rationale")
     rows = train.select(range(min(len(train), args.batch_size * (args.warmup + args.steps))))
@@ -573,7 +574,7 @@ def causal_bench(args, device: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from model_utils import two_pass_loss
+    from model_utils import LABEL_PAD, one_pass_per_view
     from students import FAMILIES
 
     shape = dict(CAUSAL_CONFIGS[args.random_causal])
@@ -585,7 +586,7 @@ def causal_bench(args, device: str) -> dict:
     alpha = 0.5
     paths = {
         "optimized": lambda b: FAMILIES["causal"].fast_loss(model, [b["pred"], b["expl"]], [alpha, 1 - alpha]),
-        "two_pass": lambda b: two_pass_loss(model, b, alpha)[0],
+        "two_pass": lambda b: one_pass_per_view(model, [b["pred"], b["expl"]], [alpha, 1 - alpha])[0],
     }
     model.eval()
     with torch.no_grad():
@@ -615,7 +616,7 @@ def causal_bench(args, device: str) -> dict:
     result = {name: {"median_step_s": statistics.median(t), "examples_per_s": args.batch_size / statistics.median(t),
                      "cpu_s_per_step": statistics.median(cpu_times[name]), "peak_memory_bytes": memory[name]}
               for name, t in timings.items()}
-    targets = sum(int((b[v]["labels"] != -100).sum()) for b in batches for v in ("pred", "expl"))
+    targets = sum(int((b[v]["labels"] != LABEL_PAD).sum()) for b in batches for v in ("pred", "expl"))
     positions = sum(b[v]["input_ids"].numel() for b in batches for v in ("pred", "expl"))
     return {
         "model": {"shape": args.random_causal, "layers": args.causal_layers, "vocab_size": config.vocab_size,

@@ -14,7 +14,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5ForConditiona
 
 import run
 from conftest import SHARED_TOKENIZER
-from train_utils import Evaluator, build_trainer, config_dir, original_t5_pretokenization, tokenize, training_arguments
+from train_utils import Evaluator, build_trainer, config_dir, training_arguments
+from views import original_t5_pretokenization, tokenize_seq2seq
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_gen_max_len_counts_the_start_token_and_golds_are_not_cut(tiny_t5, tmp_p
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
     long_gold = "apple tree " * 10
     split = Dataset.from_dict({"input": ["the apple", "a tree"], "label": [long_gold, "park"], "rationale": ["r", "s"]})
-    tokenized = tokenize(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
+    tokenized = tokenize_seq2seq(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
     model = T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
     args = t5_args()
     trainer, _ = build_trainer(args, training_arguments(args, tmp_path / "c", tmp_path / "l"), model, tokenizer,

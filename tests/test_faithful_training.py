@@ -12,8 +12,9 @@ from transformers import Adafactor, AutoTokenizer, T5ForConditionalGeneration, T
 
 import speedups
 from faithful_training import OriginalAdamW, OriginalBatchOrder
-from model_utils import TaskPrefixDataCollator, two_pass_loss
-from train_utils import build_trainer, tokenize, training_arguments
+from model_utils import TaskPrefixDataCollator, one_pass_per_view
+from train_utils import build_trainer, training_arguments
+from views import tokenize_seq2seq
 
 # The rows of the original's first batch on cqa (8,766 prepared train rows, --run 0, batch 8):
 # ../shared/parity/trajectory/cqa_tp_llm_s1.0_r0.jsonl, step 1.
@@ -129,7 +130,8 @@ def tiny_rows(tiny_t5):
         ["apple", "big", "small", "old", "new", "tall", "green", "red", "blue", "dark"])]
     split = Dataset.from_dict({"input": texts, "label": [f"{i} apples" for i in range(10)],
                                "rationale": [f"because there are {i} apples in the park" for i in range(10)]})
-    tokenized = tokenize(DatasetDict({"train": split, "test": split.select(range(2))}), tokenizer, "task_prefix", 64)
+    splits = DatasetDict({"train": split, "test": split.select(range(2))})
+    tokenized = tokenize_seq2seq(splits, tokenizer, "task_prefix", 64)
     tokenized["train"] = tokenized["train"].add_column("row", list(range(10)))
     return tokenizer, tokenized
 
@@ -188,10 +190,11 @@ def test_accumulation_averages_micro_batch_gradients_across_an_epoch_end(tiny_t5
     for step, window in enumerate((fed[:2], fed[2:])):
         model.zero_grad()
         for batch in window:
-            loss, _ = two_pass_loss(model, collate([rows[i] for i in batch]), alpha=0.5)
+            views = collate([rows[i] for i in batch])
+            loss, _ = one_pass_per_view(model, [views["pred"], views["expl"]], [0.5, 0.5])
             loss.backward()
         for accumulated, summed in zip(kept.steps[step], (p.grad for p in model.parameters())):
-            # The trainer's fused loss rounds otherwise than two_pass_loss: a few 1e-7 of the largest entries.
+            # The trainer's fused loss rounds otherwise than one_pass_per_view: a few 1e-7 of the largest entries.
             scale = summed.abs().max().item() / 2
             torch.testing.assert_close(accumulated, summed / 2, rtol=1e-4, atol=1e-5 * scale)
 

@@ -8,7 +8,8 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator
-from train_utils import build_trainer, tokenize, training_arguments
+from train_utils import build_trainer, training_arguments
+from views import tokenize_seq2seq
 
 from conftest import SHARED_TOKENIZER
 
@@ -45,7 +46,7 @@ def test_collator_builds_both_views_padded_separately(tokenizer):
         ["park", "bus"],
         ["a short reason", "a much longer reason about the tree and the park and the bus station"],
     )
-    rows = list(tokenize(splits, tokenizer, "task_prefix", 64)["train"])
+    rows = list(tokenize_seq2seq(splits, tokenizer, "task_prefix", 64)["train"])
     batch = TaskPrefixDataCollator(tokenizer)(rows)
     pred, expl = batch["pred"], batch["expl"]
     assert pred["input_ids"][0, :3].tolist() == tokenizer("predict: the apple tree").input_ids[:3]
@@ -60,7 +61,7 @@ def test_collator_builds_both_views_padded_separately(tokenizer):
 
 
 def test_standard_collator_has_no_prefix_and_no_explain_view(tokenizer):
-    rows = list(tokenize(splits_for(["the apple tree"], ["park"], ["r"]), tokenizer, "standard", 64)["train"])
+    rows = list(tokenize_seq2seq(splits_for(["the apple tree"], ["park"], ["r"]), tokenizer, "standard", 64)["train"])
     batch = StandardDataCollator(tokenizer)(rows)
     assert set(batch) == {"pred"}
     assert batch["pred"]["input_ids"][0].tolist() == tokenizer("the apple tree").input_ids
@@ -68,7 +69,7 @@ def test_standard_collator_has_no_prefix_and_no_explain_view(tokenizer):
 
 def test_inputs_and_targets_are_truncated(tokenizer):
     long_text = " ".join(["apple tree"] * 400)
-    rows = tokenize(splits_for([long_text], [long_text], [long_text]), tokenizer, "task_prefix", 32)["train"]
+    rows = tokenize_seq2seq(splits_for([long_text], [long_text], [long_text]), tokenizer, "task_prefix", 32)["train"]
     assert len(rows[0]["input_ids"]) == 32 and len(rows[0]["expl_input_ids"]) == 32
     assert len(rows[0]["labels"]) == 256 and len(rows[0]["rationale_labels"]) == 256
 
@@ -80,7 +81,7 @@ def test_loss_is_alpha_weighted_sum_of_two_separate_passes(tiny_t5, tokenizer, t
         ["park", "bus station", "tree"],
         ["apples grow on trees", "a bum lives near the bus", "tag is played in a park by kids"],
     )
-    tokenized = tokenize(splits, tokenizer, "task_prefix", 64)
+    tokenized = tokenize_seq2seq(splits, tokenizer, "task_prefix", 64)
     model = T5ForConditionalGeneration.from_pretrained(tiny_t5)
     model.eval()
     args = argparse.Namespace(

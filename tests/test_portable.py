@@ -110,14 +110,14 @@ def test_the_project_loads_best_as_the_model_it_trained(trained):
     from datasets import Dataset, DatasetDict
 
     from students import load_saved
-    from train_utils import original_t5_pretokenization, tokenize
+    from views import original_t5_pretokenization, tokenize_seq2seq
 
     tokenizer, model = predict.load_model(str(trained["t5"] / "best"))
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr() and not model.config.scale_decoder_outputs
     split = Dataset.from_dict({"input": INPUTS, "label": ["x"] * len(INPUTS), "rationale": ["y"] * len(INPUTS)})
     _, source_tokenizer, _ = load_saved(str(trained["t5"] / "best"))
-    expected = tokenize(DatasetDict({"test": split}), source_tokenizer, "task_prefix", MAX_INPUT_LENGTH)["test"]
-    assert [tokenizer(predict.LABEL_PREFIX + text).input_ids for text in INPUTS] == expected["input_ids"]
+    expected = tokenize_seq2seq(DatasetDict({"test": split}), source_tokenizer, "task_prefix", MAX_INPUT_LENGTH)["test"]
+    assert [tokenizer(predict.PREDICT_PREFIX + text).input_ids for text in INPUTS] == expected["input_ids"]
     assert original_t5_pretokenization(source_tokenizer) is not source_tokenizer  # the fix is needed, and applied
 
 
@@ -194,8 +194,8 @@ def probe_under(env: Path, folders: dict[str, Path], texts: dict[str, list[str]]
 def student_texts(name: str) -> list[str]:
     """The project's own inputs to the student: the prefixed text, and a decoder-only student's prompt frame."""
     if RUNS[name][0] in ("t5", "bart"):
-        return [predict.LABEL_PREFIX + text for text in INPUTS]
-    return [f"{predict.LABEL_PREFIX}{text}\n" for text in INPUTS]
+        return [predict.PREDICT_PREFIX + text for text in INPUTS]
+    return [f"{predict.PREDICT_PREFIX}{text}\n" for text in INPUTS]
 
 
 def largest_difference(old: list[dict], ours: list[dict]) -> float:
@@ -281,7 +281,7 @@ def test_a_public_vocabulary_student_gives_the_same_ids_and_model_in_4_30(real_r
     anli = [DATASETS["anli1"].build_row(json.loads(line), "</s>")["input"] for line in lines]
     anli = [text for text in anli if text != text.rstrip()] + anli[:10]  # the logits of a 32k vocabulary are large
     cqa = [json.loads(line)["input"] for line in (real_run / "predictions.jsonl").read_text().splitlines()[:10]]
-    texts = [predict.LABEL_PREFIX + text for text in cqa + anli]
+    texts = [predict.PREDICT_PREFIX + text for text in cqa + anli]
     env = compat_env(OLD_TRANSFORMERS["4.30.2"][0])
     [old] = probe_under(env, {"t5": real_run / "best"}, {"t5": texts}, tmp_path).values()
     tokenizer, model = predict.load_model(str(real_run / "best"))

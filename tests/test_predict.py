@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 import predict
 from conftest import ROOT
-from train_utils import tokenize
+from views import tokenize_seq2seq
 
 TEXTS = ["the apple tree is in the park", "where does he live?\nAnswer Choices:\n(a) bus\n(b) park", "how many books"]
 
@@ -31,11 +31,11 @@ def model(tiny_t5) -> list[str]:
 def test_inputs_get_the_prefixes_used_in_training(tiny_t5):
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
     split = Dataset.from_dict({"input": TEXTS, "label": ["x"] * 3, "rationale": ["y"] * 3})
-    prefixed = tokenize(DatasetDict({"test": split}), tokenizer, "task_prefix", 64)["test"]
-    standard = tokenize(DatasetDict({"test": split}), tokenizer, "standard", 64)["test"]
+    prefixed = tokenize_seq2seq(DatasetDict({"test": split}), tokenizer, "task_prefix", 64)["test"]
+    standard = tokenize_seq2seq(DatasetDict({"test": split}), tokenizer, "standard", 64)["test"]
     for i, text in enumerate(TEXTS):
-        assert prefixed[i]["input_ids"] == tokenizer(predict.LABEL_PREFIX + text).input_ids
-        assert prefixed[i]["expl_input_ids"] == tokenizer(predict.RATIONALE_PREFIX + text).input_ids
+        assert prefixed[i]["input_ids"] == tokenizer(predict.PREDICT_PREFIX + text).input_ids
+        assert prefixed[i]["expl_input_ids"] == tokenizer(predict.EXPLAIN_PREFIX + text).input_ids
         assert standard[i]["input_ids"] == tokenizer(text).input_ids
 
 
@@ -136,10 +136,10 @@ def long_inputs(rows: list[str], max_tokens: int, count: int = 20) -> list[str]:
 def assert_same_tokens_after_the_cut(tokenizer, inputs: list[str], max_tokens: int) -> int:
     """Every input's kept tokens, as predict.py's seq2seq and decoder-only paths tokenise them, with and without the
     cut; returns how many inputs were cut (a refused one fails: these are ordinary texts)."""
-    from students import causal_prompts
+    from views import causal_prompts
 
     cut_count = 0
-    for prefix in ("", predict.LABEL_PREFIX, predict.RATIONALE_PREFIX):
+    for prefix in ("", predict.PREDICT_PREFIX, predict.EXPLAIN_PREFIX):
         texts = [prefix + text for text in inputs]
         cuts = [predict.cut_for_tokenizer(tokenizer, text, max_tokens) for text in texts]
         assert None not in cuts
@@ -163,7 +163,7 @@ def tokenizers(tiny_t5, tmp_path_factory) -> dict:
     """T5's SentencePiece (as transformers 5 builds it and as the paper's tokenizer split), and byte-level BPE with
     and without BOS, as the decoder-only students use."""
     from conftest import SHARED_TOKENIZER, build_bpe_tokenizer
-    from train_utils import original_t5_pretokenization
+    from views import original_t5_pretokenization
 
     t5 = AutoTokenizer.from_pretrained(tiny_t5)
     built = {"t5": t5, "t5-original": original_t5_pretokenization(t5)}
@@ -189,7 +189,7 @@ def test_odd_texts_are_cut_to_the_same_tokens_or_refused(tokenizers):
     """Random texts of the pieces tokenizers treat specially (whitespace runs, combining accents, ligatures that
     normalisation expands, invisible characters, CJK without spaces, contractions): each is either cut to the same
     tokens or refused, never cut to other tokens."""
-    from students import causal_prompts
+    from views import causal_prompts
 
     pieces = [" ", "  ", "\n", "\t", " \n\n ", "word", "e\u0301", "\ufb01", "\u200b", "\u4e2d\u6587", "'s", "!", "42",
               "the", "\u00e9t\u00e9", "\U0001f600", "x" * 30]

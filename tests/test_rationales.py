@@ -195,14 +195,14 @@ def prepared(data: Path, tiny_t5: Path, *extra: str):
     from transformers import AutoTokenizer
 
     from rationales import tokenize_kept_rationales
-    from train_utils import MAX_TARGET_LENGTH, tokenize
+    from views import MAX_TARGET_LENGTH, tokenize_seq2seq
 
     args = run.parse_args(["--dataset", "custom", "--data_dir", str(data), "--llm", "fake", "--from_pretrained",
                            str(tiny_t5), *extra])
     record = {}
     splits = run.prepare_splits(args, "</s>", record)
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
-    tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+    tokenized = tokenize_seq2seq(splits, tokenizer, args.model_type, args.max_input_length)
     if args.rationales != "first":
         tokenized["train"] = tokenize_kept_rationales(tokenized["train"], splits["train"]["rationales"], tokenizer,
                                                       MAX_TARGET_LENGTH)
@@ -271,8 +271,9 @@ def test_a_batch_without_rationales_weighs_its_label_loss_by_alpha(sampled_data,
     assert batch["expl"] is None and batch["pred"]["input_ids"].shape[0] == 2
 
     model = T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
-    trainer = SimpleNamespace(alpha=0.3, grouped_loss_applies=lambda m: False)
+    trainer = SimpleNamespace(alpha=0.3, fast_loss_applies=lambda m: False)
     trainer.compute_loss = lambda *a, **k: TaskPrefixTrainer.compute_loss(trainer, *a, **k)
+    trainer.weighted_view_loss = lambda *a: TaskPrefixTrainer.weighted_view_loss(trainer, *a)
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
         assert torch.allclose(loss, 0.3 * model(**batch["pred"]).loss)

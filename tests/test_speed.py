@@ -12,10 +12,12 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 from transformers.activations import GELUTanh, NewGELUActivation
 
+import fast_loss
 import speedups
-from model_utils import StandardDataCollator, TaskPrefixDataCollator, two_pass_loss
-from speedups import OneDNNLinear, grouped_loss, lm_head_loss, speed_up_student
-from train_utils import tokenize
+from fast_loss import grouped_loss, lm_head_loss
+from model_utils import StandardDataCollator, TaskPrefixDataCollator, one_pass_per_view
+from speedups import OneDNNLinear, speed_up_student
+from views import tokenize_seq2seq
 
 TEXTS = [
     "the apple tree",
@@ -54,7 +56,7 @@ def model(tiny_t5):
 
 def batch(tokenizer, model_type):
     split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
-    rows = list(tokenize(DatasetDict({"train": split}), tokenizer, model_type, 64)["train"])
+    rows = list(tokenize_seq2seq(DatasetDict({"train": split}), tokenizer, model_type, 64)["train"])
     collator = TaskPrefixDataCollator(tokenizer) if model_type == "task_prefix" else StandardDataCollator(tokenizer)
     return collator(rows)
 
@@ -69,8 +71,8 @@ def loss_and_grads(model, compute):
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_grouped_loss_equals_two_passes(tokenizer, model, alpha):
     inputs = batch(tokenizer, "task_prefix")
-    expected, expected_grads = loss_and_grads(model, lambda: two_pass_loss(model, inputs, alpha)[0])
     views, weights = [inputs["pred"], inputs["expl"]], [alpha, 1 - alpha]
+    expected, expected_grads = loss_and_grads(model, lambda: one_pass_per_view(model, views, weights)[0])
     got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     assert grads.keys() == expected_grads.keys()
@@ -93,8 +95,9 @@ def test_grouped_loss_with_untied_head_and_scaled_outputs(tokenizer, model):
         variant = copy.deepcopy(model)
         variant.config.scale_decoder_outputs = scale
         variant.lm_head.weight = torch.nn.Parameter(torch.randn_like(variant.lm_head.weight))
-        expected = two_pass_loss(variant, inputs, 0.5)[0]
-        got = grouped_loss(variant, [inputs["pred"], inputs["expl"]], [0.5, 0.5])
+        views, weights = [inputs["pred"], inputs["expl"]], [0.5, 0.5]
+        expected = one_pass_per_view(variant, views, weights)[0]
+        got = grouped_loss(variant, views, weights)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
@@ -136,7 +139,7 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
     from train_utils import build_trainer, training_arguments
 
     split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
-    tokenized = tokenize(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
+    tokenized = tokenize_seq2seq(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
     args = argparse.Namespace(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
         max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, model_type="task_prefix",
@@ -152,7 +155,7 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
     explicit = argparse.Namespace(**{**vars(args), "eval_batch_size": 5})
     assert training_arguments(explicit, tmp_path / "ckpt", tmp_path / "log").per_device_eval_batch_size == 5
     trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, "text")
-    assert trainer.grouped_loss_applies(trainer.model) and type(trainer.model.lm_head) is OneDNNLinear
+    assert trainer.fast_loss_applies(trainer.model) and type(trainer.model.lm_head) is OneDNNLinear
     inputs = batch(tokenizer, "task_prefix")
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, inputs)
@@ -165,8 +168,8 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
 @pytest.mark.parametrize("vocabulary_block", [2048, 16])  # oneDNN's weight gradient: one block; 4 (the last short)
 @pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])  # one chunk; chunks of 7 rows (the last one short)
 def test_lm_head_loss_equals_unfused_cross_entropy(monkeypatch, chunk_bytes, vocabulary_block, speedups_off):
-    monkeypatch.setattr(speedups, "LOGIT_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(speedups, "VOCABULARY_BLOCK", vocabulary_block)
+    monkeypatch.setattr(fast_loss, "LOGIT_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(fast_loss, "VOCABULARY_BLOCK", vocabulary_block)
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, speedups_off)
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
@@ -313,8 +316,9 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
 def test_grouped_loss_with_a_speedup_switched_off_still_equals_two_passes(tokenizer, model, monkeypatch, switched_off):
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, switched_off)
     inputs = batch(tokenizer, "task_prefix")
-    expected, expected_grads = loss_and_grads(model, lambda: two_pass_loss(model, inputs, 0.3)[0])
-    got, grads = loss_and_grads(model, lambda: grouped_loss(model, [inputs["pred"], inputs["expl"]], [0.3, 0.7]))
+    views, weights = [inputs["pred"], inputs["expl"]], [0.3, 0.7]
+    expected, expected_grads = loss_and_grads(model, lambda: one_pass_per_view(model, views, weights)[0])
+    got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
     for name, grad in grads.items():
         assert (grad - expected_grads[name]).norm() / expected_grads[name].norm() < 1e-3, name

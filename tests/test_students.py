@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 import predict
 import run
 import train_utils
-from model_utils import LABEL_PAD, two_pass_loss
-from students import (
-    SEPARATOR, VIEWS, CausalViewsCollator, causal_fast_loss_applies, family_of, load_student, tokenize_causal,
-)
-from train_utils import build_trainer, tokenize, training_arguments
+from fast_loss import causal_fast_loss_applies
+from model_utils import LABEL_PAD, CausalViewsCollator, one_pass_per_view
+from students import family_of, load_student
+from train_utils import build_trainer, training_arguments
+from views import SEPARATOR, VIEWS, tokenize_causal
 
 ROWS = {
     "input": ["Where would you find a bus? Answer Choices: (a) station (b) tree (c) park",
@@ -111,7 +111,7 @@ def test_loss_equals_the_hand_computed_reference(tiny_students, tmp_path, kind):
     alpha = 0.2
     family, tokenizer, model = load_student(str(tiny_students[kind]))
     model.eval()
-    tokenized = tokenize(splits(), tokenizer, "task_prefix", 64, family)
+    tokenized = family.tokenize(splits(), tokenizer, "task_prefix", 64)
     trainer, _ = build_trainer(trainer_args(alpha), training_arguments(trainer_args(alpha), tmp_path, tmp_path / "l"),
                                model, tokenizer, tokenized, "text")
     batch = trainer.data_collator(list(tokenized["train"]))
@@ -119,12 +119,12 @@ def test_loss_equals_the_hand_computed_reference(tiny_students, tmp_path, kind):
         label_loss, rationale_loss = hand_loss(model, batch, "pred"), hand_loss(model, batch, "expl")
         expected = alpha * label_loss + (1 - alpha) * rationale_loss
         fast = trainer.compute_loss(model, batch)
-        plain = two_pass_loss(model, batch, alpha)[0]
+        plain = one_pass_per_view(model, [batch["pred"], batch["expl"]], [alpha, 1 - alpha])[0]
     assert not torch.isclose(label_loss, rationale_loss), "the views must differ for this test to mean anything"
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=0)
     # The fused head loss is what T5 and the decoder-only students train with; BART takes the plain formulation.
-    assert trainer.grouped_loss_applies(model) == (kind != "bart")
+    assert trainer.fast_loss_applies(model) == (kind != "bart")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -132,11 +132,12 @@ def test_causal_fast_loss_gradients_match_the_plain_formulation(tiny_students, t
     family, tokenizer, model = load_student(str(tiny_students[kind]))
     model.eval()
     assert causal_fast_loss_applies(model)
-    tokenized = tokenize(splits(), tokenizer, "task_prefix", 64, family)
+    tokenized = family.tokenize(splits(), tokenizer, "task_prefix", 64)
     batch = CausalViewsCollator(tokenizer)(list(tokenized["train"]))
     grads = []
-    for loss_fn in (lambda: two_pass_loss(model, batch, 0.4)[0],
-                    lambda: family.fast_loss(model, [batch["pred"], batch["expl"]], [0.4, 0.6])):
+    views, weights = [batch["pred"], batch["expl"]], [0.4, 0.6]
+    for loss_fn in (lambda: one_pass_per_view(model, views, weights)[0],
+                    lambda: family.fast_loss(model, views, weights)):
         model.zero_grad()
         loss_fn().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -292,10 +293,11 @@ def test_summary_names_the_student_and_keeps_lora_runs_apart(tmp_path, capsys):
 def test_causal_fast_loss_under_bf16_autocast_matches_the_plain_formulation(tiny_students):
     family, tokenizer, model = load_student(str(tiny_students["llama"]))
     model.eval()
-    batch = CausalViewsCollator(tokenizer)(list(tokenize(splits(), tokenizer, "task_prefix", 64, family)["train"]))
+    batch = CausalViewsCollator(tokenizer)(list(family.tokenize(splits(), tokenizer, "task_prefix", 64)["train"]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = family.fast_loss(model, [batch["pred"], batch["expl"]], [0.5, 0.5])
-        plain = two_pass_loss(model, batch, 0.5)[0]
+        views, weights = [batch["pred"], batch["expl"]], [0.5, 0.5]
+        fast = family.fast_loss(model, views, weights)
+        plain = one_pass_per_view(model, views, weights)[0]
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, plain.float(), rtol=2e-2, atol=0)
 

@@ -1,5 +1,6 @@
 """Tokenise once: reruns read the tokenised splits back; any change to what the ids depend on tokenises anew."""
 
+import importlib.util
 import os
 import signal
 import socket
@@ -12,8 +13,10 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
 from conftest import ROOT
-from token_cache import cached_tokenize, default_cache_dir
-from train_utils import tokenize
+import views
+from students import FAMILIES
+from token_cache import cache_key, cached_tokenize, default_cache_dir
+from views import tokenize_seq2seq
 
 ROWS = {"input": ["the apple tree", "where does he live", "kids played tag"], "label": ["park", "bus", "tree"],
         "rationale": ["apples grow on trees", "he lives near the bus", "tag is played by kids"]}
@@ -32,7 +35,7 @@ def splits(**changes) -> DatasetDict:
 def counting_tokenize(calls: list):
     def tokenize_fn(*args):
         calls.append(args[2:])
-        return tokenize(*args)
+        return tokenize_seq2seq(*args)
 
     return tokenize_fn
 
@@ -68,20 +71,36 @@ def test_what_the_ids_depend_on_is_in_the_key(tokenizer, tiny_t5, tmp_path, chan
         other_tokenizer.add_tokens(["appletree"])
     got = cached_tokenize(tmp_path, tokenize_fn, data, other_tokenizer, *flags)
     assert len(calls) == 2, f"a changed {change} tokenises anew"
-    assert got["test"].to_list() == tokenize(data, other_tokenizer, *flags)["test"].to_list()
+    assert got["test"].to_list() == tokenize_seq2seq(data, other_tokenizer, *flags)["test"].to_list()
     assert len(os.listdir(tmp_path / "tokenized")) == 2, "the earlier entry stays"
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_an_edit_to_the_tokenising_code_is_a_new_key(tokenizer, tmp_path, monkeypatch, family):
+    """Every family's tokenising, down to its helpers, lives in views.py, whose source the key hashes."""
+    edited = tmp_path / "edited_views.py"
+    edited.write_text(Path(views.__file__).read_text().replace("MAX_TARGET_LENGTH = 256", "MAX_TARGET_LENGTH = 255"))
+    spec = importlib.util.spec_from_file_location("edited_views", edited)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "edited_views", module)
+    spec.loader.exec_module(module)
+    tokenize_fn = FAMILIES[family].tokenize
+    assert tokenize_fn.__module__ == "views"
+    same = cache_key(tokenize_fn, splits(), tokenizer, "task_prefix", 64)
+    assert cache_key(tokenize_fn, splits(), tokenizer, "task_prefix", 64) == same
+    assert cache_key(getattr(module, tokenize_fn.__name__), splits(), tokenizer, "task_prefix", 64) != same
+
+
 def test_no_cache_and_readers_write_nothing(tokenizer, tmp_path):
-    cached_tokenize(None, tokenize, splits(), tokenizer, "standard", 64)
-    cached_tokenize(tmp_path, tokenize, splits(), tokenizer, "standard", 64, write=False)
+    cached_tokenize(None, tokenize_seq2seq, splits(), tokenizer, "standard", 64)
+    cached_tokenize(tmp_path, tokenize_seq2seq, splits(), tokenizer, "standard", 64, write=False)
     assert not (tmp_path / "tokenized").exists()
 
 
 def test_an_unwritable_cache_costs_a_warning_not_the_run(tokenizer, tmp_path, capsys):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    got = cached_tokenize(blocked, tokenize, splits(), tokenizer, "standard", 64)
+    got = cached_tokenize(blocked, tokenize_seq2seq, splits(), tokenizer, "standard", 64)
     assert got["train"].num_rows == 3
     assert "warning: could not cache the tokenised splits" in capsys.readouterr().err
 
@@ -150,7 +169,7 @@ sys.path.insert(0, {root!r})
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 from token_cache import cached_tokenize
-from train_utils import tokenize
+from views import tokenize_seq2seq
 
 original = DatasetDict.save_to_disk
 
@@ -160,7 +179,7 @@ def save_then_die(self, path, *args, **kwargs):
 
 DatasetDict.save_to_disk = save_then_die
 rows = Dataset.from_dict({{"input": ["a b"], "label": ["c"], "rationale": ["d"]}})
-cached_tokenize({cache!r}, tokenize, DatasetDict({{"train": rows}}), AutoTokenizer.from_pretrained({model!r}),
+cached_tokenize({cache!r}, tokenize_seq2seq, DatasetDict({{"train": rows}}), AutoTokenizer.from_pretrained({model!r}),
                 "task_prefix", 64)
 """
 
@@ -178,7 +197,7 @@ def test_a_writer_killed_mid_write_leaves_a_temporary_that_the_next_writer_remov
     elsewhere = folder / f".{'1' * 32}.{2**22 + 1}@another-host.example.org.abc"
     live.mkdir()
     elsewhere.mkdir()
-    cached_tokenize(tmp_path, tokenize, splits(), tokenizer, "standard", 64)
+    cached_tokenize(tmp_path, tokenize_seq2seq, splits(), tokenizer, "standard", 64)
     left = sorted(os.listdir(folder))
     assert stale not in left and live.name in left and elsewhere.name in left
     assert len([name for name in left if not name.startswith(".")]) == 1, "the new entry"

@@ -15,7 +15,8 @@ from transformers import T5Config
 
 import run
 from conftest import SHARED, SHARED_DATA, SHARED_TOKENIZER
-from train_utils import build_trainer, tokenize, training_arguments
+from train_utils import build_trainer, training_arguments
+from views import tokenize_seq2seq
 
 TRAJECTORIES = SHARED / "parity" / "trajectory"
 # The reference student of ../shared/bench/make_ref_model.py, with dropout off as the trajectories were recorded.
@@ -99,7 +100,7 @@ def train_and_record(flags: list[str], output_dir) -> list[dict]:
     training_args = training_arguments(args, output_dir / "ckpt", output_dir / "logs")
     tokenizer, model = run.load_student(args)
     splits = run.prepare_splits(args, tokenizer.eos_token)
-    tokenized = tokenize(splits, tokenizer, args.model_type, args.max_input_length)
+    tokenized = tokenize_seq2seq(splits, tokenizer, args.model_type, args.max_input_length)
     tokenized["train"] = tokenized["train"].add_column("row", list(range(len(tokenized["train"]))))
     trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, run.metric_name(args))
     steps: list[dict] = []
