@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cli import first_line, positive_int
-from run import GEN_MAX_LEN, quiet_tied_weight_notices
+from config import GEN_MAX_LEN
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "
@@ -104,7 +104,7 @@ def load_model(directory: str):
     import torch
     from transformers.utils import logging
 
-    from students import load_saved
+    from students import load_saved, quiet_tied_weight_notices
     from train_utils import original_t5_pretokenization
 
     logging.disable_progress_bar()  # stdout/stderr carry predictions and errors only

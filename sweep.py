@@ -26,7 +26,7 @@ from pathlib import Path
 import run
 from cli import fraction, non_negative_int, seed, unit_interval
 from rationales import RATIONALE_MODES
-from train_utils import run_dirs
+from train_utils import data_parallel_size
 
 RUN_PY = Path(__file__).resolve().with_name("run.py")
 METHODS: dict[str, list[str]] = {
@@ -158,7 +158,8 @@ def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str
 
 def results_path(argv: list[str]) -> Path:
     """Where the run writes results.json, computed as run.py does (this also checks every flag up front)."""
-    ckpt_dir, _ = run_dirs(run.parse_args(argv))
+    config = run.parse_args(argv)
+    ckpt_dir, _ = config.run_dirs(data_parallel_size(config.student.parallelize))
     return ckpt_dir / "results.json"
 
 
@@ -203,7 +204,7 @@ def slurm_main(args: argparse.Namespace, plan: list[tuple[list[str], Path]],
     if not pending:
         print(f"sweep: nothing to submit, all {len(plan)} runs are finished")
         return 0
-    folder = Path(run.parse_args(pending[0][0]).output_dir).resolve() / "slurm"
+    folder = Path(run.parse_args(pending[0][0]).output.output_dir).resolve() / "slurm"
     queued = {}
     if SLURM_CLUSTER == "slurm":
         missing = [command for command in ("sbatch", "srun", "squeue") if shutil.which(command) is None]

@@ -69,9 +69,10 @@ def test_unreachable_hub_id_is_one_line(fake_data_dir, tmp_path, capsys, monkeyp
 
 
 def test_optimizer_choices_match_the_trainer():
+    from config import OPTIMIZER_NAMES
     from train_utils import OPTIMIZERS
 
-    assert set(run.OPTIMIZER_NAMES) == set(OPTIMIZERS)
+    assert set(OPTIMIZER_NAMES) == set(OPTIMIZERS)
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
