@@ -154,7 +154,7 @@ def tiny_trainer(tiny_t5, tiny_rows, folder, dropout: float = 0.0, **overrides):
 
 
 def test_a_resumed_run_trains_on_the_same_batches(tiny_t5, tiny_rows, tmp_path):
-    settings = dict(max_steps=6, grad_steps=2, batch_size=3, eval_steps=4, run=3)  # 4 batches an epoch: 3 epochs
+    settings = dict(max_steps=6, grad_steps=2, batch_size=3, eval_steps=4, seed=3)  # 4 batches an epoch: 3 epochs
     trainer, fed = tiny_trainer(tiny_t5, tiny_rows, tmp_path, **settings)
     trainer.train()
     assert fed == random_sampler_batches(10, 3, seed=3, epochs=3)
