@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.utils import is_torch_tf32_available
 
-from cli import first_line
+from cli import first_line, write_json_atomic
 from config import DataConfig, OutputConfig, RunConfig, TrainingConfig
 from data_utils import DATA_URL, DATASETS, DataError, fetch_data, load_data
 from metrics import METRICS
@@ -41,7 +41,6 @@ from recovery import (
     resume_checkpoint,
     run_folder,
     stop_together,
-    write_json_atomic,
 )
 from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
 from students import StudentFamily, family_of, load_student, parameter_counts, save_best, student_record
