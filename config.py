@@ -165,6 +165,9 @@ class RunConfig:
     @classmethod
     def from_flags(cls, flags: dict) -> "RunConfig":
         """The configuration of run.py's parsed flags ({flag: value}, every flag of FLAG_FIELDS)."""
+        unknown = sorted(flags.keys() - FLAG_FIELDS.keys())
+        if unknown:
+            raise ValueError(f"flags without a place in RunConfig: {', '.join(unknown)}")
         values: dict[str, dict] = {group: {} for group in GROUPS}
         for flag, (group, name) in FLAG_FIELDS.items():
             value = flags[flag]
