@@ -159,8 +159,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
     (faithful_training.OriginalBatchOrder), each micro-batch's mean loss divided by --grad_steps, and AdamW with
     4.30's arithmetic (faithful_training.OriginalAdamW).
 
-    family: the student's students.StudentFamily (its fast loss, generation settings). use_fast_loss=False keeps
-    the plain implementation of the loss wherever the fast one would apply (the benchmark's reference side).
+    family: the student's students.StudentFamily (its fast loss, generation settings).
     """
 
     def __init__(
@@ -170,7 +169,6 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         alpha: float = 0.5,
         gen_max_len: int = 64,
         output_rationale: bool = False,
-        use_fast_loss: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -178,7 +176,6 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         self.family = family
         self.gen_max_len = gen_max_len
         self.output_rationale = output_rationale
-        self.use_fast_loss = use_fast_loss
         self.generation_overrides = family.generation
         # Best checkpoints passed over as gone or unreadable (recovery.ReadableBest, _load_best_model), for the record.
         self.unreadable_best: list[dict] = []
@@ -222,12 +219,11 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         """The family's fast implementation calls the model's modules directly (T5's encoder and decoder, a
         decoder-only base model, the lm_head): for a model it applies to (family.fast_loss_applies), unless a
         DDP/FSDP/DeepSpeed wrapper stands between (their gradient sync and parameter gathering hang on the wrapper's
-        forward) or the model is split over GPUs, and unless switched off (use_fast_loss, DSS_DISABLE_SPEEDUPS=
+        forward) or the model is split over GPUs, and unless switched off (DSS_DISABLE_SPEEDUPS=
         grouped_loss)."""
         model = unwrap_peft(model)
         return (
-            self.use_fast_loss
-            and isinstance(model, PreTrainedModel)
+            isinstance(model, PreTrainedModel)
             and self.family.fast_loss_applies(model)
             and self.accelerator.num_processes == 1
             and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cli import first_line, positive_int
+from config import GEN_MAX_LEN
 from data_utils import json_rows
-from run import GEN_MAX_LEN, quiet_tied_weight_notices
 from views import EXPLAIN_PREFIX, PREDICT_PREFIX
 
 # An input longer than this many characters per token kept (--max_input_length) is cut before it is tokenised.
@@ -98,7 +98,7 @@ def load_model(directory: str):
     import torch
     from transformers.utils import logging
 
-    from students import load_saved
+    from students import load_saved, quiet_tied_weight_notices
     from views import original_t5_pretokenization
 
     logging.disable_progress_bar()  # stdout/stderr carry predictions and errors only

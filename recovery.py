@@ -2,7 +2,6 @@
 --resume only for the same run, a diverged loss or a full disk or a Ctrl-C answered with one line.
 """
 
-import argparse
 import errno
 import fcntl
 import json
@@ -331,9 +330,10 @@ def _remove_empty(folders: list[Path]) -> None:
 # ---- --resume continues the same run only ----
 
 
-def run_settings(args: argparse.Namespace) -> dict:
-    """The flags that shape what a run trains and measures, as JSON gives them back (lists, not tuples)."""
-    settings = {key: value for key, value in sorted(vars(args).items()) if key not in RESUMABLE_FLAGS}
+def run_settings(flags: dict) -> dict:
+    """Of a run's {flag: value} (config.RunConfig.flags), those that shape what it trains and measures, as JSON
+    gives them back (lists, not tuples)."""
+    settings = {key: value for key, value in sorted(flags.items()) if key not in RESUMABLE_FLAGS}
     return json.loads(json.dumps(settings, default=str))
 
 
@@ -349,7 +349,7 @@ def attempt_left_nothing(ckpt_dir: Path) -> bool:
     return (ckpt_dir / RUN_ARGS).is_file() and not holds_results(ckpt_dir)
 
 
-def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
+def check_same_run(flags: dict, ckpt_dir: Path) -> None:
     """Refuse a resume whose flags would train or measure differently from those the run started with."""
     path = ckpt_dir / RUN_ARGS
     if not path.is_file() or not holds_results(ckpt_dir):
@@ -358,21 +358,21 @@ def check_same_run(args: argparse.Namespace, ckpt_dir: Path) -> None:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
         return  # a record cut short by a kill at the start: the run had not trained yet
-    now = run_settings(args)
+    now = run_settings(flags)
     changed = [f"--{key} {recorded[key]} -> {now[key]}" for key in now if key in recorded and recorded[key] != now[key]]
     if changed:
         raise RunError(f"--resume continues the run in {ckpt_dir}, started with other flags ({'; '.join(changed)}): "
                        "resume with the flags it started with, or change --run/--output_dir for a new run")
 
 
-def record_run_args(args: argparse.Namespace, ckpt_dir: Path) -> None:
+def record_run_args(flags: dict, ckpt_dir: Path) -> None:
     """The run's settings as it starts, for check_same_run; the record of a run being resumed is kept, that of an
     attempt that left nothing to resume is replaced."""
     path = ckpt_dir / RUN_ARGS
     if path.is_file() and holds_results(ckpt_dir):
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, run_settings(args))
+    write_json_atomic(path, run_settings(flags))
 
 
 # ---- the one-line answers ----

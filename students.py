@@ -4,9 +4,11 @@ Llama, Qwen2, SmolLM, Gemma), kept as data in one small spec per family: how the
 itself (two views, the alpha-weighted loss, the trainer) is model_utils'.
 """
 
-import argparse
 import hashlib
 import inspect
+import re
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,11 @@ from transformers.models.auto.modeling_auto import (
     MODEL_MAPPING_NAMES,
 )
 
+from cli import first_line
+from config import LoraConfig, StudentConfig
 from fast_loss import causal_fast_loss_applies, causal_grouped_loss, grouped_loss, seq2seq_fast_loss_applies
 from model_utils import causal_collator, length_mask, pad, seq2seq_collator, unwrap_peft
+from recovery import RunError, check_tokenizer
 from views import SEPARATOR, causal_prompts, tokenize_causal, tokenize_seq2seq
 
 # Plain greedy decoding (the trainer sets num_beams=1, do_sample=False) whatever a student's generation_config adds
@@ -118,7 +123,7 @@ def unsupported(config, source: str, why: str) -> UnsupportedStudent:
 def supported_family(config, source: str) -> StudentFamily:
     """The family that trains this config's model; UnsupportedStudent, naming source and what it holds, where the
     model is not a text-generating LM of a family: its saved head must be one too, or its bare base model (which
-    load_student accepts only where no head weights are missing)."""
+    load_pretrained accepts only where no head weights are missing)."""
     family = family_of(config)
     base = MODEL_MAPPING_NAMES.get(config.model_type)
     heads_generate = all(head.endswith(GENERATIVE_HEADS) or head == base for head in saved_heads(config))
@@ -148,19 +153,19 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def add_lora(model, args: argparse.Namespace):
-    """Wrap the student in peft LoRA adapters (--lora_r, --lora_alpha, --lora_dropout, --lora_targets)."""
-    from peft import LoraConfig, get_peft_model
+def add_lora(model, lora: LoraConfig, seed: int):
+    """Wrap the student in peft LoRA adapters of lora's rank, scaling, dropout and target modules."""
+    import peft
 
     family = family_of(model.config)
     # LoRA's A matrices are drawn from torch's generator before the Trainer seeds it: seed by --run, so runs repeat.
-    torch.manual_seed(args.run)
-    targets = args.lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
-    config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+    torch.manual_seed(seed)
+    targets = list(lora.targets) if lora.targets else LORA_TARGETS.get(model.config.model_type, "all-linear")
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
         task_type=family.peft_task_type,
     )
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -175,9 +180,9 @@ def parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_student(path: str, dtype=torch.float32, source: dict | None = None, **placement):
+def load_pretrained(path: str, dtype=torch.float32, source: dict | None = None, **placement):
     """(family, tokenizer, model) of any Hugging Face seq2seq or causal LM, the family read from its config.
-    `source` holds hub options for all three loads (local_files_only when the hub is unreachable, see run.py)."""
+    `source` holds hub options for all three loads (local_files_only when the hub is unreachable, hub_options)."""
     from transformers import AutoConfig, AutoTokenizer
 
     source = source or {}
@@ -191,6 +196,100 @@ def load_student(path: str, dtype=torch.float32, source: dict | None = None, **p
         raise unsupported(config, path, f"without the weights of a text-generating head ({', '.join(missing[:3])}"
                           f"{', ...' if len(missing) > 3 else ''} would start at random)")
     prepare_tokenizer(tokenizer, model)
+    return family, tokenizer, model
+
+
+HUB_REMEDIES = ("pass --from_pretrained a local directory holding a saved model and tokenizer, set HF_HUB_OFFLINE=1 "
+                "with the model in the Hugging Face cache (HF_HOME), or set HF_ENDPOINT to a reachable mirror")
+# transformers 5 ties every T5's head to its embeddings and warns when a checkpoint (t5-v1_1, and every student
+# saved from one) has its own head, which it then keeps as saved; the Trainer, reloading the best checkpoint, warns
+# that the embeddings tied to `shared` are not in it (they are saved once, as `shared`). Both are what these models
+# are, on every run, and a user cannot act on them.
+UNTIED_HEAD_NOTICE = "to tie shared.weight to lm_head.weight, but both are present in the checkpoints with different"
+MISSING_KEYS_NOTICE = re.compile(r"There were missing keys in the checkpoint model loaded: \[([^\]]*)\]")
+T5_TIED_KEYS = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
+
+
+def without_tied_weight_notices(record) -> bool:
+    message = record.getMessage()
+    missing = MISSING_KEYS_NOTICE.search(message)
+    if missing:
+        return not set(re.findall(r"'([^']+)'", missing.group(1))) <= T5_TIED_KEYS
+    return UNTIED_HEAD_NOTICE not in message
+
+
+def quiet_tied_weight_notices() -> None:
+    """Drop transformers' warnings about a T5 checkpoint's tied and untied weights: harmless, and not actionable."""
+    from transformers.utils import logging
+
+    for name in ("transformers.modeling_utils", "transformers.trainer"):
+        logging.get_logger(name).addFilter(without_tied_weight_notices)
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub endpoint (HF_ENDPOINT) gives no answer, or None when it answers: one request and no retries,
+    bounded in time even where name resolution hangs, instead of transformers' minute of retries per file."""
+    from huggingface_hub import constants, get_session
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP status is an answer
+            outcome.append(None)
+        except Exception as e:  # whatever the HTTP stack raises, there was no answer
+            outcome.append(first_line(e))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def hub_options(name: str) -> dict:
+    """from_pretrained options for a hub id: none while the hub answers; local_files_only where it does not but the
+    model is cached; where neither, a RunError naming the remedies."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(name).is_dir() or constants.is_offline_mode():
+        return {}
+    reason = hub_unreachable()
+    if reason is None:
+        return {}
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        print(f"the hub ({constants.ENDPOINT}) cannot be reached: using the cached copy of {name}", file=sys.stderr)
+        return {"local_files_only": True}
+    raise RunError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({reason}) to fetch {name!r}, "
+                   f"and it is not in the local cache: {HUB_REMEDIES}")
+
+
+def load_student(student: StudentConfig, seed: int):
+    """(family, tokenizer, model) of the student: seq2seq or causal LM, from a local directory or the hub, wrapped in
+    LoRA adapters where student.lora is enabled (initialised from seed) and spread over GPUs with parallelize; a
+    RunError, naming the flag, where it cannot be loaded or does not fit the options."""
+    name = student.from_pretrained
+    placement = {"device_map": "auto"} if student.parallelize else {}
+    source = hub_options(name)
+    quiet_tied_weight_notices()
+    try:
+        family, tokenizer, model = load_pretrained(name, source=source, **placement)
+    except UnsupportedStudent as e:
+        raise RunError(f"--from_pretrained {e}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, or the weight loaders' own errors for truncated files
+        raise RunError(f"could not load --from_pretrained {name!r} ({first_line(e)}); pass a local directory holding "
+                       "a saved seq2seq or causal LM and its tokenizer, or a reachable hub id") from None
+    check_tokenizer(tokenizer, f"--from_pretrained {name}")
+    if student.chat_template and not family.prompt_in_output:
+        raise RunError(f"--chat_template is for decoder-only students; {name} is {family.name}: drop --chat_template")
+    if student.chat_template and not tokenizer.chat_template:
+        raise RunError(f"--chat_template: the tokenizer of {name} has no chat template; use an instruct model or "
+                       "drop --chat_template")
+    if student.lora.enabled:
+        try:
+            model = add_lora(model, student.lora, seed)
+        except ValueError as e:  # peft: target modules not found in the model
+            raise RunError(f"--lora_targets: {first_line(e)}; name modules of "
+                           f"{model.config.model_type} (see print(model)) or leave --lora_targets out") from None
     return family, tokenizer, model
 
 
@@ -212,12 +311,6 @@ def save_best(trainer, directory: Path) -> None:
         trainer.processing_class.save_pretrained(str(directory))
         for folder in (directory, directory / "adapter"):
             make_portable(folder, trainer.processing_class)
-
-
-def lora_name(args: argparse.Namespace) -> str:
-    """The run folder part that keeps LoRA runs apart from full finetuning and from each other."""
-    targets = "+".join(args.lora_targets) if args.lora_targets else "default"
-    return f"lora_r{args.lora_r}_a{args.lora_alpha:g}_d{args.lora_dropout:g}_{targets}"
 
 
 def causal_generate(
@@ -244,12 +337,12 @@ def load_saved(directory: str | Path):
 
     adapter_config = Path(directory) / "adapter_config.json"
     if not adapter_config.is_file():
-        return load_student(str(directory))
+        return load_pretrained(str(directory))
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    family, _, model = load_student(base)
+    family, _, model = load_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     prepare_tokenizer(tokenizer, model)
     return family, tokenizer, PeftModel.from_pretrained(model, str(directory))

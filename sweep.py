@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+import cli
 import run
-from cli import fraction, non_negative_int, seed, unit_interval
 from rationales import RATIONALE_MODES
-from train_utils import run_dirs
+from train_utils import data_parallel_size
 
 RUN_PY = Path(__file__).resolve().with_name("run.py")
 METHODS: dict[str, list[str]] = {
@@ -86,10 +86,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     add = parser.add_argument
     add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    add("--seeds", nargs="+", type=seed, default=[0], help="values of run.py --run")
-    add("--alphas", nargs="+", type=unit_interval, default=[0.5],
+    add("--seeds", nargs="+", type=cli.seed, default=[0], help="values of run.py --run")
+    add("--alphas", nargs="+", type=cli.unit_interval, default=[0.5],
         help="label-loss weights; only the task_prefix methods (dss_*) run once per alpha")
-    add("--fractions", nargs="+", type=fraction, default=[0.125, 0.25, 0.5, 1.0],
+    add("--fractions", nargs="+", type=cli.fraction, default=[0.125, 0.25, 0.5, 1.0],
         help="values of run.py --subsample (the paper's by default)")
     add("--rationale_modes", nargs="+", default=["first"], choices=RATIONALE_MODES,
         help="values of run.py --rationales; dss_* run once per mode, standard_distill once for first/all/correct "
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                        help="submit the pending runs as one Slurm job array and return; run it again to resubmit "
                        "what is unfinished")
     slurm.add_argument("--slurm_partition", help="partition (default: the cluster's)")
-    slurm.add_argument("--slurm_gpus", type=non_negative_int, default=1, help="GPUs per run")
+    slurm.add_argument("--slurm_gpus", type=cli.non_negative_int, default=1, help="GPUs per run")
     slurm.add_argument("--slurm_time", type=slurm_minutes, default=slurm_minutes("24:00:00"),
                        help="time limit per run: minutes, HH:MM:SS or D-HH:MM:SS (default 24:00:00)")
     slurm.add_argument("--slurm_mem", type=slurm_memory, help="memory per run, such as 64G (default: the cluster's)")
@@ -159,7 +159,8 @@ def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str
 
 def results_path(argv: list[str]) -> Path:
     """Where the run writes results.json, computed as run.py does (this also checks every flag up front)."""
-    ckpt_dir, _ = run_dirs(run.parse_args(argv))
+    config = run.parse_args(argv)
+    ckpt_dir, _ = config.run_dirs(data_parallel_size(config.student.parallelize))
     return ckpt_dir / "results.json"
 
 
@@ -204,7 +205,7 @@ def slurm_main(args: argparse.Namespace, plan: list[tuple[list[str], Path]],
     if not pending:
         print(f"sweep: nothing to submit, all {len(plan)} runs are finished")
         return 0
-    folder = Path(run.parse_args(pending[0][0]).output_dir).resolve() / "slurm"
+    folder = Path(run.parse_args(pending[0][0]).output.output_dir).resolve() / "slurm"
     queued = {}
     if SLURM_CLUSTER == "slurm":
         missing = [command for command in ("sbatch", "srun", "squeue") if shutil.which(command) is None]

@@ -42,7 +42,7 @@ def config_to_mlflow(callbacks: list, config: dict) -> None:
         mlflow.log_params({f"{CONFIG_KEY}.{key}": value for key, value in flat_config(config).items()})
 
 
-# One per run.TRACKERS name.
+# One per config.TRACKERS name.
 CONFIG_WRITERS: dict[str, Callable[[list, dict], None]] = {
     "tensorboard": config_to_tensorboard,
     "wandb": config_to_wandb,

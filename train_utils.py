@@ -1,6 +1,6 @@
-"""Training and evaluation setup: run folders, the trainer, and the per-run record."""
+"""Training a student as run.py asks: the run's data, its folders, the trainer's settings and construction,
+evaluation callbacks, and the per-run record. train(config) is the whole run, step by step."""
 
-import argparse
 import json
 import math
 import os
@@ -23,23 +23,40 @@ from transformers import (
 )
 from transformers.utils import is_torch_tf32_available
 
+from cli import first_line, write_json_atomic
+from config import DataConfig, OutputConfig, RunConfig, TrainingConfig
+from data_utils import DATA_URL, DATASETS, DataError, load_data
+from download import fetch_data
 from metrics import METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer
+from rationales import audit, choose_rationales, describe_audit, describe_counts, kept_counts, tokenize_kept_rationales
+from recovery import (
+    FaultGuard,
+    Interrupted,
+    RunError,
+    attempt_left_nothing,
+    check_same_run,
+    faults_explained,
+    record_run_args,
+    resume_checkpoint,
+    run_folder,
+    stop_together,
+)
 from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
-from students import family_of, lora_name, save_best, student_record
+from students import family_of, load_student, parameter_counts, save_best, student_record
+from token_cache import cached_tokenize, default_cache_dir
 from trackers import track_run
-from recovery import FaultGuard, RunError, attempt_left_nothing, record_run_args, resume_checkpoint, write_json_atomic
+from views import MAX_TARGET_LENGTH, original_t5_pretokenization, tokenize_seq2seq
 
-# AdamW as torch's fused kernel (CPU and CUDA), one pass over the weights instead of a dozen, 5x faster per step than
-# the foreach kernel for the tiny T5 on 2 CPU cores (bench.py measures its share); the trainer gives it the
-# original's arithmetic (faithful_training.OriginalAdamW). Adafactor is transformers' (the original had none).
+# --optimizer_name -> the Trainer's optimizer. AdamW as torch's fused kernel (CPU and CUDA), one pass over the
+# weights instead of a dozen, given the original's arithmetic by the trainer (faithful_training.OriginalAdamW);
+# Adafactor is transformers' (the original had none).
 OPTIMIZERS = {"AdamW": "adamw_torch_fused", "Adafactor": "adafactor"}
 RATIONALE_SAMPLES = 5
 # Evaluation generates: it keeps no activations for a backward pass, no gradients and no optimizer state, so a row
 # costs it a fraction of the memory a training row does. Each decoding step streams every decoder and lm_head weight
 # once for the whole batch, so bigger batches share that cost: by default evaluation batches are this many times the
-# training batch (for the tiny T5 on 2 CPU cores, 32 rows decode 3x faster than 8; see bench.py), and twice that on a
-# CPU (speedups.eval_batch_factor).
+# training batch, and twice that on a CPU (speedups.eval_batch_factor).
 EVAL_BATCH_FACTOR = 4
 
 
@@ -51,58 +68,38 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def data_parallel_size(args: argparse.Namespace) -> int:
+def data_parallel_size(parallelize: bool) -> int:
     """Model copies that each take --batch_size rows per step.
 
     One per process under a launcher (they set LOCAL_RANK and WORLD_SIZE). A lone process sees every visible GPU
     through the Trainer's nn.DataParallel, unless --parallelize splits one model across them.
     """
-    if "LOCAL_RANK" in os.environ or args.parallelize:
+    if "LOCAL_RANK" in os.environ or parallelize:
         return int(os.environ.get("WORLD_SIZE", "1"))
     return max(1, torch.cuda.device_count())
 
 
-def effective_batch_size(args: argparse.Namespace) -> int:
-    return args.batch_size * args.grad_steps * data_parallel_size(args)
+def check_devices(config: RunConfig) -> None:
+    """Refuse what this machine or launch cannot serve, before anything is loaded."""
+    import importlib.util
+
+    deepspeed, parallelize = config.training.deepspeed, config.student.parallelize
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise RunError("--deepspeed needs the deepspeed package, which is not installed: pip install deepspeed")
+    if parallelize and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RunError("--parallelize splits one model over all GPUs from a single process: run it with python, "
+                       "not with several processes from torchrun or accelerate launch")
+    if parallelize and torch.cuda.device_count() < 2:
+        raise RunError(f"--parallelize needs at least two visible GPUs; {torch.cuda.device_count()} found")
 
 
-def config_dir(args: argparse.Namespace) -> str:
-    """The experiment's folder name, as in the paper's code, so sweeps over any flag land side by side."""
-    model_name = Path(args.from_pretrained.rstrip("/")).name
-    parts = [
-        args.dataset, model_name, args.model_type, args.llm, args.subsample, args.label_type, args.alpha,
-        args.max_input_length, effective_batch_size(args), args.optimizer_name, args.lr,
-    ]
-    if args.select_on != "test":
-        parts.append(f"select_{args.select_on}")
-    if getattr(args, "rationales", "first") != "first":  # the paper's choice keeps the paper's folder names
-        parts.append(f"rationales_{args.rationales}")
-    # Runs on other data or scored otherwise than the paper's land apart from the faithful ones.
-    if getattr(args, "fixed_valid", False):
-        parts.append("fixed_valid")
-    if getattr(args, "tolerant_equations", False):
-        parts.append("tolerant_equations")
-    if getattr(args, "chat_template", False):
-        parts.append("chat_template")
-    if getattr(args, "lora_r", None):
-        parts.append(lora_name(args))
-    return "/".join(str(part) for part in parts)
-
-
-def run_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(checkpoint folder, TensorBoard folder) of this run: <out>/ckpts/<config>/<run>, <out>/logs/<config>/<run>."""
-    base = Path(args.output_dir)
-    config = config_dir(args)
-    return base / "ckpts" / config / str(args.run), base / "logs" / config / str(args.run)
-
-
-def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone: Callable[[], None]) -> None:
+def prepare_run_dirs(output: OutputConfig, ckpt_dir: Path, log_dir: Path, is_main: bool,
+                     wait_for_everyone: Callable[[], None]) -> None:
     """Refuse to touch earlier results unless --resume (continue them) or --overwrite (replace them).
 
     With several processes, every one looks before any writes, so all give the same answer and none is left
     waiting on a process that stopped; the main process deletes, and nobody writes until it is done.
     """
-    ckpt_dir, log_dir = run_dirs(args)
     existing = [d for d in (ckpt_dir, log_dir) if d.exists() and any(d.iterdir())]
     if existing and attempt_left_nothing(ckpt_dir):
         if is_main:
@@ -111,12 +108,12 @@ def prepare_run_dirs(args: argparse.Namespace, is_main: bool, wait_for_everyone:
                   f"resume: starting afresh{logs}", file=sys.stderr)
         existing = []
     wait_for_everyone()
-    if existing and not (args.resume or args.overwrite):
+    if existing and not (output.resume or output.overwrite):
         raise RunError(
             f"results already exist in {existing[0]}; pass --resume to continue that run, --overwrite to replace "
             "it, or change --run/--output_dir"
         )
-    if existing and args.overwrite and is_main:
+    if existing and output.overwrite and is_main:
         for d in existing:
             shutil.rmtree(d)
     wait_for_everyone()
@@ -239,7 +236,7 @@ def optimizer(name: str) -> str:
     return "adamw_torch" if name == "AdamW" and not enabled("fused_adamw") else OPTIMIZERS[name]
 
 
-def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) -> Seq2SeqTrainingArguments:
+def training_arguments(training: TrainingConfig, ckpt_dir: Path, log_dir: Path) -> Seq2SeqTrainingArguments:
     """The paper's trainer settings on today's API (eval_strategy, report_to, use_cpu).
 
     Made before the student is loaded: in a launched run this sets up the process group, so that FSDP reads the
@@ -249,34 +246,34 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
         disabled_speedups()
     except ValueError as e:
         raise RunError(str(e)) from None
-    report_to = ["none"] if args.no_log else args.report_to
+    report_to = ["none"] if training.no_log else list(training.report_to)
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
     return Seq2SeqTrainingArguments(
         output_dir=str(ckpt_dir),
         remove_unused_columns=False,
         eval_strategy="steps",
-        eval_steps=args.eval_steps,
+        eval_steps=training.eval_steps,
         save_strategy="steps",
-        save_steps=args.eval_steps,
-        save_total_limit=args.save_total_limit,
+        save_steps=training.eval_steps,
+        save_total_limit=training.save_total_limit,
         load_best_model_at_end=True,
-        metric_for_best_model=f"eval_{args.select_on}_accuracy",
+        metric_for_best_model=f"eval_{training.select_on}_accuracy",
         greater_is_better=True,
         logging_strategy="steps",
-        logging_steps=max(1, min(50, args.eval_steps)),
-        learning_rate=args.lr,
-        optim=optimizer(args.optimizer_name),
+        logging_steps=max(1, min(50, training.eval_steps)),
+        learning_rate=training.lr,
+        optim=optimizer(training.optimizer_name),
         # TF32 matmuls on Ampere and newer GPUs only (10 mantissa bits inside fp32 matmuls); None leaves torch's default.
         tf32=True if is_torch_tf32_available() else None,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size
-        or eval_batch_factor(EVAL_BATCH_FACTOR, on_gpu=torch.cuda.is_available()) * args.batch_size,
-        gradient_accumulation_steps=args.grad_steps,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.eval_batch_size
+        or eval_batch_factor(EVAL_BATCH_FACTOR, on_gpu=torch.cuda.is_available()) * training.batch_size,
+        gradient_accumulation_steps=training.grad_steps,
         predict_with_generate=True,
-        seed=args.run,
-        bf16=args.bf16,
+        seed=training.seed,
+        bf16=training.bf16,
         report_to=report_to,
         # How W&B and MLflow name the run: by its checkpoint folder, which holds the configuration and seed.
         run_name=str(ckpt_dir),
@@ -284,8 +281,8 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without CUDA a launched process would otherwise run alone (the Trainer only goes multi-CPU when told).
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        deepspeed=args.deepspeed,
-        activation_checkpointing=getattr(args, "gradient_checkpointing", False),
+        deepspeed=training.deepspeed,
+        activation_checkpointing=training.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         # Both views use every weight; looking for unused ones costs DDP an extra graph walk per step.
         ddp_find_unused_parameters=False,
@@ -293,34 +290,34 @@ def training_arguments(args: argparse.Namespace, ckpt_dir: Path, log_dir: Path) 
 
 
 def build_trainer(
-    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str
+    training: TrainingConfig, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict,
+    metric: str, trainer_class: type[TaskPrefixTrainer] = TaskPrefixTrainer,
 ):
-    """The task-prefix Seq2SeqTrainer of the paper, scoring test (and valid) by generation."""
+    """The task-prefix Seq2SeqTrainer of the paper, scoring test (and valid) by generation; trainer_class: a
+    subclass of TaskPrefixTrainer for another evaluation step (the benchmark's reference)."""
     evaluator = Evaluator(tokenizer, metric)
     recorder = RunRecorder(evaluator)
-    eval_splits = ("valid", "test") if args.select_on == "valid" else ("test",)
+    eval_splits = ("valid", "test") if training.select_on == "valid" else ("test",)
     # Longest rows first: batches of similar length pad less, and an out-of-memory shows at the first batch.
     eval_sets = {split: sort_by_length(tokenized[split]) for split in eval_splits}
     family = family_of(model.config)
     speed_up_student(model)
     if training_args.device.type == "cpu":
         tune_cpu_allocator()
-    trainer = TaskPrefixTrainer(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=tokenized["train"],
         eval_dataset=eval_sets,
-        data_collator=family.make_collator(tokenizer, args.model_type),
+        data_collator=family.make_collator(tokenizer, training.model_type),
         processing_class=tokenizer,
         compute_metrics=evaluator,
         callbacks=[recorder],
-        alpha=args.alpha,
-        gen_max_len=args.gen_max_len,
-        output_rationale=args.output_rationale,
+        alpha=training.alpha,
+        gen_max_len=training.gen_max_len,
+        output_rationale=training.output_rationale,
         family=family,
     )
-    if training_args.report_to:
-        track_run(trainer, vars(args), lambda log_history: paper_metrics(log_history, args.select_on))
     return trainer, recorder
 
 
@@ -335,29 +332,30 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in names}}
 
 
-def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRecorder, test: Dataset, extra: dict,
-                  loaded_step: int | None = None) -> dict:
+def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_history: list[dict],
+                  recorder: RunRecorder, test: Dataset, extra: dict, loaded_step: int | None = None) -> dict:
     """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run.
     loaded_step: the step of the selected model where it is not the protocol's pick (whose checkpoint was
     unreadable)."""
+    select_on = config.training.select_on
     evaluations = evaluations_from_history(log_history)
     for entry in evaluations:
         generated = recorder.predictions.get(entry["step"], {})
         if "rationale" in generated:
             entry["rationale_samples"] = generated["rationale"][:RATIONALE_SAMPLES]
-    selected = select_evaluation(evaluations, args.select_on)
+    selected = select_evaluation(evaluations, select_on)
     if loaded_step is not None:
         selected = next(e for e in evaluations if e["step"] == loaded_step)
     test_scores = [e["test_accuracy"] for e in evaluations if "test_accuracy" in e]
     record = {
-        "config": vars(args),
-        "config_dir": config_dir(args),
-        "effective_batch_size": effective_batch_size(args),
+        "config": config.flags(),
+        "config_dir": config.config_dir(data_parallel),
+        "effective_batch_size": config.training.effective_batch_size(data_parallel),
         "versions": library_versions(),
         "selection": {
-            "select_on": args.select_on,
+            "select_on": select_on,
             "protocol": "best test accuracy during training (the paper's protocol)"
-            if args.select_on == "test"
+            if select_on == "test"
             else "checkpoint with the best valid accuracy; test accuracy reported at that checkpoint",
             "step": selected["step"] if selected else None,
         },
@@ -368,7 +366,7 @@ def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRe
         **extra,
     }
     chosen = recorder.predictions.get(selected["step"]) if selected else None
-    if args.output_rationale and chosen:
+    if config.training.output_rationale and chosen:
         rows = []
         # strict: the gathered predictions must be the test split exactly once each, in its order.
         for i, (text, gold, pred) in enumerate(zip(test["input"], test["label"], chosen["pred"], strict=True)):
@@ -383,12 +381,12 @@ def write_records(args, ckpt_dir: Path, log_history: list[dict], recorder: RunRe
     return record
 
 
-def check_parallelism(args: argparse.Namespace, trainer: TaskPrefixTrainer) -> None:
+def check_parallelism(effective_batch_size: int, trainer: TaskPrefixTrainer) -> None:
     """Stop, before any folder is touched, where the trainer would not train as the run folder name says."""
     used = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size
-    if used != effective_batch_size(args):
+    if used != effective_batch_size:
         raise RunError(f"the trainer's effective batch size is {used}, the run folder says "
-                       f"{effective_batch_size(args)}: launch several processes with torchrun or accelerate launch")
+                       f"{effective_batch_size}: launch several processes with torchrun or accelerate launch")
     # accelerate silently falls back to unsharded data parallel where it cannot run FSDP.
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
         raise RunError("the accelerate config asks for FSDP, which accelerate runs only on GPUs and none is visible: "
@@ -396,22 +394,26 @@ def check_parallelism(args: argparse.Namespace, trainer: TaskPrefixTrainer) -> N
 
 
 def train_and_evaluate(
-    args, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict, metric: str,
-    record_extra: dict | None = None,
-    guard: FaultGuard | None = None,
+    config: RunConfig, data_parallel: int, training_args: Seq2SeqTrainingArguments, model, tokenizer,
+    tokenized: DatasetDict, metric: str, record_extra: dict | None = None, guard: FaultGuard | None = None,
 ) -> dict | None:
     """Train with periodic evaluation and checkpoints; save the selected model; return the run record (with
     record_extra's entries, such as the teacher audit).
 
     --resume continues from the newest complete checkpoint; guard (a recovery.FaultGuard) watches training."""
-    ckpt_dir, _ = run_dirs(args)
-    trainer, recorder = build_trainer(args, training_args, model, tokenizer, tokenized, metric)
+    ckpt_dir, log_dir = config.run_dirs(data_parallel)
+    effective_batch_size = config.training.effective_batch_size(data_parallel)
+    trainer, recorder = build_trainer(config.training, training_args, model, tokenizer, tokenized, metric)
+    if training_args.report_to:
+        select_on = config.training.select_on
+        track_run(trainer, config.flags(), lambda log_history: paper_metrics(log_history, select_on))
     student = student_record(model)  # before save_best, which merges LoRA adapters into the model
-    check_parallelism(args, trainer)
-    prepare_run_dirs(args, trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone)
+    check_parallelism(effective_batch_size, trainer)
+    prepare_run_dirs(config.output, ckpt_dir, log_dir, trainer.is_world_process_zero(),
+                     trainer.accelerator.wait_for_everyone)
     if trainer.is_world_process_zero():
-        record_run_args(args, ckpt_dir)
-    resume = resume_checkpoint(ckpt_dir, say=trainer.is_world_process_zero()) if args.resume else None
+        record_run_args(config.flags(), ckpt_dir)
+    resume = resume_checkpoint(ckpt_dir, say=trainer.is_world_process_zero()) if config.output.resume else None
     if guard is not None:
         trainer.add_callback(guard)
     start = time.time()
@@ -425,7 +427,7 @@ def train_and_evaluate(
         return None
     extra = {
         "wall_time_s": wall_time,
-        "train_examples_per_s": recorder.train_steps * effective_batch_size(args) / max(recorder.train_seconds, 1e-9),
+        "train_examples_per_s": recorder.train_steps * effective_batch_size / max(recorder.train_seconds, 1e-9),
         "peak_memory_bytes": peak_memory_bytes(),
         "best_model_dir": str(ckpt_dir / "best"),
         "resumed": bool(resume),
@@ -439,4 +441,185 @@ def train_and_evaluate(
         extra["unreadable_best_checkpoints"] = trainer.unreadable_best
         loaded_step = trainer.state.best_global_step
     test = trainer.eval_dataset["test"]
-    return write_records(args, ckpt_dir, trainer.state.log_history, recorder, test, extra, loaded_step)
+    return write_records(config, data_parallel, ckpt_dir, trainer.state.log_history, recorder, test, extra,
+                         loaded_step)
+
+
+# ---- the run's data ----
+
+
+def ensure_data(data: DataConfig) -> None:
+    """A missing data folder is fetched (or offered) before any model loads, so a first run learns of it at once."""
+    if not Path(data.data_dir).is_dir() and DATASETS[data.dataset].from_paper:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DataError(f"data folder {data.data_dir} not found: download {DATA_URL} and unzip it there before "
+                            "launching several processes (they must not all fetch it at once)")
+        fetch_data(data.data_url, Path(data.data_dir), ask=not data.download, dataset=data.dataset)
+
+
+def metric_name(data: DataConfig) -> str:
+    """The METRICS entry that scores this dataset (or --custom_metric), tolerant with --tolerant_equations."""
+    name = data.custom_metric or DATASETS[data.dataset].metric
+    return "equation_tolerant" if name == "equation" and data.tolerant_equations else name
+
+
+def uses_samples(data: DataConfig) -> bool:
+    """Whether every teacher sample is loaded: to choose among them, or for the teacher audit of --label_type llm."""
+    return data.llm not in ("none", "dataset") and (data.rationales != "first" or data.label_type == "llm")
+
+
+def teacher_audits(data: DataConfig, splits) -> dict[str, dict]:
+    """The teacher audit (rationales.audit) of train, as subsampled, and of test."""
+    classes = DATASETS[data.dataset].classes
+    return {name: audit(splits[name]["llm_labels"], splits[name]["label"], metric_name(data), classes)
+            for name in ("train", "test")}
+
+
+def prepare_splits(data: DataConfig, seed: int, eos: str, keep_valid: bool = False,
+                   record: dict | None = None) -> DatasetDict:
+    """The paper's data pipeline: load, subsample (seeded), carve valid, then swap in teacher labels if asked.
+    With --rationales other than first, train gets the `rationales` chosen per input (rationales.py). valid is kept
+    only with keep_valid (it selects the checkpoint, or is dumped). `record`, if given, receives what results.json
+    keeps of this: the teacher audit and the kept counts."""
+    record = {} if record is None else record
+    splits = load_data(data.dataset, data.data_dir, llm=data.llm, eos=eos, fraction=data.subsample, seed=seed,
+                       fixed_valid=data.fixed_valid, samples=uses_samples(data))
+    if data.label_type == "llm":
+        record["teacher_audit"] = teacher_audits(data, splits)
+        if is_main_process():
+            score = METRICS[metric_name(data)]
+            print(f"LLM Train Acc: {score(list(splits['train']['llm_label']), list(splits['train']['label'])):.4f}")
+            print(f"LLM Test Acc: {score(list(splits['test']['llm_label']), list(splits['test']['label'])):.4f}")
+            for name, split_audit in record["teacher_audit"].items():
+                print(describe_audit(name, split_audit))
+    if data.rationales != "first":
+        splits["train"] = choose_rationales(splits["train"], data.rationales, metric_name(data))
+        record["rationale_counts"] = kept_counts(splits["train"], data.rationales)
+        if is_main_process():
+            print(describe_counts(record["rationale_counts"]))
+    if uses_samples(data):  # what is kept of the samples is in `rationales` and `llm_label` now
+        for name in splits:
+            splits[name] = splits[name].remove_columns(["llm_rationales", "llm_labels"])
+    if data.label_type == "llm":
+        splits["train"] = splits["train"].remove_columns("label").rename_column("llm_label", "label")
+    if data.llm != "none":
+        for name in splits:
+            splits[name] = splits[name].rename_column("llm_rationale", "rationale")
+    # Only what is evaluated gets tokenised.
+    if not keep_valid:
+        del splits["valid"]
+    if data.max_eval_samples:
+        for name in splits.keys() - {"train"}:
+            splits[name] = splits[name].select(range(min(data.max_eval_samples, len(splits[name]))))
+    return splits
+
+
+def run_splits(config: RunConfig, eos: str, record: dict | None = None) -> DatasetDict:
+    """prepare_splits as this run needs them: valid kept where it selects the checkpoint or is dumped."""
+    keep_valid = config.training.select_on == "valid" or config.output.dump_data is not None
+    return prepare_splits(config.data, config.training.seed, eos, keep_valid, record)
+
+
+def dump_data(config: RunConfig) -> None:
+    """--dump_data: the prepared rows and their token ids, from the tokenizer alone (no model weights are read)."""
+    from transformers import AutoTokenizer
+
+    path, name = Path(config.output.dump_data), config.student.from_pretrained
+    if path.exists():
+        raise RunError(f"--dump_data {path} already exists: remove it or choose another file")
+    if not path.parent.is_dir():
+        raise RunError(f"--dump_data {path}: folder {path.parent} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise RunError(f"could not load the tokenizer of --from_pretrained {name!r} ({first_line(e)}); "
+                       "pass a local directory holding it, or a reachable hub id") from None
+    splits = run_splits(config, tokenizer.eos_token)
+    model_type = config.training.model_type
+    tokenized = tokenize_seq2seq(splits, tokenizer, model_type, config.training.max_input_length)
+    count = write_prepared_rows(path, splits, tokenized, model_type)
+    print(f"wrote {count} rows ({', '.join(f'{name} {len(split)}' for name, split in splits.items())}) to {path}")
+
+
+def warn_of_a_batch_beyond_the_split(batch_size: int, rows: int) -> None:
+    """A batch larger than the training split is the whole split at every step: memory for all of its rows at once,
+    which a mistyped --batch_size makes a kernel kill rather than a run."""
+    if batch_size > rows:
+        print(f"warning: --batch_size {batch_size} is larger than the training split ({rows} rows): every step trains "
+              f"on all {rows} rows at once; choose a --batch_size of at most {rows} to train on batches",
+              file=sys.stderr)
+
+
+# ---- the run ----
+
+
+def train(config: RunConfig) -> int:
+    """The whole run, as its folder's only writer: check, load, prepare the data, train, record; the exit status,
+    with a user's mistake or an interruption said in one line."""
+    data_parallel = data_parallel_size(config.student.parallelize)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        with run_folder(*config.run_dirs(data_parallel), is_main_process(), share_refusal=launched) as refusal:
+            return train_in_folder(config, data_parallel, refusal)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+
+
+def train_in_folder(config: RunConfig, data_parallel: int, refusal: str | None = None) -> int:
+    """train's steps inside the locked run folder; refusal: rank 0's refusal of the run folder in a launched run,
+    raised in every process as soon as they have all joined (recovery.stop_together)."""
+    training = config.training
+    try:
+        if config.output.dump_data:
+            dump_data(config)
+            return 0
+        check_devices(config)
+        ckpt_dir, log_dir = config.run_dirs(data_parallel)
+        if config.output.resume and (ckpt_dir / "results.json").is_file():
+            if is_main_process():
+                print(f"run already finished: see {ckpt_dir / 'results.json'}")
+            return 0
+        if config.output.resume:
+            check_same_run(config.flags(), ckpt_dir)
+        ensure_data(config.data)
+        # Before the student: a launched run's process group and a ZeRO-3 config must exist when weights load.
+        training_args = training_arguments(training, ckpt_dir, log_dir)
+        stop_together(refusal)
+        family, tokenizer, model = load_student(config.student, training.seed)
+        if is_main_process():
+            trainable, total = parameter_counts(model)
+            print(f"student {model.config.model_type} ({family.name}): {trainable:,} of {total:,} parameters trainable")
+        rationales = config.data.rationales
+        if rationales != "first" and family.prompt_in_output:
+            raise RunError(f"--rationales {rationales} is implemented for encoder-decoder students only; "
+                           "use --rationales first with a decoder-only student")
+        record_extra: dict = {}
+        splits = run_splits(config, family.segment_joiner(tokenizer), record_extra)
+        output = config.output
+        cache_dir = None if output.no_cache else Path(output.cache_dir) if output.cache_dir else default_cache_dir()
+        tokenized = cached_tokenize(cache_dir, family.tokenize, splits, tokenizer, training.model_type,
+                                    training.max_input_length, config.student.chat_template,
+                                    write=is_main_process())
+        if is_main_process():
+            warn_of_a_batch_beyond_the_split(training.batch_size, len(tokenized["train"]))
+        if rationales != "first" and training.model_type == "task_prefix":
+            tokenized["train"] = tokenize_kept_rationales(
+                tokenized["train"], splits["train"]["rationales"], original_t5_pretokenization(tokenizer),
+                MAX_TARGET_LENGTH,
+            )
+        guard = FaultGuard()
+        with faults_explained(guard, ckpt_dir, model):
+            record = train_and_evaluate(config, data_parallel, training_args, model, tokenizer, tokenized,
+                                        metric_name(config.data), record_extra, guard)
+    except (DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if record is not None:
+        print(f"best test accuracy {record['best_test_accuracy']:.4f}; "
+              f"selected ({training.select_on}) test accuracy {record['selected_test_accuracy']:.4f}; "
+              f"results in {ckpt_dir / 'results.json'}")
+    return 0

@@ -5,11 +5,11 @@
 
 Per mode (task_prefix, standard) it trains the same batches from the same initial weights along two paths:
 
-- optimized: train_utils.build_trainer exactly as run.py uses it (TaskPrefixTrainer with fast_loss.grouped_loss, the
-  fused GELU, OneDNNLinear and CPUDropout modules, fused AdamW);
-- two_pass: that same trainer set back to the paper's formulation: two full forward passes per step, each view
-  padded on its own (model_utils.one_pass_per_view), the stock T5 modules and SDPA attention, and the foreach AdamW
-  kernel (the project before these optimisations).
+- optimized: train_utils.build_trainer exactly as run.py uses it (TaskPrefixTrainer with fast_loss.grouped_loss, the fused
+  GELU, OneDNNLinear and CPUDropout modules, fused AdamW);
+- two_pass: the same build_trainer with every speed-up switched off (DSS_DISABLE_SPEEDUPS=all while it is built and
+  runs): the paper's formulation, two full forward passes per step, each view padded on its own
+  (model_utils.one_pass_per_view), the stock T5 modules and SDPA attention, and the foreach AdamW kernel.
 
 Each round trains both paths once, alternating which goes first (ABBA), so load drifting on a shared machine hits
 both alike; speed-ups are ratios within a round (wall clock, and process CPU time, which shared cores disturb
@@ -54,7 +54,8 @@ import statistics
 import sys
 import tempfile
 import time
-import types
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root, where run.py and the library live
@@ -287,31 +288,39 @@ def step_clock():
 # ---- the two formulations ----
 
 
-def reference_prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-    """The paper's evaluation step: a loss forward pass (which accuracy does not need), then generation."""
+@contextmanager
+def formulation(reference: bool):
+    """While a path's trainer is built and runs: for the reference, every speed-up switched off (the switches that
+    speedups.py and train_utils read at build and at run time); the optimized path keeps the switches as set."""
+    from speedups import DISABLE_VARIABLE
+
+    previous = os.environ.get(DISABLE_VARIABLE)
+    if reference:
+        os.environ[DISABLE_VARIABLE] = "all"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(DISABLE_VARIABLE, None)
+        else:
+            os.environ[DISABLE_VARIABLE] = previous
+
+
+def paper_evaluation_trainer():
+    """TaskPrefixTrainer with the paper's evaluation step: a loss forward pass (which accuracy does not need), then
+    generation."""
     import torch
 
     from model_utils import TaskPrefixTrainer
 
-    with torch.no_grad():
-        loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()  # use_fast_loss off: two passes
-    _, predictions, labels = TaskPrefixTrainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
-    return loss, predictions, labels
+    class PaperEvaluationTrainer(TaskPrefixTrainer):
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+            with torch.no_grad():
+                loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()  # speed-ups off: two passes
+            _, predictions, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            return loss, predictions, labels
 
-
-def set_reference(trainer):
-    """Turn a trainer from build_trainer into the paper's formulation: two passes, stock modules, foreach AdamW."""
-    from transformers.training_args import OptimizerNames
-
-    from speedups import speed_up_student
-
-    speed_up_student(trainer.model, enable=False)
-    trainer.use_fast_loss = False  # compute_loss then takes one full pass per view
-    trainer.prediction_step = types.MethodType(reference_prediction_step, trainer)
-    if trainer.args.optim == OptimizerNames.ADAMW_TORCH_FUSED:
-        trainer.args.optim = OptimizerNames.ADAMW_TORCH
-    trainer.args.per_device_eval_batch_size = trainer.args.per_device_train_batch_size
-    return trainer
+    return PaperEvaluationTrainer
 
 
 # ---- the benchmark ----
@@ -335,9 +344,10 @@ class Bench:
         from transformers import T5Config, T5ForConditionalGeneration
 
         if self.args.from_pretrained:
-            import run
+            from config import StudentConfig
+            from students import load_student
 
-            _, model = run.load_student(argparse.Namespace(from_pretrained=self.args.from_pretrained, parallelize=False))
+            _, _, model = load_student(StudentConfig(from_pretrained=self.args.from_pretrained), self.args.seed)
             return model
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(self.args.seed)
@@ -353,11 +363,21 @@ class Bench:
         torch.random.set_rng_state(generator_state)
         return model
 
-    def run_args(self, mode: str) -> argparse.Namespace:
-        """run.py's own flags and defaults for this mode (alpha, learning rate, optimizer, ...)."""
-        import run
+    def run_config(self, mode: str):
+        """The configuration run.py gets from run_argv: its defaults (alpha, learning rate, optimizer, ...) and the
+        benchmark's sizes."""
+        from config import DataConfig, RunConfig, StudentConfig, TrainingConfig
 
-        return run.parse_args(self.run_argv(mode))
+        a = self.args
+        return RunConfig(
+            data=DataConfig(dataset=a.dataset, data_dir=a.data_dir, llm="palm" if mode == "task_prefix" else "none"),
+            student=StudentConfig(from_pretrained=a.from_pretrained or f"random-{a.random_init}"),
+            training=TrainingConfig(
+                model_type=mode, seed=a.seed, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
+                max_input_length=a.max_input_length, max_steps=a.warmup + a.steps, eval_steps=10**9,
+                gen_max_len=a.gen_max_len, bf16=a.bf16, report_to=("none",), no_log=True,
+            ),
+        )
 
     def run_argv(self, mode: str, from_pretrained: str | None = None) -> list[str]:
         a = self.args
@@ -388,25 +408,32 @@ class Bench:
         imports = child_peak_rss("import run, train_utils, model_utils, speedups, data_utils, metrics")
         return {"run_py_peak_rss_bytes": peak, "import_rss_bytes": imports, "working_bytes": peak - imports}
 
-    def trainer(self, mode: str, run_args, tokenized, reference: bool):
+    def trainer(self, mode: str, training, tokenized, reference: bool):
+        """build_trainer as run.py calls it; call it, and use what it gives, within formulation(reference).
+        The reference evaluates in batches of --batch_size, with the paper's evaluation step."""
         from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
+        from model_utils import TaskPrefixTrainer
         from train_utils import build_trainer, training_arguments
 
+        if reference:
+            training = replace(training, eval_batch_size=training.batch_size)
         out = Path(self.tmp.name) / mode
-        training_args = training_arguments(run_args, out / "ckpt", out / "log")
-        trainer, _ = build_trainer(run_args, training_args, self.make_model(), self.tokenizer, tokenized,
-                                   "text" if self.args.dataset == "cqa" else "equation")
+        training_args = training_arguments(training, out / "ckpt", out / "log")
         # Training is timed on its own: no evaluation and no checkpoint when it ends (evaluate() is timed apart).
-        trainer.args.eval_strategy, trainer.args.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
-        trainer.args.load_best_model_at_end = False
-        return set_reference(trainer) if reference else trainer
+        training_args.eval_strategy, training_args.save_strategy = IntervalStrategy.NO, SaveStrategy.NO
+        training_args.load_best_model_at_end = False
+        trainer, _ = build_trainer(training, training_args, self.make_model(), self.tokenizer, tokenized,
+                                   "text" if self.args.dataset == "cqa" else "equation",
+                                   trainer_class=paper_evaluation_trainer() if reference else TaskPrefixTrainer)
+        return trainer
 
-    def check_loss(self, mode, run_args, tokenized) -> dict:
+    def check_loss(self, mode, training, tokenized) -> dict:
         """Both formulations on one training batch, from the same weights, without dropout, in fp32."""
         torch = self.torch
-        optimized = self.trainer(mode, run_args, tokenized, reference=False)
-        reference = self.trainer(mode, run_args, tokenized, reference=True)
+        optimized = self.trainer(mode, training, tokenized, reference=False)
+        with formulation(reference=True):
+            reference = self.trainer(mode, training, tokenized, reference=True)
         batch = optimized._prepare_inputs(next(iter(optimized.get_train_dataloader())))
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -414,8 +441,9 @@ class Bench:
             results = {}
             for name, trainer in (("two_pass", reference), ("optimized", optimized)):
                 model = trainer.model.to(optimized.args.device).eval()
-                loss = trainer.compute_loss(model, batch)
-                loss.backward()
+                with formulation(reference=name == "two_pass"):
+                    loss = trainer.compute_loss(model, batch)
+                    loss.backward()
                 grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
                 results[name] = (loss.item(), grad)
         finally:
@@ -429,17 +457,18 @@ class Bench:
                 "equal": rel <= LOSS_RTOL, "rtol": LOSS_RTOL,
                 "note": "one training batch, same initial weights, dropout off, fp32 (TF32 off)"}
 
-    def train_once(self, mode, run_args, tokenized, reference: bool) -> dict:
+    def train_once(self, mode, training, tokenized, reference: bool) -> dict:
         a = self.args
-        trainer = self.trainer(mode, run_args, tokenized, reference)
-        counter = CountingCollator(trainer.data_collator, trainer.model.config)
-        trainer.data_collator = counter
-        clock = step_clock()
-        trainer.add_callback(clock)
-        reset_peak_memory()
-        resident = proc_status_bytes("VmRSS")
-        output = trainer.train()
-        memory = peak_memory()
+        with formulation(reference):
+            trainer = self.trainer(mode, training, tokenized, reference)
+            counter = CountingCollator(trainer.data_collator, trainer.model.config)
+            trainer.data_collator = counter
+            clock = step_clock()
+            trainer.add_callback(clock)
+            reset_peak_memory()
+            resident = proc_status_bytes("VmRSS")
+            output = trainer.train()
+            memory = peak_memory()
         marks, batches = clock.marks, counter.batches[a.warmup : a.warmup + a.steps]
         (wall0, cpu0), (wall1, cpu1) = marks[a.warmup], marks[a.warmup + a.steps]
         step_times = [marks[i + 1][0] - marks[i][0] for i in range(a.warmup, a.warmup + a.steps)]
@@ -463,15 +492,17 @@ class Bench:
         release_memory()
         return result
 
-    def evaluate(self, mode, run_args, tokenized, reference: bool) -> dict:
-        trainer = self.trainer(mode, run_args, tokenized, reference)
-        # The optimized path evaluates the test split sorted by length (build_trainer); the paper, in dataset order.
-        test = tokenized["test"] if reference else trainer.eval_dataset["test"]
-        reset_peak_memory()
-        start = time.perf_counter()
-        metrics = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
-        synchronize()
-        seconds = time.perf_counter() - start
+    def evaluate(self, mode, training, tokenized, reference: bool) -> dict:
+        with formulation(reference):
+            trainer = self.trainer(mode, training, tokenized, reference)
+            # The optimized path evaluates the test split sorted by length (build_trainer); the paper, in dataset
+            # order.
+            test = tokenized["test"] if reference else trainer.eval_dataset["test"]
+            reset_peak_memory()
+            start = time.perf_counter()
+            metrics = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")
+            synchronize()
+            seconds = time.perf_counter() - start
         result = {"rows": len(test), "batch_size": trainer.args.per_device_eval_batch_size, "seconds": seconds,
                   "rows_per_s": len(test) / seconds, "accuracy": metrics.get("test_accuracy"), **peak_memory()}
         del trainer
@@ -479,19 +510,20 @@ class Bench:
         return result
 
     def mode(self, mode: str) -> dict:
-        import run
+        from train_utils import prepare_splits
         from views import tokenize_seq2seq
 
         a = self.args
-        run_args = self.run_args(mode)
-        splits = run.prepare_splits(run_args, self.tokenizer.eos_token)
+        config = self.run_config(mode)
+        training = config.training
+        splits = prepare_splits(config.data, training.seed, self.tokenizer.eos_token)
         if a.eval_rows:
             splits["test"] = splits["test"].select(range(min(a.eval_rows, len(splits["test"]))))
         tokenized = tokenize_seq2seq(splits, self.tokenizer, mode, a.max_input_length)
-        report = {"step0_loss": self.check_loss(mode, run_args, tokenized), "rounds": []}
+        report = {"step0_loss": self.check_loss(mode, training, tokenized), "rounds": []}
         for r in range(a.rounds):
             order = ("optimized", "two_pass") if r % 2 == 0 else ("two_pass", "optimized")
-            runs = {name: self.train_once(mode, run_args, tokenized, name == "two_pass") for name in order}
+            runs = {name: self.train_once(mode, training, tokenized, name == "two_pass") for name in order}
             runs["speedup"] = runs["optimized"]["examples_per_s"] / runs["two_pass"]["examples_per_s"]
             runs["cpu_speedup"] = runs["two_pass"]["cpu_s_per_step"] / runs["optimized"]["cpu_s_per_step"]
             report["rounds"].append(runs)
@@ -503,11 +535,11 @@ class Bench:
         if a.process_memory and self.device == "cpu":
             report["process_memory"] = self.process_memory(mode)
         if a.eval:
-            report["eval"] = {"optimized": self.evaluate(mode, run_args, tokenized, reference=False)}
+            report["eval"] = {"optimized": self.evaluate(mode, training, tokenized, reference=False)}
             if a.eval_reference:
-                report["eval"]["two_pass"] = self.evaluate(mode, run_args, tokenized, reference=True)
+                report["eval"]["two_pass"] = self.evaluate(mode, training, tokenized, reference=True)
                 if report["eval"]["optimized"]["batch_size"] != a.batch_size:  # also at the paper's batch size
-                    same_batch = argparse.Namespace(**{**vars(run_args), "eval_batch_size": a.batch_size})
+                    same_batch = replace(training, eval_batch_size=a.batch_size)
                     report["eval"]["same_batch"] = self.evaluate(mode, same_batch, tokenized, reference=False)
                 report["eval"]["speedup"] = report["eval"]["two_pass"]["seconds"] / report["eval"]["optimized"]["seconds"]
         return report

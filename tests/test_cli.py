@@ -68,10 +68,26 @@ def test_unreachable_hub_id_is_one_line(fake_data_dir, tmp_path, capsys, monkeyp
     assert "could not load --from_pretrained 'nobody/no-such-model-xyz'" in err
 
 
+def test_the_configuration_holds_every_flag_as_parsed():
+    from config import RunConfig
+
+    config = run.parse_args(["--dataset", "svamp", "--run", "3", "--lora_r", "4", "--lora_targets", "q", "v",
+                             "--no_log", "--select_on", "valid", "--eval_batch_size", "5"])
+    flags = config.flags()
+    assert RunConfig.from_flags(flags) == config
+    assert flags["run"] == config.training.seed == 3 and config.student.lora.targets == ("q", "v")
+    assert flags["lora_targets"] == ["q", "v"] and flags["report_to"] == ["none"] and flags["eval_batch_size"] == 5
+    assert json.loads(json.dumps(flags)) == flags, "results.json and run_args.json give back what was recorded"
+    assert config.config_dir(data_parallel=2).startswith("svamp/t5-v1_1-base/task_prefix/palm/1.0/gt/0.5/1024/128/")
+    with pytest.raises(ValueError, match="flags without a place in RunConfig: no_such_flag"):
+        RunConfig.from_flags({**flags, "no_such_flag": 1})
+
+
 def test_optimizer_choices_match_the_trainer():
+    from config import OPTIMIZER_NAMES
     from train_utils import OPTIMIZERS
 
-    assert set(run.OPTIMIZER_NAMES) == set(OPTIMIZERS)
+    assert set(OPTIMIZER_NAMES) == set(OPTIMIZERS)
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):

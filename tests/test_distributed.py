@@ -121,17 +121,16 @@ def test_accelerate_launch_two_processes_and_refusals_on_every_rank(tiny_t5, sha
     ],
 )
 def test_effective_batch_counts_every_model_copy(env, parallelize, gpus, expected, monkeypatch):
-    from argparse import Namespace
-
     import train_utils
+    from config import TrainingConfig
 
     for name in ("LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    args = Namespace(batch_size=8, grad_steps=2, parallelize=parallelize)
-    assert train_utils.effective_batch_size(args) == 8 * 2 * expected
+    training = TrainingConfig(batch_size=8, grad_steps=2)
+    assert training.effective_batch_size(train_utils.data_parallel_size(parallelize)) == 8 * 2 * expected
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="--parallelize runs here")

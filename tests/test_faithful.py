@@ -13,8 +13,9 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5ForConditionalGeneration
 
 import run
+from config import DataConfig, RunConfig, StudentConfig, TrainingConfig
 from conftest import SHARED_TOKENIZER
-from train_utils import Evaluator, build_trainer, config_dir, training_arguments
+from train_utils import Evaluator, build_trainer, metric_name, training_arguments
 from views import original_t5_pretokenization, tokenize_seq2seq
 
 
@@ -43,11 +44,11 @@ def test_the_fix_leaves_the_callers_tokenizer_and_other_tokenizers_alone(tiny_t5
     assert original_t5_pretokenization(other) is other
 
 
-def t5_args(**overrides) -> argparse.Namespace:
+def t5_args(**overrides) -> TrainingConfig:
     defaults = dict(no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-                    max_steps=1, batch_size=2, eval_batch_size=None, grad_steps=1, run=0, bf16=False,
+                    max_steps=1, batch_size=2, eval_batch_size=None, grad_steps=1, seed=0, bf16=False,
                     model_type="task_prefix", alpha=0.5, gen_max_len=4, output_rationale=False, deepspeed=None)
-    return argparse.Namespace(**{**defaults, **overrides})
+    return TrainingConfig(**{**defaults, **overrides})
 
 
 def test_gen_max_len_counts_the_start_token_and_golds_are_not_cut(tiny_t5, tmp_path):
@@ -93,13 +94,18 @@ def test_flag_mistakes_are_one_line(flags, message, capsys):
 
 
 def test_opt_outs_have_run_folders_of_their_own():
-    base = dict(dataset="svamp", from_pretrained="t5", model_type="task_prefix", llm="palm", subsample=0.5,
-                label_type="gt", alpha=0.5, max_input_length=1024, batch_size=64, grad_steps=1, optimizer_name="AdamW",
-                lr=5e-5, select_on="test", parallelize=False)
-    faithful = config_dir(argparse.Namespace(**base, fixed_valid=False, tolerant_equations=False))
-    assert config_dir(argparse.Namespace(**base, fixed_valid=True, tolerant_equations=True)) == \
+    def config_dir(**data) -> str:
+        return RunConfig(
+            data=DataConfig(dataset="svamp", llm="palm", subsample=0.5, label_type="gt", **data),
+            student=StudentConfig(from_pretrained="t5", parallelize=False),
+            training=TrainingConfig(model_type="task_prefix", alpha=0.5, max_input_length=1024, batch_size=64,
+                                    grad_steps=1, optimizer_name="AdamW", lr=5e-5, select_on="test"),
+        ).config_dir(data_parallel=1)
+
+    faithful = config_dir(fixed_valid=False, tolerant_equations=False)
+    assert config_dir(fixed_valid=True, tolerant_equations=True) == \
         f"{faithful}/fixed_valid/tolerant_equations"
-    assert run.metric_name(run.parse_args(["--dataset", "svamp", "--tolerant_equations"])) == "equation_tolerant"
+    assert metric_name(run.parse_args(["--dataset", "svamp", "--tolerant_equations"]).data) == "equation_tolerant"
 
 
 def svamp_folder(root: Path, rows: int = 20) -> Path:

@@ -1,7 +1,6 @@
 """Training as the original's Trainer (transformers 4.30.2, accelerate 0.20.3) trained: batch order per seed and
 epoch, resumed runs, AdamW's arithmetic, gradient accumulation across epoch ends, and the same run twice."""
 
-import argparse
 import math
 
 import pytest
@@ -12,6 +11,7 @@ from transformers import Adafactor, AutoTokenizer, T5ForConditionalGeneration, T
 
 import speedups
 from faithful_training import OriginalAdamW, OriginalBatchOrder
+from config import TrainingConfig
 from model_utils import TaskPrefixDataCollator, one_pass_per_view
 from train_utils import build_trainer, training_arguments
 from views import tokenize_seq2seq
@@ -114,12 +114,12 @@ def test_adamw_does_the_originals_arithmetic(kernel):
     assert (torch_adamw[0] - expected[0]).abs().max() > 0.05 * moved[0], "the test must tell the two eps apart"
 
 
-def tiny_args(**overrides) -> argparse.Namespace:
+def tiny_args(**overrides) -> TrainingConfig:
     defaults = dict(no_log=True, report_to=["none"], eval_steps=1000, save_total_limit=2, select_on="test", lr=1e-3,
-                    optimizer_name="AdamW", max_steps=2, batch_size=4, eval_batch_size=None, grad_steps=1, run=0,
+                    optimizer_name="AdamW", max_steps=2, batch_size=4, eval_batch_size=None, grad_steps=1, seed=0,
                     bf16=False, model_type="task_prefix", alpha=0.5, gen_max_len=4, output_rationale=False,
                     deepspeed=None)
-    return argparse.Namespace(**{**defaults, **overrides})
+    return TrainingConfig(**{**defaults, **overrides})
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def tiny_trainer(tiny_t5, tiny_rows, folder, dropout: float = 0.0, **overrides):
 
 
 def test_a_resumed_run_trains_on_the_same_batches(tiny_t5, tiny_rows, tmp_path):
-    settings = dict(max_steps=6, grad_steps=2, batch_size=3, eval_steps=4, run=3)  # 4 batches an epoch: 3 epochs
+    settings = dict(max_steps=6, grad_steps=2, batch_size=3, eval_steps=4, seed=3)  # 4 batches an epoch: 3 epochs
     trainer, fed = tiny_trainer(tiny_t5, tiny_rows, tmp_path, **settings)
     trainer.train()
     assert fed == random_sampler_batches(10, 3, seed=3, epochs=3)
@@ -200,7 +200,7 @@ def test_accumulation_averages_micro_batch_gradients_across_an_epoch_end(tiny_t5
 
 
 def losses_and_weights(tiny_t5, tiny_rows, folder, run: int):
-    trainer, _ = tiny_trainer(tiny_t5, tiny_rows, folder, dropout=0.1, max_steps=3, run=run)
+    trainer, _ = tiny_trainer(tiny_t5, tiny_rows, folder, dropout=0.1, max_steps=3, seed=run)
     losses = []
     training_step = trainer.training_step
 

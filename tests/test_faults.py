@@ -365,7 +365,9 @@ def test_ctrl_c_in_the_first_evaluation_leaves_no_empty_folder(tiny_t5, custom_d
 
 
 def test_ctrl_c_while_loading_leaves_nothing(tiny_t5, custom_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(run, "load_student", interrupt)
+    import train_utils
+
+    monkeypatch.setattr(train_utils, "load_student", interrupt)
     out = tmp_path / "out"
     assert run.main(argv(tiny_t5, custom_data, out)) == 130
     assert one_line(capsys.readouterr().err) == "interrupted before training started; nothing was written"
@@ -693,12 +695,13 @@ def test_no_readable_checkpoint_to_select_is_one_line_naming_each(tmp_path):
 def test_under_torchrun_a_refused_run_folder_stops_every_rank_with_its_line(tiny_t5, custom_data, tmp_path):
     from recovery import RunLock
     from test_distributed import torchrun
-    from train_utils import run_dirs
+    from train_utils import data_parallel_size
 
     out = tmp_path / "out"
     flags = argv(tiny_t5, custom_data, out)
     # The folder of two processes with --batch_size 4 is that of one with 8: the same effective batch.
-    ckpt_dir, _ = run_dirs(run.parse_args([*flags, "--batch_size", "8"]))
+    config = run.parse_args([*flags, "--batch_size", "8"])
+    ckpt_dir, _ = config.run_dirs(data_parallel_size(config.student.parallelize))
     ckpt_dir.parent.mkdir(parents=True)
     held = RunLock(ckpt_dir)
     held.acquire()
@@ -721,7 +724,7 @@ def test_a_bare_base_model_is_a_student_only_where_no_head_weights_would_start_a
                                                                                           accepted):
     import transformers
 
-    from students import UnsupportedStudent, load_student
+    from students import UnsupportedStudent, load_pretrained
 
     config = {"GPT2Model": transformers.GPT2Config(vocab_size=600, n_embd=16, n_layer=1, n_head=2),
               "BertModel": transformers.BertConfig(vocab_size=600, hidden_size=16, num_hidden_layers=1,
@@ -730,11 +733,11 @@ def test_a_bare_base_model_is_a_student_only_where_no_head_weights_would_start_a
     for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_t5 / name, tmp_path / name)
     if accepted:  # GPT-2's head is tied to its embeddings: nothing is missing
-        assert load_student(str(tmp_path))[0].name == "causal"
+        assert load_pretrained(str(tmp_path))[0].name == "causal"
     else:  # BERT's prediction head has weights of its own, which a BertModel lacks
         with pytest.raises(UnsupportedStudent, match=r"holds a BertModel \(bert\), without the weights of a "
                                                      r"text-generating head \(cls\.predictions\."):
-            load_student(str(tmp_path))
+            load_pretrained(str(tmp_path))
 
 
 def test_a_best_checkpoint_damaged_during_the_run_is_passed_over_when_the_selected_model_loads(

@@ -18,6 +18,8 @@ import pytest
 import data_utils
 import download
 import run
+import students
+import train_utils
 from conftest import ROOT
 from test_cli import run_cli
 
@@ -49,7 +51,7 @@ def transformers_warnings():
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     for name in ("transformers.modeling_utils", "transformers.trainer"):
-        hf_logging.get_logger(name).removeFilter(run.without_tied_weight_notices)
+        hf_logging.get_logger(name).removeFilter(students.without_tied_weight_notices)
     library = hf_logging.get_logger("transformers")
     library.addHandler(handler)
     yield seen
@@ -57,8 +59,8 @@ def transformers_warnings():
 
 
 def test_fake_data_loads_like_the_paper_data(fake_data_dir, capsys):
-    args = run.parse_args(["--dataset", "cqa", "--data_dir", str(fake_data_dir), "--label_type", "llm"])
-    splits = run.prepare_splits(args, eos="</s>")
+    config = run.parse_args(["--dataset", "cqa", "--data_dir", str(fake_data_dir), "--label_type", "llm"])
+    splits = train_utils.prepare_splits(config.data, config.training.seed, eos="</s>")
     # 5 of the 6 test outputs name the gold choice; valid is 10% of train, drawn with seed 0.
     assert "LLM Test Acc: 0.8333" in capsys.readouterr().out
     assert (len(splits["train"]), len(splits["test"])) == (36, 6)
@@ -86,10 +88,10 @@ def test_end_to_end_run_on_the_fake_data(tiny_t5, fake_data_dir, tmp_path, capsy
 
 
 def test_missing_data_is_found_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    def no_model(args):
+    def no_model(*args):
         raise AssertionError("the model was loaded before the data folder was checked")
 
-    monkeypatch.setattr(run, "load_student", no_model)
+    monkeypatch.setattr(train_utils, "load_student", no_model)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     status, err = run_cli(["--dataset", "cqa", "--from_pretrained", "google/t5-v1_1-base", "--label_type", "llm",
                            "--data_dir", str(tmp_path / "datasets"), "--output_dir", str(tmp_path)], capsys)
@@ -126,11 +128,11 @@ def test_any_http_answer_means_the_hub_is_reachable(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-        assert run.hub_unreachable() is None
+        assert students.hub_unreachable() is None
     finally:
         server.shutdown()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-    assert run.hub_unreachable()
+    assert students.hub_unreachable()
 
 
 def test_unreachable_hub_uses_a_cached_model(tiny_t5, no_hub, capsys):
@@ -139,8 +141,8 @@ def test_unreachable_hub_uses_a_cached_model(tiny_t5, no_hub, capsys):
     shutil.copytree(tiny_t5, repo / "snapshots" / ("0" * 40))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    args = run.parse_args(["--dataset", "cqa", "--from_pretrained", "someone/tiny-t5"])
-    tokenizer, model = run.load_student(args)
+    config = run.parse_args(["--dataset", "cqa", "--from_pretrained", "someone/tiny-t5"])
+    _, tokenizer, model = students.load_student(config.student, config.training.seed)
     assert tokenizer.eos_token == "</s>" and model.config.d_model == 32
     assert "using the cached copy of someone/tiny-t5" in capsys.readouterr().err
 
@@ -165,7 +167,8 @@ def test_untied_head_notice_is_silenced(tiny_t5, transformers_warnings, loader):
     import predict
 
     if loader == "run":
-        run.load_student(run.parse_args(["--dataset", "cqa", "--from_pretrained", str(tiny_t5)]))
+        config = run.parse_args(["--dataset", "cqa", "--from_pretrained", str(tiny_t5)])
+        students.load_student(config.student, config.training.seed)
     else:
         predict.load_model(str(tiny_t5))
     assert transformers_warnings == []
@@ -174,7 +177,7 @@ def test_untied_head_notice_is_silenced(tiny_t5, transformers_warnings, loader):
 def test_only_the_tied_weight_notices_are_dropped(transformers_warnings):
     from transformers.utils import logging as hf_logging
 
-    run.quiet_tied_weight_notices()
+    students.quiet_tied_weight_notices()
     trainer_log = hf_logging.get_logger("transformers.trainer")
     trainer_log.warning("There were missing keys in the checkpoint model loaded: ['encoder.embed_tokens.weight'].")
     trainer_log.warning("There were missing keys in the checkpoint model loaded: ['lm_head.weight', 'shared.weight'].")
@@ -186,7 +189,7 @@ def test_only_the_tied_weight_notices_are_dropped(transformers_warnings):
 
 
 def test_default_download_is_the_papers_repository():
-    assert run.parse_args(["--dataset", "cqa"]).data_url == (
+    assert run.parse_args(["--dataset", "cqa"]).data.data_url == (
         "https://raw.githubusercontent.com/google-research/distilling-step-by-step/refs/heads/main/datasets.zip")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import run
+from train_utils import prepare_splits
 from conftest import ROOT
 
 
@@ -25,8 +26,8 @@ def results(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("dataset, train_acc, test_acc", [("cqa", "0.7431", "0.7723"), ("svamp", "0.7292", "0.7400")])
 def test_teacher_accuracy_as_the_parsing_rules_give_it(shared_data, tmp_path, capsys, dataset, train_acc, test_acc):
-    args = run.parse_args(["--dataset", dataset, "--data_dir", str(shared_data), "--label_type", "llm"])
-    splits = run.prepare_splits(args, eos="</s>")
+    config = run.parse_args(["--dataset", dataset, "--data_dir", str(shared_data), "--label_type", "llm"])
+    splits = prepare_splits(config.data, config.training.seed, eos="</s>")
     out = capsys.readouterr().out
     # train is measured after the seed-0 valid split, as in the paper's code.
     assert f"LLM Train Acc: {train_acc}" in out and f"LLM Test Acc: {test_acc}" in out

@@ -1,6 +1,5 @@
 """The collator's two views and the task-prefix loss, on the tiny T5."""
 
-import argparse
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from model_utils import LABEL_PAD, StandardDataCollator, TaskPrefixDataCollator
+from config import TrainingConfig
 from train_utils import build_trainer, training_arguments
 from views import tokenize_seq2seq
 
@@ -84,9 +84,9 @@ def test_loss_is_alpha_weighted_sum_of_two_separate_passes(tiny_t5, tokenizer, t
     tokenized = tokenize_seq2seq(splits, tokenizer, "task_prefix", 64)
     model = T5ForConditionalGeneration.from_pretrained(tiny_t5)
     model.eval()
-    args = argparse.Namespace(
+    args = TrainingConfig(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, model_type="task_prefix", alpha=alpha,
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False, model_type="task_prefix", alpha=alpha,
         gen_max_len=4, output_rationale=False, deepspeed=None,
     )
     training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")

@@ -15,6 +15,7 @@ import sweep
 from data_utils import BLANK, DATASETS, DataError, load_data
 from rationales import audit, choose, label_match, vote
 from teachers import TeacherError
+from train_utils import run_splits
 
 K = 3
 
@@ -197,13 +198,13 @@ def prepared(data: Path, tiny_t5: Path, *extra: str):
     from rationales import tokenize_kept_rationales
     from views import MAX_TARGET_LENGTH, tokenize_seq2seq
 
-    args = run.parse_args(["--dataset", "custom", "--data_dir", str(data), "--llm", "fake", "--from_pretrained",
-                           str(tiny_t5), *extra])
+    config = run.parse_args(["--dataset", "custom", "--data_dir", str(data), "--llm", "fake", "--from_pretrained",
+                             str(tiny_t5), *extra])
     record = {}
-    splits = run.prepare_splits(args, "</s>", record)
+    splits = run_splits(config, "</s>", record)
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
-    tokenized = tokenize_seq2seq(splits, tokenizer, args.model_type, args.max_input_length)
-    if args.rationales != "first":
+    tokenized = tokenize_seq2seq(splits, tokenizer, config.training.model_type, config.training.max_input_length)
+    if config.data.rationales != "first":
         tokenized["train"] = tokenize_kept_rationales(tokenized["train"], splits["train"]["rationales"], tokenizer,
                                                       MAX_TARGET_LENGTH)
     return splits, record, tokenized["train"], tokenizer
@@ -308,12 +309,12 @@ def test_run_end_to_end_with_sampled_rationales(sampled_data, tiny_t5, tmp_path,
 
 def test_cqa_correct_keeps_the_rationales_whose_label_is_right(shared_data, capsys):
     argv = ["--dataset", "cqa", "--data_dir", str(shared_data), "--rationales", "correct"]
-    first = run.prepare_splits(run.parse_args(argv[:4]), "</s>")
+    first = run_splits(run.parse_args(argv[:4]), "</s>")
     right_rows = sum(a == b for a, b in zip(first["train"]["label"], first["train"]["llm_label"]))
     assert right_rows == 6514 and round(right_rows / len(first["train"]), 4) == 0.7431  # README: LLM Train Acc
     capsys.readouterr()
     record = {}
-    splits = run.prepare_splits(run.parse_args(argv), "</s>", record)
+    splits = run_splits(run.parse_args(argv), "</s>", record)
     assert "--rationales correct: 6514 rationales of 8766 teacher samples kept" in capsys.readouterr().out
     assert record["rationale_counts"]["inputs_with_rationales"] == 6514
     kept = splits["train"]["rationales"]

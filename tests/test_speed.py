@@ -134,15 +134,16 @@ def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
 
 def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5, tokenizer, model, tmp_path,
                                                                          monkeypatch):
-    import argparse
+    from dataclasses import replace
 
+    from config import TrainingConfig
     from train_utils import build_trainer, training_arguments
 
     split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
     tokenized = tokenize_seq2seq(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
-    args = argparse.Namespace(
+    args = TrainingConfig(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, model_type="task_prefix",
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False, model_type="task_prefix",
         alpha=0.4, gen_max_len=4, output_rationale=False, deepspeed=None,
     )
     training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
@@ -152,7 +153,7 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
     assert training_arguments(args, tmp_path / "c", tmp_path / "l").per_device_eval_batch_size == 4 * args.batch_size
     monkeypatch.delenv(speedups.DISABLE_VARIABLE)
     assert speedups.eval_batch_factor(4, on_gpu=True) == 4, "GPUs keep the factor"
-    explicit = argparse.Namespace(**{**vars(args), "eval_batch_size": 5})
+    explicit = replace(args, eval_batch_size=5)
     assert training_arguments(explicit, tmp_path / "ckpt", tmp_path / "log").per_device_eval_batch_size == 5
     trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, "text")
     assert trainer.fast_loss_applies(trainer.model) and type(trainer.model.lm_head) is OneDNNLinear
@@ -337,13 +338,12 @@ def test_each_module_swap_has_its_own_switch(model, monkeypatch):
 
 
 def test_switches_reach_the_trainer_and_a_typo_is_one_clear_error(monkeypatch, tmp_path):
-    import argparse
-
+    from config import TrainingConfig
     from train_utils import RunError, training_arguments
 
-    args = argparse.Namespace(
+    args = TrainingConfig(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, deepspeed=None,
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False, deepspeed=None,
     )
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, "fused_adamw")
     assert training_arguments(args, tmp_path / "ckpt", tmp_path / "log").optim == "adamw_torch"

@@ -1,6 +1,5 @@
 """Any student (students.py): T5-, BART-, GPT-2-, Llama- and Qwen2-shaped tiny random models, fully and with LoRA."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,9 +12,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 import predict
 import run
 import train_utils
+from config import TrainingConfig
 from fast_loss import causal_fast_loss_applies
 from model_utils import LABEL_PAD, CausalViewsCollator, one_pass_per_view
-from students import family_of, load_student
+from students import family_of, load_pretrained
 from train_utils import build_trainer, training_arguments
 from views import SEPARATOR, VIEWS, tokenize_causal
 
@@ -33,17 +33,17 @@ def splits() -> DatasetDict:
     return DatasetDict({"train": split, "test": split})
 
 
-def trainer_args(alpha: float, model_type: str = "task_prefix") -> argparse.Namespace:
-    return argparse.Namespace(
+def trainer_args(alpha: float, model_type: str = "task_prefix") -> TrainingConfig:
+    return TrainingConfig(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, run=0, bf16=False, model_type=model_type,
+        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False, model_type=model_type,
         alpha=alpha, gen_max_len=4, output_rationale=False, deepspeed=None,
     )
 
 
 @pytest.mark.parametrize("kind", FAMILY)
 def test_family_is_read_from_the_config(tiny_students, kind):
-    family, tokenizer, model = load_student(str(tiny_students[kind]))
+    family, tokenizer, model = load_pretrained(str(tiny_students[kind]))
     assert family.name == FAMILY[kind] == family_of(model.config).name
     expected = AutoModelForSeq2SeqLM if family.name == "seq2seq" else AutoModelForCausalLM
     assert type(model) is type(expected.from_pretrained(tiny_students[kind]))
@@ -54,7 +54,7 @@ def test_family_is_read_from_the_config(tiny_students, kind):
 
 def test_decoder_only_views_are_prompt_separator_target_eos(tiny_students):
     tokenizer = AutoTokenizer.from_pretrained(tiny_students["gpt2"])
-    tokenizer.pad_token = tokenizer.eos_token  # as load_student does for GPT-2: pad is EOS
+    tokenizer.pad_token = tokenizer.eos_token  # as load_pretrained does for GPT-2: pad is EOS
     rows = list(tokenize_causal(splits(), tokenizer, "task_prefix", 64)["train"])
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
@@ -109,7 +109,7 @@ def hand_loss(model, batch: dict, view: str) -> torch.Tensor:
 @pytest.mark.parametrize("kind", FAMILY)
 def test_loss_equals_the_hand_computed_reference(tiny_students, tmp_path, kind):
     alpha = 0.2
-    family, tokenizer, model = load_student(str(tiny_students[kind]))
+    family, tokenizer, model = load_pretrained(str(tiny_students[kind]))
     model.eval()
     tokenized = family.tokenize(splits(), tokenizer, "task_prefix", 64)
     trainer, _ = build_trainer(trainer_args(alpha), training_arguments(trainer_args(alpha), tmp_path, tmp_path / "l"),
@@ -129,7 +129,7 @@ def test_loss_equals_the_hand_computed_reference(tiny_students, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_causal_fast_loss_gradients_match_the_plain_formulation(tiny_students, tmp_path, kind):
-    family, tokenizer, model = load_student(str(tiny_students[kind]))
+    family, tokenizer, model = load_pretrained(str(tiny_students[kind]))
     model.eval()
     assert causal_fast_loss_applies(model)
     tokenized = family.tokenize(splits(), tokenizer, "task_prefix", 64)
@@ -148,7 +148,7 @@ def test_causal_fast_loss_gradients_match_the_plain_formulation(tiny_students, t
 def test_left_padded_generation_equals_one_row_at_a_time(tiny_students, kind):
     from students import causal_generate
 
-    _, tokenizer, model = load_student(str(tiny_students[kind]))
+    _, tokenizer, model = load_pretrained(str(tiny_students[kind]))
     model.eval()
     texts = ["predict: " + text for text in ROWS["input"]]
     together = causal_generate(tokenizer, model, texts, 64, 6)
@@ -291,7 +291,7 @@ def test_summary_names_the_student_and_keeps_lora_runs_apart(tmp_path, capsys):
 
 
 def test_causal_fast_loss_under_bf16_autocast_matches_the_plain_formulation(tiny_students):
-    family, tokenizer, model = load_student(str(tiny_students["llama"]))
+    family, tokenizer, model = load_pretrained(str(tiny_students["llama"]))
     model.eval()
     batch = CausalViewsCollator(tokenizer)(list(family.tokenize(splits(), tokenizer, "task_prefix", 64)["train"]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -329,7 +329,7 @@ def test_torchrun_trains_a_lora_decoder_only_student(tiny_students, tmp_path):
 
 
 def test_models_that_transform_logits_after_the_head_take_the_plain_formulation(tiny_students):
-    _, _, model = load_student(str(tiny_students["llama"]))
+    _, _, model = load_pretrained(str(tiny_students["llama"]))
     assert causal_fast_loss_applies(model)
     model.config.final_logit_softcapping = 30.0
     assert not causal_fast_loss_applies(model)

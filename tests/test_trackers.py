@@ -12,6 +12,7 @@ import pytest
 import run
 import sweep
 import trackers
+from config import TRACKERS
 
 
 def custom_run_flags(tiny_t5: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -52,7 +53,7 @@ def test_tracker_not_installed_is_one_line_before_anything_runs(tracker, monkeyp
 )
 def test_report_to_flags(flags, expected, capsys):
     if isinstance(expected, list):
-        assert run.parse_args(["--dataset", "cqa", *flags]).report_to == expected
+        assert run.parse_args(["--dataset", "cqa", *flags]).flags()["report_to"] == expected
         return
     with pytest.raises(SystemExit) as exit_info:
         run.parse_args(["--dataset", "cqa", *flags])
@@ -60,7 +61,7 @@ def test_report_to_flags(flags, expected, capsys):
 
 
 def test_every_tracker_gets_the_run_config():
-    assert set(trackers.CONFIG_WRITERS) == set(run.TRACKERS)
+    assert set(trackers.CONFIG_WRITERS) == set(TRACKERS)
 
 
 def test_tensorboard_gets_the_run_config_and_the_papers_figures(tiny_t5, tmp_path, capsys):

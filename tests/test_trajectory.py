@@ -15,7 +15,8 @@ from transformers import T5Config
 
 import run
 from conftest import SHARED, SHARED_DATA, SHARED_TOKENIZER
-from train_utils import build_trainer, training_arguments
+from students import load_student
+from train_utils import build_trainer, metric_name, run_splits, training_arguments
 from views import tokenize_seq2seq
 
 TRAJECTORIES = SHARED / "parity" / "trajectory"
@@ -96,13 +97,14 @@ def reference_student(tmp_path_factory):
 
 def train_and_record(flags: list[str], output_dir) -> list[dict]:
     """Train as run.py does and record every optimizer step: rows, learning rate, loss, gradient norm."""
-    args = run.parse_args([*flags, "--output_dir", str(output_dir)])
-    training_args = training_arguments(args, output_dir / "ckpt", output_dir / "logs")
-    tokenizer, model = run.load_student(args)
-    splits = run.prepare_splits(args, tokenizer.eos_token)
-    tokenized = tokenize_seq2seq(splits, tokenizer, args.model_type, args.max_input_length)
+    config = run.parse_args([*flags, "--output_dir", str(output_dir)])
+    training = config.training
+    training_args = training_arguments(training, output_dir / "ckpt", output_dir / "logs")
+    _, tokenizer, model = load_student(config.student, training.seed)
+    splits = run_splits(config, tokenizer.eos_token)
+    tokenized = tokenize_seq2seq(splits, tokenizer, training.model_type, training.max_input_length)
     tokenized["train"] = tokenized["train"].add_column("row", list(range(len(tokenized["train"]))))
-    trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, run.metric_name(args))
+    trainer, _ = build_trainer(training, training_args, model, tokenizer, tokenized, metric_name(config.data))
     steps: list[dict] = []
     collate, training_step = trainer.data_collator, trainer.training_step
 
