@@ -31,6 +31,7 @@ from metrics import MATCHES, METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer
 from rationales import audit, choose_rationales, describe_audit, describe_counts, kept_counts, tokenize_kept_rationales
 from recovery import (
+    CHECKPOINT_PREFIX,
     FaultGuard,
     Interrupted,
     RunError,
@@ -55,6 +56,8 @@ OPTIMIZERS = {"AdamW": "adamw_torch_fused", "Adafactor": "adafactor"}
 RATIONALE_SAMPLES = 5
 # The selected test evaluation's per-example predictions, beside results.json (write_test_predictions).
 TEST_PREDICTIONS = "test_predictions.jsonl"
+# A test evaluation's generations, saved in the checkpoint of its step, for a resumed run to find.
+SAVED_GENERATIONS = "test_generations.json"
 # Evaluation generates: it keeps no activations for a backward pass, no gradients and no optimizer state, so a row
 # costs it a fraction of the memory a training row does. Each decoding step streams every decoder and lm_head weight
 # once for the whole batch, so bigger batches share that cost: by default evaluation batches are this many times the
@@ -201,6 +204,22 @@ class RunRecorder(TrainerCallback):
                     self.predictions[state.global_step] = self.evaluator.last
                 if state.is_world_process_zero:
                     print(f"step {state.global_step}: {split} accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Keep this step's test generations in its checkpoint, so that a run resumed past its selected evaluation
+        still records that evaluation's predictions (the trainer keeps the best checkpoint to the end)."""
+        generated = self.predictions.get(state.global_step)
+        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if generated is not None and state.is_world_process_zero and folder.is_dir():
+            write_json_atomic(folder / SAVED_GENERATIONS, generated, indent=None)
+
+    def generations(self, step: int, ckpt_dir: Path) -> dict[str, list[str]] | None:
+        """The test generations of an evaluation step: this process's, or those an earlier attempt of a resumed run
+        saved with that step's checkpoint; None where neither has them."""
+        saved = ckpt_dir / f"{CHECKPOINT_PREFIX}{step}" / SAVED_GENERATIONS
+        if step not in self.predictions and saved.is_file():
+            return json.loads(saved.read_text(encoding="utf-8"))
+        return self.predictions.get(step)
 
 
 def evaluations_from_history(log_history: list[dict]) -> list[dict]:
@@ -387,7 +406,7 @@ def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_his
         "final_test_accuracy": test_scores[-1] if test_scores else None,
         **extra,
     }
-    chosen = recorder.predictions.get(selected["step"]) if selected else None
+    chosen = recorder.generations(selected["step"], ckpt_dir) if selected else None
     if config.training.output_rationale and chosen:
         rows = []
         # strict: the gathered predictions must be the test split exactly once each, in its order.
@@ -406,8 +425,8 @@ def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_his
         record["test_predictions"] = {"file": TEST_PREDICTIONS, "step": selected["step"], "select_on": select_on,
                                       "rows": rows}
     elif selected:
-        print(f"note: the selected evaluation (step {selected['step']}) ran before this process started, so its "
-              f"per-example predictions are not in {ckpt_dir / TEST_PREDICTIONS}", file=sys.stderr)
+        print(f"note: the selected evaluation (step {selected['step']}) ran before this run was resumed and its "
+              f"checkpoint kept no generations, so {ckpt_dir / TEST_PREDICTIONS} is not written", file=sys.stderr)
     write_json_atomic(ckpt_dir / "results.json", record)
     return record
 

@@ -235,6 +235,42 @@ def test_a_tiny_run_keeps_its_selected_predictions(tiny_t5, tmp_path, capsys, se
     assert sum(row["correct"] for row in rows) / 12 == record["selected_test_accuracy"]
 
 
+class Died(Exception):
+    pass
+
+
+def test_a_run_resumed_past_its_selected_evaluation_still_keeps_its_predictions(tiny_t5, tmp_path, monkeypatch):
+    data = tmp_path / "datasets"
+    write_fake_dataset(data, "svamp", {"train": 30, "test": 12})
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["--dataset", "svamp", "--from_pretrained", str(tiny_t5), "--data_dir", str(data), "--output_dir",
+                str(out), "--model_type", "standard", "--llm", "none", "--batch_size", "4", "--max_steps", "4",
+                "--eval_steps", "1", "--gen_max_len", "6", "--no_log", "--save_total_limit", "1", *extra]
+
+    def predictions(out: Path) -> tuple[dict, str]:
+        [results] = out.glob("ckpts/**/results.json")
+        return json.loads(results.read_text()), (results.parent / "test_predictions.jsonl").read_text()
+
+    assert run.main(argv(tmp_path / "whole")) == 0
+    whole, whole_predictions = predictions(tmp_path / "whole")
+    original = train_utils.RunRecorder.on_step_end
+
+    def die_after_the_selected_step(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == whole["selection"]["step"] + 2:
+            raise Died
+
+    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", die_after_the_selected_step)
+    with pytest.raises(Died):
+        run.main(argv(tmp_path / "killed"))
+    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", original)
+    assert run.main(argv(tmp_path / "killed", "--resume")) == 0
+    resumed, resumed_predictions = predictions(tmp_path / "killed")
+    assert resumed["resumed"] and resumed["selection"] == whole["selection"]
+    assert resumed["test_predictions"] == whole["test_predictions"] and resumed_predictions == whole_predictions
+
+
 # ---- a sweep on the shipped data, end to end ----
 
 
