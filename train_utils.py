@@ -179,7 +179,7 @@ class Evaluator:
 class RunRecorder(TrainerCallback):
     """Prints each evaluation plainly and keeps the generations that results.json samples."""
 
-    def __init__(self, evaluator: Evaluator, test_order: list[int] | None = None):
+    def __init__(self, evaluator: Evaluator, test_order: list[int]):
         self.evaluator = evaluator
         # The test split's row index of each evaluated row: evaluation sees the split longest first.
         self.test_order = test_order
@@ -419,11 +419,11 @@ def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_his
         tmp.write_text("\n".join(rows) + "\n")
         os.replace(tmp, ckpt_dir / "predictions.jsonl")
     record["test_predictions"] = None
-    if chosen and recorder.test_order is not None:
-        rows = write_test_predictions(ckpt_dir / TEST_PREDICTIONS, chosen, recorder.test_order,
-                                      metric_name(config.data))
+    if chosen:
+        count = write_test_predictions(ckpt_dir / TEST_PREDICTIONS, chosen, recorder.test_order,
+                                       metric_name(config.data))
         record["test_predictions"] = {"file": TEST_PREDICTIONS, "step": selected["step"], "select_on": select_on,
-                                      "rows": rows}
+                                      "rows": count}
     elif selected:
         print(f"note: the selected evaluation (step {selected['step']}) ran before this run was resumed and its "
               f"checkpoint kept no generations, so {ckpt_dir / TEST_PREDICTIONS} is not written", file=sys.stderr)
