@@ -339,7 +339,8 @@ def section(
     stem = file_stem(dataset, label)
     if table:
         bands = {cell: comparisons.accuracy_band(members) for cell, members in by_cell.items()}
-        plot_fraction(table, f"{title}, chosen on {select_on}", out / f"{stem}_fraction.png", teachers, bands)
+        plot_fraction(table, f"{title}\ncheckpoint chosen on {select_on}", out / f"{stem}_fraction.png", teachers,
+                      bands)
     else:
         print(f"note: {title}: no runs at alpha={alpha:g}, so no fraction plot", file=sys.stderr)
     lines = alpha_lines(runs)
