@@ -95,8 +95,9 @@ def mcnemar_exact_p(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     Only discordant pairs speak to a difference: b rows that a gets right and b wrong, c the other way. Under the
     null hypothesis each discordant pair goes either way with probability 1/2, so min(b, c) follows a binomial
     (b + c, 1/2); p = 2 * P(X <= min(b, c)), capped at 1 (and 1 when no pair is discordant): the exact binomial
-    tail, not the chi-square approximation, summed in log space so thousands of discordant pairs cost little. Pooling seeds treats every (seed, row) pair as independent, so it speaks to the sampling of test rows,
-    not to training randomness (the sign-flip test does that).
+    tail, not the chi-square approximation, summed in log space so thousands of discordant pairs cost little.
+    Pooling seeds treats every (seed, row) pair as independent, so it speaks to the sampling of test rows, not to
+    training randomness (the sign-flip test does that).
     """
     check_paired(correct_a, correct_b)
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
