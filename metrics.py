@@ -228,6 +228,14 @@ def equation_accuracy_tolerant(preds: Sequence[str], golds: Sequence[str]) -> fl
     return _accuracy(equations_match_tolerant, preds, golds)
 
 
+# The verdict on one (prediction, gold) pair behind each metric: the per-example predictions a run keeps say which
+# rows its metric counted as correct.
+MATCHES: dict[str, Callable[[str, str], bool]] = {
+    "text": texts_match,
+    "equation": equations_match,
+    "equation_tolerant": equations_match_tolerant,
+}
+
 METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "text": text_accuracy,
     "equation": equation_accuracy,

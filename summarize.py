@@ -1,9 +1,12 @@
-"""Tables and plots of a sweep: selected test accuracy per method and training fraction, mean ± std over seeds.
+"""Tables and plots of a sweep: selected test accuracy per method and training fraction, mean ± std over seeds,
+and paired comparisons of the methods from the runs' per-example test predictions.
 
-    python summarize.py sweeps/cqa            # writes summary.md, summary.csv and PNGs into sweeps/cqa
+    python summarize.py sweeps/cqa            # writes summary.md, summary.csv, comparisons.csv and PNGs there
+    python summarize.py sweeps --compare sweeps/t5-base sweeps/t5-large     # also: one run group against another
 
 Runs are grouped by dataset and by every setting that changes results (student model, lr, steps, ...), so
-only seeds are averaged: when a folder mixes settings, each combination gets its own table and plots.
+only seeds are averaged: when a folder mixes settings, each combination gets its own table and plots. Each table
+says which checkpoint its figures come from (chosen on test, the paper's protocol, or on valid).
 """
 
 import argparse
@@ -23,6 +26,9 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
+import comparisons  # noqa: E402
+from comparisons import percent  # noqa: E402
+
 METHOD_NAMES = {
     ("standard", "gt"): "standard_finetune",
     ("standard", "llm"): "standard_distill",
@@ -41,7 +47,14 @@ SETTING_KEYS = (
 DEBUG_KEYS = ("max_eval_samples",)
 FIGSIZE = (6.4, 4.8)
 DPI = 100
-CSV_FIELDS = ("dataset", "setting", "method", "fraction", "alpha", "n", "mean", "std", "seeds", "select_on")
+CSV_FIELDS = ("dataset", "setting", "method", "fraction", "alpha", "n", "mean", "std", "seeds", "select_on",
+              "protocol")
+# The checkpoint a table's test accuracies come from, by --select_on; test-selected and valid-selected figures
+# never share a table.
+PROTOCOLS = {
+    "test": "checkpoint chosen on test (the paper's protocol: the best test accuracy seen during training)",
+    "valid": "checkpoint chosen on valid (the test accuracy at the best-valid checkpoint)",
+}
 
 
 def method_name(config: dict) -> str:
@@ -85,6 +98,7 @@ def load_runs(root: Path) -> list[dict]:
             record = json.loads(path.read_text())
             config = record["config"]
             accuracy = record["selected_test_accuracy"]
+            predictions = (record.get("test_predictions") or {}).get("file")
             row = {
                 "dataset": config["dataset"],
                 "setting": tuple((key, hashable(config[key])) for key in SETTING_KEYS if key in config),
@@ -94,6 +108,10 @@ def load_runs(root: Path) -> list[dict]:
                 "seed": int(config["run"]),
                 "accuracy": accuracy,
                 "teacher": teacher_accuracy(record),
+                "path": path,
+                "best_accuracy": record.get("best_test_accuracy"),
+                "predictions": path.parent / predictions
+                if predictions and (path.parent / predictions).is_file() else None,
             }
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"note: {path} left out: not a readable run record ({type(e).__name__}: {e})", file=sys.stderr)
@@ -142,18 +160,18 @@ def aggregate(runs: list[dict]) -> dict[str, float | int | list[int] | None]:
     }
 
 
-def cells(runs: list[dict], alpha: float) -> dict[tuple[str, float], dict]:
-    """(method, fraction) -> seed statistics; task_prefix methods only at the chosen alpha, standard ones at any."""
+def cell_runs(runs: list[dict], alpha: float) -> dict[tuple[str, float], list[dict]]:
+    """(method, fraction) -> its runs; task_prefix methods only at the chosen alpha, standard ones at any."""
     by_cell: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for run in runs:
         if run["alpha"] is None or math.isclose(run["alpha"], alpha):
             by_cell[run["method"], run["fraction"]].append(run)
-    return {cell: aggregate(members) for cell, members in by_cell.items()}
+    return dict(by_cell)
 
 
-def percent(fraction: float) -> str:
-    """0.125 -> '12.5%', as the paper labels training-set sizes."""
-    return f"{100 * fraction:g}%"
+def cells(runs: list[dict], alpha: float) -> dict[tuple[str, float], dict]:
+    """(method, fraction) -> seed statistics; task_prefix methods only at the chosen alpha, standard ones at any."""
+    return {cell: aggregate(members) for cell, members in cell_runs(runs, alpha).items()}
 
 
 def ordered_methods(names: Iterable[str]) -> list[str]:
@@ -206,9 +224,11 @@ def save_accuracy_plot(fig, ax, xlabel: str, title: str, path: Path) -> None:
 def plot_fraction(
     table: dict[tuple[str, float], dict], title: str, path: Path,
     teachers: dict[str, tuple[float, float | None]] | None = None,
+    bands: dict[tuple[str, float], tuple[float, float] | None] | None = None,
 ) -> None:
     """Accuracy against training-set fraction, one line per method, error bars one std over seeds; with teachers, a
-    dotted reference line at each teacher's test accuracy (dashed for its voted accuracy)."""
+    dotted reference line at each teacher's test accuracy (dashed for its voted accuracy); with bands, each method's
+    confidence band (from its per-example predictions) shaded where every fraction has one."""
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for teacher, (first, voted) in (teachers or {}).items():
         ax.axhline(100 * first, color="gray", linestyle=":", label=f"teacher [{teacher}]")
@@ -220,7 +240,11 @@ def plot_fraction(
         xs = [f for f, _ in points]
         ys = [100 * s["mean"] for _, s in points]
         errors = [100 * (s["std"] or 0.0) for _, s in points]
-        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+        line = ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+        band = [(bands or {}).get((method, f)) for f in xs]
+        if band and all(band):
+            ax.fill_between(xs, [100 * low for low, _ in band], [100 * high for _, high in band],
+                            color=line[0].get_color(), alpha=0.15, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks(fractions, [percent(f) for f in fractions])
@@ -254,7 +278,7 @@ def plot_alpha(lines: dict[tuple[str, float], dict[float, dict]], title: str, pa
                        f"{title}: accuracy vs alpha", path)
 
 
-def csv_rows(dataset: str, label: str, select_on: str, table: dict, alpha: float) -> list[dict]:
+def csv_rows(dataset: str, label: str, select_on: str, protocol: str, table: dict, alpha: float) -> list[dict]:
     rows = []
     order = ordered_methods(method for method, _ in table)
     for (method, fraction), stats in sorted(table.items(), key=lambda item: (order.index(item[0][0]), item[0][1])):
@@ -262,25 +286,50 @@ def csv_rows(dataset: str, label: str, select_on: str, table: dict, alpha: float
             "dataset": dataset, "setting": label, "method": method, "fraction": fraction,
             "alpha": alpha if method.startswith("dss") else "", "n": stats["n"], "mean": round(stats["mean"], 6),
             "std": "" if stats["std"] is None else round(stats["std"], 6),
-            "seeds": " ".join(map(str, stats["seeds"])), "select_on": select_on,
+            "seeds": " ".join(map(str, stats["seeds"])), "select_on": select_on, "protocol": protocol,
         })
     return rows
 
 
+def protocol_heading(protocol: str) -> str:
+    return f"### Test accuracy at the {PROTOCOLS[protocol]}"
+
+
+def other_protocol(runs: list[dict], select_on: str, alpha: float) -> tuple[str, dict]:
+    """--both_protocols: the section's table under the protocol its runs were not selected by, where they allow it
+    (valid-selected runs also recorded their best test accuracy; test-selected runs never evaluated valid)."""
+    if select_on == "test":
+        return (f"{protocol_heading('valid')}\n\nNot available: these runs never evaluated valid (run them with "
+                "--select_on valid, which records both)."), {}
+    table = cells([run | {"accuracy": run["best_accuracy"]} for run in runs], alpha)
+    return (f"{protocol_heading('test')}\n\n{markdown_table(table)}\n\nNo paired comparisons under this protocol: "
+            "these runs keep the per-example predictions of the checkpoint chosen on valid."), table
+
+
 def section(
-    dataset: str, label: str, runs: list[dict], alpha: float, out: Path, show_teacher: bool = False
-) -> tuple[str, list[dict]]:
-    """One setting's Markdown section and CSV rows; its plots are drawn into out (with show_teacher, the teacher's
-    test accuracy as a reference line on the fraction plot and a sentence in the section)."""
+    dataset: str, label: str, runs: list[dict], alpha: float, out: Path, show_teacher: bool = False,
+    both_protocols: bool = False,
+) -> tuple[str, list[dict], list[dict]]:
+    """One setting's Markdown section, its CSV rows and its comparisons' CSV rows; its plots are drawn into out (with
+    show_teacher, the teacher's test accuracy as a reference line on the fraction plot and a sentence in the
+    section; with both_protocols, a second table under the other protocol where the runs allow one)."""
     select_on = dict(runs[0]["setting"]).get("select_on", "test")
     student = student_name(runs[0]["setting"])
     title = f"{dataset}, {student} ({label})" if label else f"{dataset}, {student}"
+    by_cell = cell_runs(runs, alpha)
     table = cells(runs, alpha)
     alphas = ", ".join(f"{a:g}" for a in sorted({run["alpha"] for run in runs if run["alpha"] is not None}))
+    compared, notes = comparisons.method_comparisons(by_cell, ordered_methods(m for m, _ in by_cell))
     markdown = (
-        f"## {title}\n\nSelected test accuracy (%, checkpoint chosen on {select_on}), mean ± std over seeds "
-        f"(n seeds); dss_* methods at alpha={alpha:g} (alphas run: {alphas or 'none'}).\n\n" + markdown_table(table)
+        f"## {title}\n\nTest accuracy (%), mean ± std over seeds (n seeds); dss_* methods at alpha={alpha:g} "
+        f"(alphas run: {alphas or 'none'}).\n\n{protocol_heading(select_on)}\n\n{markdown_table(table)}\n\n"
+        + comparisons.report(compared, notes, "fraction")
     )
+    rows = csv_rows(dataset, label, select_on, select_on, table, alpha)
+    if both_protocols:
+        other_markdown, other_table = other_protocol(runs, select_on, alpha)
+        markdown += "\n\n" + other_markdown
+        rows += csv_rows(dataset, label, select_on, "test", other_table, alpha)
     teachers = teacher_lines(runs) if show_teacher else {}
     if show_teacher and not teachers:
         print(f"note: {title}: no --label_type llm run recorded a teacher audit, so no teacher line", file=sys.stderr)
@@ -289,7 +338,9 @@ def section(
             f" (first sample), {100 * voted:.2f} (voted)" if voted is not None else "")
     stem = file_stem(dataset, label)
     if table:
-        plot_fraction(table, title, out / f"{stem}_fraction.png", teachers)
+        bands = {cell: comparisons.accuracy_band(members) for cell, members in by_cell.items()}
+        plot_fraction(table, f"{title}\ncheckpoint chosen on {select_on}", out / f"{stem}_fraction.png", teachers,
+                      bands)
     else:
         print(f"note: {title}: no runs at alpha={alpha:g}, so no fraction plot", file=sys.stderr)
     lines = alpha_lines(runs)
@@ -297,25 +348,48 @@ def section(
         plot_alpha(lines, title, out / f"{stem}_alpha.png")
     else:
         print(f"note: {title}: no method and fraction was run at two alphas or more, so no alpha plot", file=sys.stderr)
-    return markdown, csv_rows(dataset, label, select_on, table, alpha)
+    return markdown, rows, comparisons.csv_rows(title, compared)
 
 
-def summarize(runs: list[dict], out: Path, alpha: float, show_teacher: bool = False) -> str:
-    """Write summary.md, summary.csv and the plots into out; return the Markdown."""
+def group_section(folder_a: Path, folder_b: Path) -> tuple[str, list[dict]]:
+    """--compare: the Markdown section comparing the runs under one folder with those under another (each
+    finished run paired by dataset, method, fraction, alpha and seed), and its comparisons' CSV rows."""
+    name_a, name_b = str(folder_a), str(folder_b)
+    runs_a, runs_b = load_runs(folder_a), load_runs(folder_b)
+    protocols = "; ".join(
+        f"{name}: " + " and ".join(sorted({dict(run["setting"]).get("select_on", "test") for run in runs}) or ["none"])
+        for name, runs in ((name_a, runs_a), (name_b, runs_b)))
+    compared, notes = comparisons.group_comparisons(name_a, runs_a, name_b, runs_b)
+    title = f"Comparison: {name_a} − {name_b}"
+    markdown = (f"## {title}\n\nTest accuracy at each run's own selected checkpoint, chosen on {protocols}.\n\n"
+                + comparisons.report(compared, notes, "dataset, method, fraction"))
+    return markdown, comparisons.csv_rows(title, compared)
+
+
+def summarize(runs: list[dict], out: Path, alpha: float, show_teacher: bool = False, both_protocols: bool = False,
+              compare: tuple[Path, Path] | None = None) -> str:
+    """Write summary.md, summary.csv, comparisons.csv and the plots into out; return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
-    sections, rows = [], []
+    sections, rows, compared = [], [], []
     for dataset in sorted({name for name, _ in groups}):
         for setting, label in differing_settings(groups, dataset).items():
-            markdown, csv_part = section(dataset, label, groups[dataset, setting], alpha, out, show_teacher)
+            markdown, csv_part, compared_part = section(dataset, label, groups[dataset, setting], alpha, out,
+                                                        show_teacher, both_protocols)
             sections.append(markdown)
             rows += csv_part
+            compared += compared_part
+    if compare:
+        markdown, compared_part = group_section(*compare)
+        sections.append(markdown)
+        compared += compared_part
     markdown = "# Summary\n\n" + "\n\n".join(sections) + "\n"
     (out / "summary.md").write_text(markdown)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+    comparisons.write_csv(out / "comparisons.csv", compared)
     return markdown
 
 
@@ -327,9 +401,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="alpha of the dss_* runs shown in the method x fraction table (others: alpha plot)")
     parser.add_argument("--teacher_line", action="store_true",
                         help="draw the teacher's test accuracy (recorded by --label_type llm runs) on fraction plots")
+    parser.add_argument("--both_protocols", action="store_true",
+                        help="beside each table, the same runs under the other protocol where they allow it "
+                             "(--select_on valid runs also recorded the best test accuracy, the paper's figure)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("FOLDER_A", "FOLDER_B"),
+                        help="also compare the runs under FOLDER_A with those under FOLDER_B, paired by dataset, "
+                             "method, fraction, alpha and seed (e.g. two students, or two learning rates)")
     args = parser.parse_args(argv)
-    if not args.folder.is_dir():
-        parser.error(f"{args.folder} is not a folder")
+    for folder in [args.folder, *(args.compare or [])]:
+        if not folder.is_dir():
+            parser.error(f"{folder} is not a folder")
+    if args.compare and args.compare[0].resolve() == args.compare[1].resolve():
+        parser.error("--compare needs two different folders")
     out = args.out or args.folder
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder; it is left as it is: pass a folder (new or existing) for "
@@ -339,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no finished runs (results.json with a test evaluation) under {args.folder}", file=sys.stderr)
         return 1
     try:
-        markdown = summarize(runs, out, args.alpha, args.teacher_line)
+        markdown = summarize(runs, out, args.alpha, args.teacher_line, args.both_protocols, args.compare)
     except OSError as e:
         print(f"error: cannot write into --out {out} ({e.strerror or e}: {e.filename or out}); pass a folder you can "
               "write to", file=sys.stderr)

@@ -27,10 +27,11 @@ from cli import first_line, write_json_atomic
 from config import DataConfig, OutputConfig, RunConfig, TrainingConfig
 from data_utils import DATA_URL, DATASETS, DataError, load_data
 from download import fetch_data
-from metrics import METRICS
+from metrics import MATCHES, METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer
 from rationales import audit, choose_rationales, describe_audit, describe_counts, kept_counts, tokenize_kept_rationales
 from recovery import (
+    CHECKPOINT_PREFIX,
     FaultGuard,
     Interrupted,
     RunError,
@@ -53,6 +54,10 @@ from views import MAX_TARGET_LENGTH, original_t5_pretokenization, tokenize_seq2s
 # Adafactor is transformers' (the original had none).
 OPTIMIZERS = {"AdamW": "adamw_torch_fused", "Adafactor": "adafactor"}
 RATIONALE_SAMPLES = 5
+# The selected test evaluation's per-example predictions, beside results.json (write_test_predictions).
+TEST_PREDICTIONS = "test_predictions.jsonl"
+# A test evaluation's generations, saved in the checkpoint of its step, for a resumed run to find.
+SAVED_GENERATIONS = "test_generations.json"
 # Evaluation generates: it keeps no activations for a backward pass, no gradients and no optimizer state, so a row
 # costs it a fraction of the memory a training row does. Each decoding step streams every decoder and lm_head weight
 # once for the whole batch, so bigger batches share that cost: by default evaluation batches are this many times the
@@ -140,9 +145,10 @@ def write_prepared_rows(path: Path, splits: DatasetDict, tokenized: DatasetDict,
     return count
 
 
-def sort_by_length(split: Dataset) -> Dataset:
+def length_order(split: Dataset) -> list[int]:
+    """The split's row indices, longest input first (ties in split order)."""
     lengths = [len(ids) for ids in split["input_ids"]]
-    return split.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 class Evaluator:
@@ -173,8 +179,10 @@ class Evaluator:
 class RunRecorder(TrainerCallback):
     """Prints each evaluation plainly and keeps the generations that results.json samples."""
 
-    def __init__(self, evaluator: Evaluator):
+    def __init__(self, evaluator: Evaluator, test_order: list[int]):
         self.evaluator = evaluator
+        # The test split's row index of each evaluated row: evaluation sees the split longest first.
+        self.test_order = test_order
         self.predictions: dict[int, dict[str, list[str]]] = {}
         # Time inside optimizer steps only, so throughput leaves out evaluations and checkpoint saves.
         self.train_seconds = 0.0
@@ -196,6 +204,22 @@ class RunRecorder(TrainerCallback):
                     self.predictions[state.global_step] = self.evaluator.last
                 if state.is_world_process_zero:
                     print(f"step {state.global_step}: {split} accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Keep this step's test generations in its checkpoint, so that a run resumed past its selected evaluation
+        still records that evaluation's predictions (the trainer keeps the best checkpoint to the end)."""
+        generated = self.predictions.get(state.global_step)
+        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if generated is not None and state.is_world_process_zero and folder.is_dir():
+            write_json_atomic(folder / SAVED_GENERATIONS, generated, indent=None)
+
+    def generations(self, step: int, ckpt_dir: Path) -> dict[str, list[str]] | None:
+        """The test generations of an evaluation step: this process's, or those an earlier attempt of a resumed run
+        saved with that step's checkpoint; None where neither has them."""
+        saved = ckpt_dir / f"{CHECKPOINT_PREFIX}{step}" / SAVED_GENERATIONS
+        if step not in self.predictions and saved.is_file():
+            return json.loads(saved.read_text(encoding="utf-8"))
+        return self.predictions.get(step)
 
 
 def evaluations_from_history(log_history: list[dict]) -> list[dict]:
@@ -296,10 +320,11 @@ def build_trainer(
     """The task-prefix Seq2SeqTrainer of the paper, scoring test (and valid) by generation; trainer_class: a
     subclass of TaskPrefixTrainer for another evaluation step (the benchmark's reference)."""
     evaluator = Evaluator(tokenizer, metric)
-    recorder = RunRecorder(evaluator)
     eval_splits = ("valid", "test") if training.select_on == "valid" else ("test",)
     # Longest rows first: batches of similar length pad less, and an out-of-memory shows at the first batch.
-    eval_sets = {split: sort_by_length(tokenized[split]) for split in eval_splits}
+    orders = {split: length_order(tokenized[split]) for split in eval_splits}
+    eval_sets = {split: tokenized[split].select(order) for split, order in orders.items()}
+    recorder = RunRecorder(evaluator, orders["test"])
     family = family_of(model.config)
     speed_up_student(model)
     if training_args.device.type == "cpu":
@@ -332,9 +357,25 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in names}}
 
 
+def write_test_predictions(path: Path, generated: dict[str, list[str]], test_order: list[int], metric: str) -> int:
+    """One JSON line per test row of an evaluation, in split order: its index in the test split, the decoded
+    prediction and reference as the metric compared them, and whether the metric counted it correct. They are what
+    summarize.py's paired statistics are computed from. Written whole or not at all; returns the rows written."""
+    match = MATCHES[metric]
+    # strict: the gathered predictions must be the test split exactly once each, in evaluation order.
+    rows = sorted(zip(test_order, generated["pred"], generated["gold"], strict=True))
+    lines = [json.dumps({"index": index, "prediction": pred, "reference": gold, "correct": match(pred, gold)},
+                        ensure_ascii=False) for index, pred, gold in rows]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines)
+
+
 def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_history: list[dict],
                   recorder: RunRecorder, test: Dataset, extra: dict, loaded_step: int | None = None) -> dict:
-    """results.json (and predictions.jsonl with --output_rationale); written last, so it marks a finished run.
+    """results.json (after test_predictions.jsonl, and predictions.jsonl with --output_rationale); written last, so
+    it marks a finished run.
     loaded_step: the step of the selected model where it is not the protocol's pick (whose checkpoint was
     unreadable)."""
     select_on = config.training.select_on
@@ -365,7 +406,7 @@ def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_his
         "final_test_accuracy": test_scores[-1] if test_scores else None,
         **extra,
     }
-    chosen = recorder.predictions.get(selected["step"]) if selected else None
+    chosen = recorder.generations(selected["step"], ckpt_dir) if selected else None
     if config.training.output_rationale and chosen:
         rows = []
         # strict: the gathered predictions must be the test split exactly once each, in its order.
@@ -377,6 +418,15 @@ def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_his
         tmp = ckpt_dir / "predictions.jsonl.tmp"
         tmp.write_text("\n".join(rows) + "\n")
         os.replace(tmp, ckpt_dir / "predictions.jsonl")
+    record["test_predictions"] = None
+    if chosen:
+        count = write_test_predictions(ckpt_dir / TEST_PREDICTIONS, chosen, recorder.test_order,
+                                       metric_name(config.data))
+        record["test_predictions"] = {"file": TEST_PREDICTIONS, "step": selected["step"], "select_on": select_on,
+                                      "rows": count}
+    elif selected:
+        print(f"note: the selected evaluation (step {selected['step']}) ran before this run was resumed and its "
+              f"checkpoint kept no generations, so {ckpt_dir / TEST_PREDICTIONS} is not written", file=sys.stderr)
     write_json_atomic(ckpt_dir / "results.json", record)
     return record
 

@@ -85,6 +85,11 @@ def test_torchrun_two_processes_evaluate_each_test_row_once(tiny_t5, shared_data
     regenerated = greedy_labels(run_dir / "best", [row["input"] for row in rows], batch_size=24)
     assert len(set(regenerated)) > 1, "predictions must differ between rows for this check to mean anything"
     assert [row["pred_label"] for row in rows] == regenerated
+    # The per-example file puts the gathered rows back in split order, each prediction with its own row.
+    kept = [json.loads(line) for line in (run_dir / "test_predictions.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in kept] == list(range(200))
+    predicted = {row["input"]: row["pred_label"] for row in rows}
+    assert [row["prediction"] for row in kept] == [predicted[text] for text in test_inputs]
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import SHARED_DATA
 from metrics import (
+    MATCHES,
     METRICS,
     NoValue,
     TooLarge,
@@ -112,6 +113,15 @@ def test_accuracies():
     assert eval_equation("(84 / 2)") == 42.0 and math.isnan(eval_equation("(1, 2)"))
     with pytest.raises(ValueError):
         text_accuracy(["a"], ["a", "b"])
+
+
+def test_each_metric_is_the_mean_of_its_per_row_verdicts():
+    preds, golds = ["(1 + 1)", "0.1 + 0.2", "a", "bad", "3"], ["2", "0.3", "a", "4", "( 1.5 * 2.0 )"]
+    assert MATCHES.keys() == METRICS.keys()
+    for name, match in MATCHES.items():
+        verdicts = [match(p, g) for p, g in zip(preds, golds)]
+        assert np.mean(verdicts) == METRICS[name](preds, golds), name
+    assert [MATCHES["text"](p, g) for p, g in zip(preds, golds)] == [False, False, True, False, False]
 
 
 MALICIOUS = st.sampled_from([

@@ -135,10 +135,10 @@ def test_sweep_keeps_going_past_failures_and_prints_commands(tmp_path, monkeypat
     assert not calls and len(lines) == 3 and all("run.py" in line and "--resume" in line for line in lines)
 
 
-def sweep_command(data: Path, model: Path, out: Path) -> list[str]:
+def sweep_command(data: Path, model: Path, out: Path, seeds: tuple[str, ...] = ("0", "1")) -> list[str]:
     return [
         sys.executable, str(ROOT / "sweep.py"), "--dataset", "cqa", "--data_dir", str(data),
-        "--from_pretrained", str(model), "--output_dir", str(out), "--seeds", "0", "1",
+        "--from_pretrained", str(model), "--output_dir", str(out), "--seeds", *seeds,
         "--methods", "standard_finetune", "dss_llm", "--fractions", "0.01", "0.02",
         "--max_steps", "1", "--eval_steps", "1", "--batch_size", "4", "--gen_max_len", "2", "--no_log",
         "--max_input_length", "64", "--max_eval_samples", "64",
