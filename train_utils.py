@@ -658,7 +658,9 @@ def train_in_folder(config: RunConfig, data_parallel: int, refusal: str | None =
             )
         guard = FaultGuard()
         with faults_explained(guard, ckpt_dir, model):
-            teacher_test = splits["test"].select_columns(["rationale", "llm_label"]) if training.eval_rationales else None
+            teacher_test = None
+            if training.eval_rationales:
+                teacher_test = splits["test"].select_columns(["rationale", "llm_label"])
             record = train_and_evaluate(config, data_parallel, training_args, model, tokenizer, tokenized,
                                         metric_name(config.data), record_extra, guard, teacher_test)
     except (DataError, RunError) as e:
