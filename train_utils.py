@@ -45,6 +45,7 @@ from recovery import (
 )
 from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
 from students import family_of, load_student, parameter_counts, save_best, student_record
+from teacher_cost import run_budget
 from token_cache import cached_tokenize, default_cache_dir
 from trackers import track_run
 from views import MAX_TARGET_LENGTH, original_t5_pretokenization, tokenize_seq2seq
@@ -525,10 +526,13 @@ def prepare_splits(data: DataConfig, seed: int, eos: str, keep_valid: bool = Fal
     """The paper's data pipeline: load, subsample (seeded), carve valid, then swap in teacher labels if asked.
     With --rationales other than first, train gets the `rationales` chosen per input (rationales.py). valid is kept
     only with keep_valid (it selects the checkpoint, or is dumped). `record`, if given, receives what results.json
-    keeps of this: the teacher audit and the kept counts."""
+    keeps of this: the teacher audit, the kept counts and the teacher budget of the rows (teacher_cost.run_budget)."""
     record = {} if record is None else record
     splits = load_data(data.dataset, data.data_dir, llm=data.llm, eos=eos, fraction=data.subsample, seed=seed,
                        fixed_valid=data.fixed_valid, samples=uses_samples(data))
+    budget = run_budget(data.data_dir, data.dataset, data.llm, data.subsample)
+    if budget is not None:  # an annotate.py teacher that recorded its cost
+        record["teacher_budget"] = budget
     if data.label_type == "llm":
         record["teacher_audit"] = teacher_audits(data, splits)
         if is_main_process():

@@ -689,6 +689,28 @@ def test_a_resumed_annotation_keeps_the_earlier_chunks_costs(endpoint, tmp_path,
     assert "not counted: 1 chunk(s) annotated before usage was recorded" in capsys.readouterr().out
 
 
+def test_a_run_records_the_teacher_budget_of_its_rows(endpoint, tiny_t5, tmp_path, monkeypatch, capsys):
+    """fraction x the train split's totals, and the cost where the annotation was priced."""
+    small_chunks(monkeypatch, "custom", 4)
+    custom_data(tmp_path / "data", n_train=20, n_test=2)
+    _, url = endpoint(delay=0)
+    for split in ("train", "test"):
+        assert annotate.main(openai_flags(tmp_path / "data", url, "--split", split, "--price_prompt", "1",
+                                          "--price_completion", "4")) == 0
+    totals = json.loads((tmp_path / "data" / "custom" / "t1" / "train_annotation.json").read_text())["teacher_cost"]
+    status = run.main([
+        "--dataset", "custom", "--data_dir", str(tmp_path / "data"), "--llm", "t1", "--subsample", "0.5",
+        "--from_pretrained", str(tiny_t5), "--gen_max_len", "4", "--no_log", "--max_steps", "1", "--eval_steps", "1",
+        "--batch_size", "2", "--output_dir", str(tmp_path / "out"),
+    ])
+    assert status == 0, capsys.readouterr().err
+    [path] = list((tmp_path / "out").rglob("results.json"))
+    budget = json.loads(path.read_text())["teacher_budget"]
+    assert budget == {"fraction": 0.5, "split_tokens": totals["total_tokens"], "tokens": 0.5 * totals["total_tokens"],
+                      "split_cost": pytest.approx(totals["cost"]), "cost": pytest.approx(0.5 * totals["cost"])}
+    assert totals["cost"] == pytest.approx((totals["prompt_tokens"] + 4 * totals["completion_tokens"]) / 1e6)
+
+
 def test_missing_api_key_variable_is_one_line(tmp_path, capsys):
     custom_data(tmp_path)
     status = annotate.main(openai_flags(tmp_path, "http://127.0.0.1:9/v1", "--api_key_env", "DSS_NO_SUCH_KEY"))

@@ -162,3 +162,49 @@ def test_a_decoder_only_student_reports_too(tiny_students, fake_data_dir, tmp_pa
     record = tiny_run(tiny_students["gpt2"], fake_data_dir, tmp_path / "out", "cqa", "--eval_rationales")
     assert record["rationale_eval"]["rows"] == 6 and record["student"]["family"] == "causal"
     assert 0.0 <= record["rationale_eval"]["rouge_l"] <= 1.0
+
+
+# ---- in summaries ----
+
+
+def write_run(root: Path, name: str, accuracy: float, extra: dict, **config) -> None:
+    """A results.json as summarize.py reads it, with the record's extra figures (rationale_eval, teacher_budget)."""
+    config = {"dataset": "cqa", "from_pretrained": "t5-small", "model_type": "task_prefix", "label_type": "gt",
+              "llm": "t1", "alpha": 0.5, "subsample": 1.0, "run": 0, "lr": 5e-5, "select_on": "test", **config}
+    path = root / name / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"config": config, "selected_test_accuracy": accuracy, **extra}))
+
+
+def test_summaries_show_rationale_figures_and_plot_accuracy_against_teacher_budget(tmp_path, capsys):
+    import csv
+
+    import summarize
+
+    runs = tmp_path / "runs"
+    for seed, (rouge, agree) in enumerate([(0.4, 0.5), (0.6, 0.7)]):
+        report = {"rationale_eval": {"rouge_l": rouge, "consistency": agree, "rows": 6}}
+        budget = {"teacher_budget": {"tokens": 1000.0, "cost": 0.01}}
+        write_run(runs, f"dss-{seed}", 0.5 + seed / 10, report | budget, run=seed, subsample=0.5)
+    write_run(runs, "dss-full", 0.8, {"teacher_budget": {"tokens": 2000.0, "cost": 0.02}})
+    write_run(runs, "ft", 0.3, {}, model_type="standard", llm="none")
+    assert summarize.main([str(runs), "--out", str(tmp_path / "tokens")]) == 0
+    markdown = (tmp_path / "tokens" / "summary.md").read_text()
+    assert "| dss_gt [t1] | 50.00 / 60.00 (n=2) | – |" in markdown
+    assert markdown.count("| standard_finetune |") == 1, "in the accuracy table, not in the rationale table"
+    assert (tmp_path / "tokens" / "cqa_budget_tokens.png").is_file()
+    rows = {(r["method"], r["fraction"]): r for r in csv.DictReader(open(tmp_path / "tokens" / "summary.csv"))}
+    half = rows["dss_gt [t1]", "0.5"]
+    assert (float(half["rouge_l"]), float(half["consistency"]), float(half["teacher_tokens"])) == (0.5, 0.6, 1000.0)
+    assert rows["dss_gt [t1]", "1.0"]["rouge_l"] == "" and rows["standard_finetune", "1.0"]["teacher_tokens"] == ""
+
+    assert summarize.main([str(runs), "--out", str(tmp_path / "cost"), "--budget_axis", "cost"]) == 0
+    assert (tmp_path / "cost" / "cqa_budget_cost.png").is_file()
+    capsys.readouterr()
+
+    # Runs without either figure: no rationale table and no budget plot.
+    plain = tmp_path / "plain"
+    write_run(plain, "ft", 0.3, {}, model_type="standard", llm="none")
+    assert summarize.main([str(plain)]) == 0
+    assert "Student rationales" not in (plain / "summary.md").read_text()
+    assert not list(plain.glob("*_budget_*.png"))
