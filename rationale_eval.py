@@ -6,7 +6,8 @@ Agreement is checked by a per-dataset rule (data_utils.DatasetSpec.consistency n
 - equation (svamp, asdiv): the rationale's last arithmetic expression evaluates to the predicted answer's value
   (both through metrics' evaluator, which executes nothing; values within its tolerance count as equal); a
   rationale with no expression holding an operator is read by its last number;
-- choice (cqa): the predicted choice's text is named in the rationale (case and spacing ignored);
+- choice (cqa): the prediction is one of the input's answer choices, and its text is named in the rationale (as
+  whole words, case and spacing ignored);
 - relation (esnli, anli1): the relation the rationale states, read from cue words (NLI_CUES), is the predicted one.
 
 These are heuristics, meant to compare runs with each other and with the teacher's own rationales, scored by the
@@ -24,6 +25,8 @@ NUMBER = r"\d+(?:\.\d+)?"
 OPERAND = rf"\(*\s*-?{NUMBER}\s*\)*"
 EXPRESSION = re.compile(rf"{OPERAND}(?:\s*[-+*/]\s*{OPERAND})+")
 LAST_NUMBER = re.compile(rf"{NUMBER}(?!.*\d)", re.DOTALL)
+# A multiple-choice input's answer choices, one a line: `(a) park` (data_utils' cqa rows).
+CHOICE_LINE = re.compile(r"^\([a-z]\) (.*)$", re.MULTILINE)
 # Cue words of each NLI relation, in the order they are looked for: the first relation with a cue in the rationale
 # is the one it states ("not necessarily" marks neutral before "not" can mark a contradiction).
 NLI_CUES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -52,8 +55,8 @@ def last_equation(rationale: str) -> str | None:
     return number.group(0) if number else None
 
 
-def equation_consistent(rationale: str, prediction: str) -> bool:
-    """The rationale's last equation evaluates to the predicted answer's value."""
+def equation_consistent(rationale: str, prediction: str, input_text: str) -> bool:
+    """The rationale's last equation evaluates to the predicted answer's value (the input is not needed)."""
     expression = last_equation(rationale)
     return expression is not None and equations_match_tolerant(expression, prediction)
 
@@ -62,10 +65,11 @@ def words(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def choice_consistent(rationale: str, prediction: str) -> bool:
-    """The predicted choice's text is named in the rationale."""
+def choice_consistent(rationale: str, prediction: str, input_text: str) -> bool:
+    """The prediction is one of the input's answer choices, and the rationale names it."""
     choice = words(prediction)
-    return bool(choice) and re.search(rf"(?<!\w){re.escape(choice)}(?!\w)", words(rationale)) is not None
+    choices = {words(line) for line in CHOICE_LINE.findall(input_text)}
+    return choice in choices and re.search(rf"(?<!\w){re.escape(choice)}(?!\w)", words(rationale)) is not None
 
 
 def stated_relation(rationale: str) -> str | None:
@@ -73,12 +77,13 @@ def stated_relation(rationale: str) -> str | None:
     return next((relation for relation, pattern in NLI_CUE_PATTERNS if pattern.search(rationale)), None)
 
 
-def relation_consistent(rationale: str, prediction: str) -> bool:
-    """The rationale states the predicted relation."""
+def relation_consistent(rationale: str, prediction: str, input_text: str) -> bool:
+    """The rationale states the predicted relation (the input is not needed)."""
     return stated_relation(rationale) == prediction.strip()
 
 
-CONSISTENCY_RULES: dict[str, Callable[[str, str], bool]] = {
+# rule name -> (rationale, prediction, input text) -> whether they agree.
+CONSISTENCY_RULES: dict[str, Callable[[str, str, str], bool]] = {
     "equation": equation_consistent,
     "choice": choice_consistent,
     "relation": relation_consistent,
@@ -97,23 +102,25 @@ def rouge_l(rationales: Sequence[str], references: Sequence[str]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def consistency(rule: str | None, rationales: Sequence[str], predictions: Sequence[str]) -> float | None:
-    """The share of rationales that agree with their prediction by the named rule; None without a rule."""
+def consistency(rule: str | None, rationales: Sequence[str], predictions: Sequence[str], inputs: Sequence[str]
+                ) -> float | None:
+    """The share of rationales that agree with their prediction (for their input) by the named rule; None without
+    a rule."""
     if rule is None or not rationales:
         return None
     agree = CONSISTENCY_RULES[rule]
-    return sum(agree(rationale, prediction) for rationale, prediction in zip(rationales, predictions, strict=True)
-               ) / len(rationales)
+    return sum(agree(*row) for row in zip(rationales, predictions, inputs, strict=True)) / len(rationales)
 
 
-def rationale_report(rule: str | None, rationales: Sequence[str], predictions: Sequence[str],
+def rationale_report(rule: str | None, inputs: Sequence[str], rationales: Sequence[str], predictions: Sequence[str],
                      teacher_rationales: Sequence[str], teacher_labels: Sequence[str]) -> dict:
-    """results.json's `rationale_eval`: ROUGE-L F1 against the teacher's rationales, the student's consistency with
-    its own labels, the teacher's with its own (the same rule's baseline), the rule and the rows scored."""
+    """results.json's `rationale_eval` for the rows' inputs: ROUGE-L F1 against the teacher's rationales, the
+    student's consistency with its own labels, the teacher's with its own (the same rule's baseline), the rule and
+    the rows scored."""
     return {
         "rouge_l": rouge_l(rationales, teacher_rationales),
-        "consistency": consistency(rule, rationales, predictions),
-        "teacher_consistency": consistency(rule, teacher_rationales, teacher_labels),
+        "consistency": consistency(rule, rationales, predictions, inputs),
+        "teacher_consistency": consistency(rule, teacher_rationales, teacher_labels, inputs),
         "consistency_rule": rule,
         "rows": len(rationales),
     }

@@ -410,7 +410,8 @@ def student_rationale_report(trainer: TaskPrefixTrainer, test: Dataset, teacher_
     rationales, labels, accuracy = generate_test_rationales(trainer, test)
     if not trainer.is_world_process_zero():
         return None
-    report = rationale_report(rule, rationales, labels, teacher_test["rationale"], teacher_test["llm_label"])
+    report = rationale_report(rule, test["input"], rationales, labels, teacher_test["rationale"],
+                              teacher_test["llm_label"])
     report["label_accuracy"] = accuracy
     consistency = "no consistency rule" if rule is None else (
         f"consistency {report['consistency']:.4f} (teacher's {report['teacher_consistency']:.4f})")

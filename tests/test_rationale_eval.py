@@ -50,12 +50,15 @@ def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
     ],
 )
 def test_equation_rule(rationale, prediction, expected):
-    assert equation_consistent(rationale, prediction) is expected
+    assert equation_consistent(rationale, prediction, "") is expected
 
 
 def test_last_equation_reads_the_last_expression():
     assert last_equation("So 3 + 4 = 7. Then 7 * 2 = 14.") == "7 * 2"
     assert last_equation("nothing") is None
+
+
+CQA_INPUT = "What do children do?\nAnswer Choices:\n(a) play tag\n(b) go downtown\n(c) tag\n(d) sleep\n(e) read"
 
 
 @pytest.mark.parametrize(
@@ -65,11 +68,12 @@ def test_last_equation_reads_the_last_expression():
         ("Of the above choices, only Play  Tag is fun.", "play tag", True),
         ("Of the above choices, only downtown makes sense.", "go downtown", False),
         ("Only a tagline.", "tag", False),  # whole words only
+        ("Children do what children do.", "do", False),  # named, but not one of the choices
         ("Anything.", " ", False),  # a blank prediction names nothing
     ],
 )
 def test_choice_rule(rationale, prediction, expected):
-    assert choice_consistent(rationale, prediction) is expected
+    assert choice_consistent(rationale, prediction, CQA_INPUT) is expected
 
 
 @pytest.mark.parametrize(
@@ -84,7 +88,7 @@ def test_choice_rule(rationale, prediction, expected):
     ],
 )
 def test_relation_rule(rationale, prediction, expected):
-    assert relation_consistent(rationale, prediction) is expected
+    assert relation_consistent(rationale, prediction, "A premise.</s>A hypothesis.") is expected
 
 
 def test_stated_relation_reads_cue_words_in_order():
@@ -97,8 +101,9 @@ def test_every_dataset_rule_exists_and_a_dataset_without_one_reports_none():
     assert {spec.consistency for spec in DATASETS.values()} - {None} <= set(CONSISTENCY_RULES)
     assert (DATASETS["svamp"].consistency, DATASETS["cqa"].consistency, DATASETS["esnli"].consistency) == (
         "equation", "choice", "relation")
-    assert consistency(None, ["x"], ["y"]) is None
-    report = rationale_report("choice", ["only park here", "a garden"], ["park", "math problem"],
+    assert consistency(None, ["x"], ["y"], ["z"]) is None
+    inputs = ["Where?\nAnswer Choices:\n(a) park\n(b) math problem"] * 2
+    report = rationale_report("choice", inputs, ["only park here", "a garden"], ["park", "math problem"],
                               ["only park here", "only math problem"], ["park", "math problem"])
     assert report == {"rouge_l": pytest.approx((1.0 + 0.0) / 2), "consistency": 0.5, "teacher_consistency": 1.0,
                       "consistency_rule": "choice", "rows": 2}
