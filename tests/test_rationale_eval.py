@@ -213,3 +213,28 @@ def test_summaries_show_rationale_figures_and_plot_accuracy_against_teacher_budg
     assert summarize.main([str(plain)]) == 0
     assert "Student rationales" not in (plain / "summary.md").read_text()
     assert not list(plain.glob("*_budget_*.png"))
+
+
+def test_a_sweep_evaluates_the_rationales_of_its_task_prefix_runs_only():
+    import sweep
+
+    args, passthrough = sweep.parse_args(["--dataset", "cqa", "--seeds", "0", "--fractions", "0.5",
+                                          "--eval_rationales", "--max_steps", "2"])
+    argvs = {tuple(argv[argv.index("--model_type") + 1 : argv.index("--model_type") + 4]): argv
+             for argv in sweep.run_argvs(args, passthrough)}
+    for (model_type, _, label_type), argv in argvs.items():
+        assert ("--eval_rationales" in argv) == (model_type == "task_prefix"), (model_type, label_type)
+        assert "--max_steps" in argv
+        run.parse_args(argv)  # every run's flags are accepted
+
+
+def test_eval_rationales_may_be_added_when_resuming(tmp_path):
+    from recovery import RUN_ARGS, RunError, check_same_run, record_run_args
+
+    started = run.parse_args(["--dataset", "cqa"]).flags()
+    record_run_args(started, tmp_path)
+    (tmp_path / "checkpoint-2").mkdir()
+    check_same_run(run.parse_args(["--dataset", "cqa", "--eval_rationales"]).flags(), tmp_path)
+    assert "eval_rationales" not in json.loads((tmp_path / RUN_ARGS).read_text()), "a resumable flag"
+    with pytest.raises(RunError, match="--alpha 0.5 -> 0.7"):  # a flag that changes training still may not
+        check_same_run(run.parse_args(["--dataset", "cqa", "--alpha", "0.7"]).flags(), tmp_path)
