@@ -6,7 +6,8 @@
 Writes <data_dir>/<dataset>/<llm_name>/<split>_CoT_<i>.json in the chunked layout of PaLM's outputs, so that
 `run.py --dataset <dataset> --llm <llm_name>` trains on them. Finished chunks are kept: run again to resume.
 With --samples K > 1 (and --temperature > 0) each chunk holds a list of K outputs per row; run.py --rationales
-chooses among them. <split>_annotation.json holds the teacher audit (rationales.audit).
+chooses among them. <split>_annotation.json holds the teacher audit (rationales.audit) and what the teacher cost
+(teacher_cost.py: tokens, time, retries; priced with --price_prompt/--price_completion).
 """
 
 import argparse
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -32,6 +34,7 @@ from data_utils import (
 )
 from metrics import METRICS
 from rationales import audit, describe_audit
+from teacher_cost import describe_totals, split_totals, write_chunk_usage
 from teachers import HFTeacher, OpenAITeacher, Teacher, TeacherError
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"
@@ -79,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max_retries", type=non_negative_int, default=5,
         help="openai: retries of a failed request (429, 5xx, timeout, dropped connection), with exponential backoff "
         "from 0.5 s or after the server's Retry-After")
+    add("--price_prompt", type=non_negative_float, help="price per million prompt tokens: <split>_annotation.json "
+        "then records the split's cost (in the prices' currency)")
+    add("--price_completion", type=non_negative_float, help="price per million completion tokens")
     args = parser.parse_args(argv)
 
     spec = DATASETS[args.dataset]
@@ -190,12 +196,18 @@ def check_same_sampling(args: argparse.Namespace) -> None:
                             "pass the same sampling flags, or another --llm_name for a new annotation")
 
 
+def chunk_paths(args: argparse.Namespace, rows: int) -> list[Path]:
+    chunks = math.ceil(rows / DATASETS[args.dataset].chunk_size)
+    return [chunk_path(Path(args.data_dir), args.dataset, args.llm_name, args.split, i) for i in range(chunks)]
+
+
 def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[list[str]]:
-    """Every row's teacher outputs (K per row), chunk by chunk; finished chunks are read back, missing ones generated.
+    """Every row's teacher outputs (K per row), chunk by chunk; finished chunks are read back, missing ones generated,
+    each written after its usage record (teacher_cost.py).
     Queries are built one chunk at a time: the few-shot prompt repeated over a whole split would not fit memory."""
     spec = DATASETS[args.dataset]
     chunks = [rows[start : start + spec.chunk_size] for start in range(0, len(rows), spec.chunk_size)]
-    paths = [chunk_path(Path(args.data_dir), args.dataset, args.llm_name, args.split, i) for i in range(len(chunks))]
+    paths = chunk_paths(args, len(rows))
     check_same_sampling(args)
     finished = [read_finished_chunk(path, len(chunk), args.samples) for path, chunk in zip(paths, chunks)]
     todo = [i for i, outputs in enumerate(finished) if outputs is None]
@@ -205,7 +217,9 @@ def annotate(args: argparse.Namespace, prompt: str, rows: list[dict]) -> list[li
         done = len(rows) - sum(len(chunks[i]) for i in todo)
         with tqdm(total=len(rows), initial=done, unit="ex", desc=f"{args.dataset} {args.split}") as bar:
             for i in todo:
+                began = time.perf_counter()
                 finished[i] = teacher([build_query(prompt, spec, row) for row in chunks[i]], bar.update)
+                write_chunk_usage(paths[i], teacher.requests, time.perf_counter() - began)
                 write_json_atomic(paths[i], chunk_layout(finished[i], args.samples), indent=None)
     return [output for outputs in finished for output in outputs]
 
@@ -233,17 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: finished chunks are kept in {folder}; run the same command to resume", file=sys.stderr)
         return 130
     scores = score(args, outputs, [row["label"] for row in rows])
+    cost = split_totals(chunk_paths(args, len(rows)), args.price_prompt, args.price_completion)
     record = {
         **scores,
         "dataset": args.dataset, "split": args.split, "teacher": args.teacher, "model": args.model,
         "llm_name": args.llm_name, "prompt_file": args.prompt_file or f"prompts/{args.dataset}.txt",
         "max_new_tokens": args.max_new_tokens, "stop": args.stop, "chunk_size": spec.chunk_size,
-        "chunks": math.ceil(len(rows) / spec.chunk_size),
+        "chunks": cost["chunks"],
         "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
         **({"seed": args.seed} if args.teacher == "hf" else {}),
+        "teacher_cost": cost,
     }
     write_json_atomic(folder / f"{args.split}_annotation.json", record, indent=2)
     print(describe_audit(args.split, scores))
+    print(describe_totals(args.split, cost))
     print(f"{len(outputs)} inputs x {args.samples} outputs in {folder}: parse rate {scores['parse_rate']:.4f}, "
           f"teacher accuracy {scores['accuracy']:.4f} ({scores['metric']}); train on them with run.py --dataset "
           f"{args.dataset} --llm {args.llm_name}" + (" --rationales all|correct|vote" if args.samples > 1 else ""))

@@ -84,6 +84,7 @@ class TrainingConfig:
     optimizer_name: str = "AdamW"
     gen_max_len: int = GEN_MAX_LEN
     output_rationale: bool = False
+    eval_rationales: bool = False  # after training: the selected model's test rationales scored (rationale_eval.py)
     bf16: bool = False
     gradient_checkpointing: bool = False
     select_on: str = "test"  # test: the paper's best test accuracy; valid: the best valid checkpoint's
@@ -115,7 +116,7 @@ FLAGS = (
     "dataset", "from_pretrained", "model_type", "label_type", "llm", "custom_metric", "rationales", "alpha",
     "batch_size", "eval_batch_size", "grad_steps", "max_input_length", "eval_steps", "max_steps", "lr",
     "optimizer_name", "run", "subsample", "max_eval_samples", "gen_max_len", "fixed_valid", "tolerant_equations",
-    "dump_data", "output_rationale", "bf16", "gradient_checkpointing", "chat_template", "lora_r", "lora_alpha",
+    "dump_data", "output_rationale", "eval_rationales", "bf16", "gradient_checkpointing", "chat_template", "lora_r", "lora_alpha",
     "lora_dropout", "lora_targets", "report_to", "no_log", "parallelize", "deepspeed", "local_rank", "data_dir",
     "output_dir", "select_on", "save_total_limit", "resume", "overwrite", "download", "data_url", "cache_dir",
     "no_cache",

@@ -177,6 +177,9 @@ class DatasetSpec:
     # The fixed label set of a classification dataset, for the teacher audit's per-class accuracy.
     classes: tuple[str, ...] = ()
     parse_gpt: Callable[[str], tuple[str, str]] | None = None
+    # How a student's rationale is checked against its own predicted label (rationale_eval.CONSISTENCY_RULES, for
+    # run.py --eval_rationales); None: the dataset has no such rule.
+    consistency: str | None = None
 
     @property
     def from_paper(self) -> bool:
@@ -189,17 +192,18 @@ def _nli_spec(parse, parse_gpt, chunk_size: int, chunks: dict[str, int], cue: st
     return DatasetSpec(
         ("train", "valid", "test"), ("premise", "hypothesis", "label"), _nli_row, parse, chunk_size, chunks,
         query=f"Premise: {{premise}}\nHypothesis: {{hypothesis}}\n{cue}", classes=NLI_LABELS, parse_gpt=parse_gpt,
+        consistency="relation",
     )
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "cqa": DatasetSpec(
         ("train", "test"), ("question", "choices", "answer"), _cqa_row, parse_cqa, 1000, {"train": 10, "test": 2},
-        parse_gpt=parse_cqa_gpt,
+        parse_gpt=parse_cqa_gpt, consistency="choice",
     ),
     "svamp": DatasetSpec(
         ("train", "test"), ("input", "label"), _plain_row, parse_equation, 500, {"train": 2, "test": 1}, "equation",
-        parse_gpt=parse_equation_gpt,
+        parse_gpt=parse_equation_gpt, consistency="equation",
     ),
     "esnli": _nli_spec(parse_esnli, parse_esnli_gpt, 5500, {"train": 100, "valid": 2, "test": 2}, "Reasonings:"),
     "anli1": _nli_spec(parse_anli, parse_anli_gpt, 5000, {"train": 4, "valid": 1, "test": 1}, "Answer:"),
@@ -212,6 +216,7 @@ DATASETS: dict[str, DatasetSpec] = {
         {"train": 3, "test": 1},
         "equation",
         sources={"train": ("svamp", "asdiv"), "test": ("svamp",)},
+        consistency="equation",
     ),
     # A user's dataset in <data_dir>/custom/ (see README); it has no PaLM outputs, only annotate.py's.
     "custom": DatasetSpec(

@@ -177,6 +177,8 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         self.gen_max_len = gen_max_len
         self.output_rationale = output_rationale
         self.generation_overrides = family.generation
+        # Tokens a generated rationale may take, the start token counted; None: gen_max_len, as labels.
+        self.rationale_gen_max_len: int | None = None
         # Best checkpoints passed over as gone or unreadable (recovery.ReadableBest, _load_best_model), for the record.
         self.unreadable_best: list[dict] = []
         self.add_callback(ReadableBest(self.unreadable_best))
@@ -263,7 +265,10 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         optimizer_cls, kwargs = Seq2SeqTrainer.get_optimizer_cls_and_kwargs(args, model)
         return (OriginalAdamW if optimizer_cls is torch.optim.AdamW else optimizer_cls), kwargs
 
-    def _generate(self, view: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _generate(self, view: dict[str, torch.Tensor], max_len: int | None = None) -> torch.Tensor:
+        """Greedy continuations of a view's prompts, up to max_len tokens with the start token (default
+        gen_max_len), padded to that width."""
+        width = max_len or self.gen_max_len
         # With sharded weights (ZeRO-3, FSDP) every process must keep stepping until all have finished
         # (synced_gpus), or one waits forever for another's shards; FSDP1 gathers the whole model, as
         # Seq2SeqTrainer does.
@@ -277,7 +282,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
                 input_ids=view["input_ids"],
                 attention_mask=view["attention_mask"],
                 # gen_max_len counts the decoder's start token, as the original's generation_max_length did.
-                max_new_tokens=self.gen_max_len - 1,
+                max_new_tokens=width - 1,
                 num_beams=1,
                 do_sample=False,
                 synced_gpus=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
@@ -286,7 +291,6 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         if self.family.prompt_in_output:
             tokens = tokens[:, view["input_ids"].shape[1] :]  # decoder-only: score the continuation only
         # Pad to a fixed width so batches can be concatenated and gathered across processes.
-        width = self.gen_max_len
         pad = self.processing_class.pad_token_id
         return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=pad)
 
@@ -304,7 +308,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         with torch.no_grad():
             predictions = self._generate(pred)
             if self.output_rationale and expl is not None:
-                predictions = (predictions, self._generate(expl))
+                predictions = (predictions, self._generate(expl, self.rationale_gen_max_len))
         labels = pred["labels"]
         # Padded to the generation width as Seq2SeqTrainer does, never cut: gold labels are scored whole.
         if labels.shape[1] < self.gen_max_len:

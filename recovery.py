@@ -26,12 +26,13 @@ TRAINER_STATE = "trainer_state.json"
 RUN_ARGS = "run_args.json"
 # The model's weights in a checkpoint: whole or sharded safetensors/bin, PEFT adapters, FSDP and DeepSpeed folders.
 WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*", "adapter_model*", "global_step*")
-# Flags that change neither what is trained nor what is measured: a resume may change them. --batch_size and
+# Flags that change neither what is trained nor what is measured (--eval_rationales adds a report at the end and
+# changes no other figure): a resume may change them. --batch_size and
 # --grad_steps may change while their product with the model copies, the effective batch in the folder name, stays.
 RESUMABLE_FLAGS = frozenset({
     "resume", "overwrite", "no_log", "download", "data_url", "data_dir", "output_dir", "local_rank",
     "save_total_limit", "eval_batch_size", "batch_size", "grad_steps", "parallelize", "deepspeed",
-    "report_to", "cache_dir", "no_cache", "gradient_checkpointing",
+    "report_to", "cache_dir", "no_cache", "gradient_checkpointing", "eval_rationales",
 })
 # Ordinary words any real tokenizer of a text model encodes without <unk>; a fallback tokenizer (a model folder
 # without tokenizer files) maps nearly all of them to <unk>.

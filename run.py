@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--dump_data", metavar="FILE", help="write every prepared row (text and token ids, train/valid/test) to FILE "
         "as JSON lines and exit without training; needs only the tokenizer of --from_pretrained")
     add("--output_rationale", action="store_true", help="also generate rationales at evaluation and record them")
+    add("--eval_rationales", action="store_true", help="after training, generate the selected model's rationales "
+        "on test and score them: ROUGE-L against the teacher's, and agreement with its own labels (results.json "
+        "rationale_eval)")
     add("--bf16", action="store_true", help="bfloat16 mixed precision")
     add("--gradient_checkpointing", action="store_true",
         help="recompute activations in the backward pass: less memory, one more forward pass per step")
@@ -127,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if args.rationales in ("all", "correct") and args.model_type == "standard":
         parser.error(f"--rationales {args.rationales} chooses rationales, which --model_type standard does not train "
                      "on: use --model_type task_prefix, or --rationales vote for voted teacher labels")
+    if args.eval_rationales and (args.llm == "none" or args.model_type == "standard"):
+        parser.error("--eval_rationales scores a task_prefix student's rationales against the teacher's: use it with "
+                     "--model_type task_prefix and --llm palm/gpt/dataset/<folder>")
     spec = DATASETS[args.dataset]
     if args.llm in ("palm", "gpt") and not spec.from_paper:
         parser.error(f"--dataset {args.dataset} has no PaLM/GPT outputs: annotate it with annotate.py and pass "

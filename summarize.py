@@ -47,14 +47,19 @@ SETTING_KEYS = (
 DEBUG_KEYS = ("max_eval_samples",)
 FIGSIZE = (6.4, 4.8)
 DPI = 100
+# Figures a run records besides its accuracy, averaged over the seeds that have them: its rationale report
+# (run.py --eval_rationales) and the teacher budget of its training rows (an annotate.py teacher's recorded cost).
+RUN_FIGURES = ("rouge_l", "consistency", "teacher_tokens", "teacher_cost")
 CSV_FIELDS = ("dataset", "setting", "method", "fraction", "alpha", "n", "mean", "std", "seeds", "select_on",
-              "protocol")
+              "protocol", *RUN_FIGURES)
 # The checkpoint a table's test accuracies come from, by --select_on; test-selected and valid-selected figures
 # never share a table.
 PROTOCOLS = {
     "test": "checkpoint chosen on test (the paper's protocol: the best test accuracy seen during training)",
     "valid": "checkpoint chosen on valid (the test accuracy at the best-valid checkpoint)",
 }
+BUDGET_AXES = {"tokens": ("teacher_tokens", "teacher tokens for the training rows (prompt + completion, log scale)"),
+               "cost": ("teacher_cost", "teacher cost of the training rows (log scale)")}
 
 
 def method_name(config: dict) -> str:
@@ -76,6 +81,14 @@ def teacher_accuracy(record: dict) -> tuple[str, float, float | None] | None:
         return None
     voted = test["voted_accuracy"] if test.get("samples_per_row", 1) > 1 else None
     return record["config"].get("llm", "palm"), test["accuracy"], voted
+
+
+def run_figures(record: dict) -> dict[str, float | None]:
+    """RUN_FIGURES of one results.json: None where the run did not record them."""
+    rationales = record.get("rationale_eval") or {}
+    budget = record.get("teacher_budget") or {}
+    return {"rouge_l": rationales.get("rouge_l"), "consistency": rationales.get("consistency"),
+            "teacher_tokens": budget.get("tokens"), "teacher_cost": budget.get("cost")}
 
 
 def hashable(value):
@@ -112,6 +125,7 @@ def load_runs(root: Path) -> list[dict]:
                 "best_accuracy": record.get("best_test_accuracy"),
                 "predictions": path.parent / predictions
                 if predictions and (path.parent / predictions).is_file() else None,
+                **run_figures(record),
             }
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"note: {path} left out: not a readable run record ({type(e).__name__}: {e})", file=sys.stderr)
@@ -150,13 +164,18 @@ def differing_settings(groups: dict[tuple[str, tuple], list[dict]], dataset: str
 
 
 def aggregate(runs: list[dict]) -> dict[str, float | int | list[int] | None]:
-    """n, mean, sample std (None for a single seed: there is no spread to report) and the seeds."""
+    """n, mean, sample std (None for a single seed: there is no spread to report) and the seeds; each of
+    RUN_FIGURES as its mean over the runs that recorded it (None where none did), and `rationale_n`, how many
+    recorded a rationale report."""
     scores = [run["accuracy"] for run in runs]
+    figures = {key: [run[key] for run in runs if run.get(key) is not None] for key in RUN_FIGURES}
     return {
         "n": len(scores),
         "mean": statistics.fmean(scores),
         "std": statistics.stdev(scores) if len(scores) > 1 else None,
         "seeds": sorted(run["seed"] for run in runs),
+        **{key: statistics.fmean(values) if values else None for key, values in figures.items()},
+        "rationale_n": len(figures["rouge_l"]),
     }
 
 
@@ -198,6 +217,47 @@ def markdown_table(table: dict[tuple[str, float], dict]) -> str:
                 row.append(f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f} (n={stats['n']})")
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def rationale_table(table: dict[tuple[str, float], dict]) -> str | None:
+    """The methods that have a rationale report (--eval_rationales) as rows, training fractions as columns:
+    ROUGE-L F1 / consistency in percent, means over the seeds that have one; None where no run has one."""
+    methods = ordered_methods(m for (m, _), stats in table.items() if stats["rationale_n"])
+    if not methods:
+        return None
+    fractions = sorted({fraction for _, fraction in table})
+    lines = [
+        "| method | " + " | ".join(percent(f) for f in fractions) + " |",
+        "|---|" + "---:|" * len(fractions),
+    ]
+    for method in methods:
+        row = []
+        for fraction in fractions:
+            stats = table.get((method, fraction)) or {}
+            if not stats.get("rationale_n"):
+                row.append("–")
+                continue
+            consistency = "–" if stats["consistency"] is None else f"{100 * stats['consistency']:.2f}"
+            row.append(f"{100 * stats['rouge_l']:.2f} / {consistency} (n={stats['rationale_n']})")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_budget(table: dict[tuple[str, float], dict], axis: str, title: str, path: Path) -> bool:
+    """Accuracy against the teacher budget of the training rows (BUDGET_AXES: tokens or cost), one line per
+    method through its fractions, error bars one std over seeds; False (nothing drawn) where no cell has one."""
+    key, xlabel = BUDGET_AXES[axis]
+    points = {cell: stats for cell, stats in table.items() if stats.get(key)}
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for method in ordered_methods(m for m, _ in points):
+        line = sorted((s[key], s) for (m, _), s in points.items() if m == method)
+        ax.errorbar([x for x, _ in line], [100 * s["mean"] for _, s in line],
+                    yerr=[100 * (s["std"] or 0.0) for _, s in line], marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    save_accuracy_plot(fig, ax, xlabel, f"{title}: accuracy vs teacher {axis}", path)
+    return True
 
 
 def file_stem(dataset: str, label: str) -> str:
@@ -287,6 +347,7 @@ def csv_rows(dataset: str, label: str, select_on: str, protocol: str, table: dic
             "alpha": alpha if method.startswith("dss") else "", "n": stats["n"], "mean": round(stats["mean"], 6),
             "std": "" if stats["std"] is None else round(stats["std"], 6),
             "seeds": " ".join(map(str, stats["seeds"])), "select_on": select_on, "protocol": protocol,
+            **{key: "" if stats[key] is None else round(stats[key], 6) for key in RUN_FIGURES},
         })
     return rows
 
@@ -308,11 +369,12 @@ def other_protocol(runs: list[dict], select_on: str, alpha: float) -> tuple[str,
 
 def section(
     dataset: str, label: str, runs: list[dict], alpha: float, out: Path, show_teacher: bool = False,
-    both_protocols: bool = False,
+    both_protocols: bool = False, budget_axis: str = "tokens",
 ) -> tuple[str, list[dict], list[dict]]:
     """One setting's Markdown section, its CSV rows and its comparisons' CSV rows; its plots are drawn into out (with
     show_teacher, the teacher's test accuracy as a reference line on the fraction plot and a sentence in the
-    section; with both_protocols, a second table under the other protocol where the runs allow one)."""
+    section; with both_protocols, a second table under the other protocol where the runs allow one; where runs
+    recorded their teacher budget, accuracy against it, on budget_axis)."""
     select_on = dict(runs[0]["setting"]).get("select_on", "test")
     student = student_name(runs[0]["setting"])
     title = f"{dataset}, {student} ({label})" if label else f"{dataset}, {student}"
@@ -330,6 +392,14 @@ def section(
         other_markdown, other_table = other_protocol(runs, select_on, alpha)
         markdown += "\n\n" + other_markdown
         rows += csv_rows(dataset, label, select_on, "test", other_table, alpha)
+    rationales = rationale_table(table)
+    if rationales:
+        markdown += ("\n\nStudent rationales on test (--eval_rationales): ROUGE-L F1 against the teacher's / "
+                     "consistency with the student's own labels (%), means over the seeds that have them.\n\n"
+                     + rationales)
+    if plot_budget(table, budget_axis, title, out / f"{file_stem(dataset, label)}_budget_{budget_axis}.png"):
+        markdown += (f"\n\nAccuracy against the teacher {budget_axis} of the training rows: "
+                     f"{file_stem(dataset, label)}_budget_{budget_axis}.png.")
     teachers = teacher_lines(runs) if show_teacher else {}
     if show_teacher and not teachers:
         print(f"note: {title}: no --label_type llm run recorded a teacher audit, so no teacher line", file=sys.stderr)
@@ -367,7 +437,7 @@ def group_section(folder_a: Path, folder_b: Path) -> tuple[str, list[dict]]:
 
 
 def summarize(runs: list[dict], out: Path, alpha: float, show_teacher: bool = False, both_protocols: bool = False,
-              compare: tuple[Path, Path] | None = None) -> str:
+              compare: tuple[Path, Path] | None = None, budget_axis: str = "tokens") -> str:
     """Write summary.md, summary.csv, comparisons.csv and the plots into out; return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
@@ -375,7 +445,7 @@ def summarize(runs: list[dict], out: Path, alpha: float, show_teacher: bool = Fa
     for dataset in sorted({name for name, _ in groups}):
         for setting, label in differing_settings(groups, dataset).items():
             markdown, csv_part, compared_part = section(dataset, label, groups[dataset, setting], alpha, out,
-                                                        show_teacher, both_protocols)
+                                                        show_teacher, both_protocols, budget_axis)
             sections.append(markdown)
             rows += csv_part
             compared += compared_part
@@ -407,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("FOLDER_A", "FOLDER_B"),
                         help="also compare the runs under FOLDER_A with those under FOLDER_B, paired by dataset, "
                              "method, fraction, alpha and seed (e.g. two students, or two learning rates)")
+    parser.add_argument("--budget_axis", choices=sorted(BUDGET_AXES), default="tokens",
+                        help="the x axis of the accuracy vs teacher budget plot, for runs on an annotate.py teacher "
+                        "that recorded its cost: tokens, or cost (annotated with --price_prompt/--price_completion)")
     args = parser.parse_args(argv)
     for folder in [args.folder, *(args.compare or [])]:
         if not folder.is_dir():
@@ -422,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no finished runs (results.json with a test evaluation) under {args.folder}", file=sys.stderr)
         return 1
     try:
-        markdown = summarize(runs, out, args.alpha, args.teacher_line, args.both_protocols, args.compare)
+        markdown = summarize(runs, out, args.alpha, args.teacher_line, args.both_protocols, args.compare,
+                             args.budget_axis)
     except OSError as e:
         print(f"error: cannot write into --out {out} ({e.strerror or e}: {e.filename or out}); pass a folder you can "
               "write to", file=sys.stderr)

@@ -39,6 +39,8 @@ METHODS: dict[str, list[str]] = {
 GRID_FLAGS = (
     "--model_type", "--label_type", "--run", "--subsample", "--alpha", "--rationales", "--resume", "--overwrite",
 )
+# run.py flags that score rationales, which standard methods do not train: their runs go without them.
+RATIONALE_ONLY_FLAGS = ("--eval_rationales",)
 # submitit's executor for --slurm; the tests use its "local" one, which runs the jobs as processes on this machine.
 SLURM_CLUSTER = "slurm"
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -146,6 +148,8 @@ def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str
                 flags = METHODS[method]
                 # alpha weighs the rationale loss, which standard models do not have: one run at run.py's default.
                 alphas = dict.fromkeys(args.alphas) if "task_prefix" in flags else [None]
+                shared = [token for token in passthrough
+                          if "task_prefix" in flags or token not in RATIONALE_ONLY_FLAGS]
                 for mode in method_modes(flags, args.rationale_modes):
                     for alpha in alphas:
                         grid = [*flags, "--run", str(seed), "--subsample", str(fraction), "--resume"]
@@ -153,7 +157,7 @@ def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str
                             grid += ["--alpha", str(alpha)]
                         if mode != "first":  # the paper's choice is run.py's default: its argv stays as it was
                             grid += ["--rationales", mode]
-                        argvs.append(passthrough + grid)
+                        argvs.append(shared + grid)
     return argvs
 
 

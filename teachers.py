@@ -4,12 +4,16 @@ A teacher is built with `samples` (K), `temperature` and `top_p`, is called with
 callback (told how many prompts finished), and returns K continuations per prompt, always as a list (of one for
 K = 1): the text after the prompt, cut at the first stop sequence, leading whitespace dropped (as in PaLM's files).
 Temperature 0 is greedy decoding.
+
+After each call, `requests` holds what each request of it cost (request_record): the prompts it carried (their
+positions in the call's list), prompt and completion tokens, seconds and attempts.
 """
 
 import asyncio
 import json
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,6 +31,15 @@ Teacher = Callable[[list[str], Progress], list[list[str]]]
 ANSWER_BYTES_PER_TOKEN = 1024
 ANSWER_ENVELOPE_BYTES = 64 * 1024
 ESCAPED_BYTES_PER_CHARACTER = 12
+
+
+def request_record(rows: list[int], prompt_tokens: int | None, completion_tokens: int | None, seconds: float,
+                   attempts: int) -> dict:
+    """What one request cost: the prompts it carried (positions in the call's list), its prompt and completion
+    tokens (None where the server reported none), its seconds from first sending to the whole answer (retries and
+    backoff included) and its attempts (1 + retries)."""
+    return {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "seconds": seconds, "attempts": attempts}
 
 
 class TeacherError(Exception):
@@ -126,13 +139,18 @@ class HFTeacher:
             else {"do_sample": False}
         )
         torch.manual_seed(seed)
+        self.requests: list[dict] = []
 
     def __call__(self, prompts: list[str], progress: Progress) -> list[list[str]]:
+        """Every prompt's continuations, batch by batch; each batch is one request in `requests`, its tokens
+        counted with the teacher's tokenizer: the prompts' tokens, and the generated tokens other than padding (a
+        continuation that ended early is padded to the batch's longest)."""
         import torch
 
-        outputs = []
+        outputs, self.requests = [], []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
+            began = time.perf_counter()
             encoded = self.tokenizer(batch, return_tensors="pt", padding=True, return_token_type_ids=False)
             encoded = encoded.to(self.model.device)
             with torch.inference_mode():
@@ -140,7 +158,12 @@ class HFTeacher:
                     **encoded, **self.decoding, max_new_tokens=self.max_new_tokens,
                     pad_token_id=self.tokenizer.pad_token_id, stop_strings=self.stops or None, tokenizer=self.tokenizer,
                 )
-            texts = self.tokenizer.batch_decode(ids[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            generated = ids[:, encoded["input_ids"].shape[1] :]
+            self.requests.append(request_record(
+                list(range(start, start + len(batch))), int(encoded["attention_mask"].sum()),
+                int((generated != self.tokenizer.pad_token_id).sum()), time.perf_counter() - began, 1,
+            ))
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             texts = [cut_at_stop(text, self.stops) for text in texts]
             # generate returns each prompt's samples next to each other.
             outputs += [texts[start : start + self.samples] for start in range(0, len(texts), self.samples)]
@@ -197,11 +220,13 @@ class OpenAITeacher:
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.samples, self.temperature, self.top_p = samples, temperature, top_p
         self.server_takes_n = True
+        self.requests: list[dict] = []
 
     def __call__(self, prompts: list[str], progress: Progress) -> list[list[str]]:
         """Every prompt's continuations, in order. The first unusable answer, or Ctrl-C (KeyboardInterrupt),
         cancels the requests still in flight and their retries."""
         interrupted = threading.Event()
+        self.requests = []
         try:
             return asyncio.run(self._complete_all(prompts, progress, interrupted))
         except asyncio.CancelledError:
@@ -224,11 +249,11 @@ class OpenAITeacher:
         ) as client:
             slots = asyncio.Semaphore(self.concurrency)
 
-            async def complete(prompt: str) -> list[str]:
+            async def complete(row: int, prompt: str) -> list[str]:
                 async with slots:
-                    return await self._samples(client, prompt)
+                    return await self._samples(client, row, prompt)
 
-            tasks = [asyncio.create_task(complete(prompt)) for prompt in prompts]
+            tasks = [asyncio.create_task(complete(row, prompt)) for row, prompt in enumerate(prompts)]
             try:
                 for finished in asyncio.as_completed(tasks):
                     await finished
@@ -239,14 +264,14 @@ class OpenAITeacher:
                 await asyncio.gather(*tasks, return_exceptions=True)
             return [task.result() for task in tasks]
 
-    async def _samples(self, client: openai.AsyncOpenAI, prompt: str) -> list[str]:
-        """`samples` continuations of one prompt, in as few requests as the server allows."""
+    async def _samples(self, client: openai.AsyncOpenAI, row: int, prompt: str) -> list[str]:
+        """`samples` continuations of the prompt at position `row`, in as few requests as the server allows."""
         texts: list[str] = []
         while len(texts) < self.samples:
             wanted = self.samples - len(texts)
             n = wanted if wanted > 1 and self.server_takes_n else None
             try:
-                answer = await self._request(client, prompt, n)
+                answer = await self._request(client, row, prompt, n)
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                 if n is None:
                     raise self._teacher_error(e) from None
@@ -262,8 +287,9 @@ class OpenAITeacher:
             texts += self._texts(answer)[:wanted]
         return texts
 
-    async def _request(self, client: openai.AsyncOpenAI, prompt: str, n: int | None) -> dict:
-        """The server's JSON answer to one request, after the client's retries."""
+    async def _request(self, client: openai.AsyncOpenAI, row: int, prompt: str, n: int | None) -> dict:
+        """The server's JSON answer to one request, after the client's retries; what it cost (the answer's `usage`,
+        the client's retries) goes to `requests`."""
         params = {"model": self.model, "max_tokens": self.max_new_tokens, "temperature": self.temperature}
         if self.stops:
             params["stop"] = self.stops
@@ -273,11 +299,13 @@ class OpenAITeacher:
             params["n"] = n
         if not self.api_key:
             params["extra_headers"] = {"Authorization": openai.omit}
+        began = time.perf_counter()
         if self.chat:
             messages = [{"role": "user", "content": prompt}]
             raw = await client.chat.completions.with_raw_response.create(messages=messages, **params)
         else:
             raw = await client.completions.with_raw_response.create(prompt=prompt, **params)
+        seconds = time.perf_counter() - began
         content = raw.http_response.content
         try:
             text = content.decode("utf-8")
@@ -286,9 +314,15 @@ class OpenAITeacher:
                                f"{content[e.start : e.start + 8]!r}...); the answer is refused, not stored with "
                                "replacement characters: check the server (and any proxy before it)") from None
         try:
-            return json.loads(text)
+            answer = json.loads(text)
         except json.JSONDecodeError:
             raise TeacherError(f"{self.url} answered with something other than JSON: {text[:200]!r}") from None
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
+        self.requests.append(request_record([row], token_count(usage.get("prompt_tokens")),
+                                            token_count(usage.get("completion_tokens")), seconds,
+                                            raw.retries_taken + 1))
+        return answer
 
     def _teacher_error(self, error: openai.APIError) -> TeacherError:
         """What went wrong, in one line: a refusal (4xx) with the server's message, or the last failure retried."""
@@ -329,6 +363,11 @@ class OpenAITeacher:
                 raise TeacherError(f"{self.url} answered choices[{i}].{field} with the lone surrogate escape "
                                    f"{json.dumps(lone)}, which is not text; the answer is refused: check the server")
         return [cut_at_stop(text or "", self.stops) for text in texts]
+
+
+def token_count(value) -> int | None:
+    """A token count from a server's usage field; None where it gave none, or something that is not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def retried_status(status: int) -> bool:

@@ -29,6 +29,7 @@ from data_utils import DATA_URL, DATASETS, DataError, load_data
 from download import fetch_data
 from metrics import MATCHES, METRICS
 from model_utils import LABEL_PAD, TaskPrefixTrainer
+from rationale_eval import rationale_report
 from rationales import audit, choose_rationales, describe_audit, describe_counts, kept_counts, tokenize_kept_rationales
 from recovery import (
     CHECKPOINT_PREFIX,
@@ -45,6 +46,7 @@ from recovery import (
 )
 from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
 from students import family_of, load_student, parameter_counts, save_best, student_record
+from teacher_cost import run_budget
 from token_cache import cached_tokenize, default_cache_dir
 from trackers import track_run
 from views import MAX_TARGET_LENGTH, original_t5_pretokenization, tokenize_seq2seq
@@ -431,6 +433,41 @@ def write_records(config: RunConfig, data_parallel: int, ckpt_dir: Path, log_his
     return record
 
 
+def generate_test_rationales(trainer: TaskPrefixTrainer, test: Dataset) -> tuple[list[str], list[str], float]:
+    """(rationales, labels, label accuracy) the loaded model generates for the test rows, in the rows' order:
+    labels as evaluation generates them, rationales up to the length they were trained at (MAX_TARGET_LENGTH).
+    Every process takes part (generation is collective under FSDP/ZeRO-3)."""
+    order = length_order(test)
+    output_rationale = trainer.output_rationale
+    trainer.output_rationale, trainer.rationale_gen_max_len = True, MAX_TARGET_LENGTH
+    try:
+        output = trainer.predict(test.select(order), metric_key_prefix="rationale_eval")
+    finally:
+        trainer.output_rationale, trainer.rationale_gen_max_len = output_rationale, None
+    generated = trainer.compute_metrics.last
+    position = {index: i for i, index in enumerate(order)}
+    ordered = [position[index] for index in range(len(test))]
+    return ([generated["rationale"][i] for i in ordered], [generated["pred"][i] for i in ordered],
+            output.metrics["rationale_eval_accuracy"])
+
+
+def student_rationale_report(trainer: TaskPrefixTrainer, test: Dataset, teacher_test: Dataset, rule: str | None
+                             ) -> dict | None:
+    """--eval_rationales: the loaded (selected) model's test rationales against the teacher's (teacher_test: the
+    test rows' `rationale` and `llm_label`), by rationale_eval.rationale_report; None outside the main process."""
+    rationales, labels, accuracy = generate_test_rationales(trainer, test)
+    if not trainer.is_world_process_zero():
+        return None
+    report = rationale_report(rule, test["input"], rationales, labels, teacher_test["rationale"],
+                              teacher_test["llm_label"])
+    report["label_accuracy"] = accuracy
+    consistency = "no consistency rule" if rule is None else (
+        f"consistency {report['consistency']:.4f} (teacher's {report['teacher_consistency']:.4f})")
+    print(f"student rationales on {report['rows']} test rows: ROUGE-L {report['rouge_l']:.4f}, {consistency}",
+          file=sys.stderr)
+    return report
+
+
 def check_parallelism(effective_batch_size: int, trainer: TaskPrefixTrainer) -> None:
     """Stop, before any folder is touched, where the trainer would not train as the run folder name says."""
     used = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size
@@ -446,11 +483,13 @@ def check_parallelism(effective_batch_size: int, trainer: TaskPrefixTrainer) -> 
 def train_and_evaluate(
     config: RunConfig, data_parallel: int, training_args: Seq2SeqTrainingArguments, model, tokenizer,
     tokenized: DatasetDict, metric: str, record_extra: dict | None = None, guard: FaultGuard | None = None,
+    teacher_test: Dataset | None = None,
 ) -> dict | None:
     """Train with periodic evaluation and checkpoints; save the selected model; return the run record (with
     record_extra's entries, such as the teacher audit).
 
-    --resume continues from the newest complete checkpoint; guard (a recovery.FaultGuard) watches training."""
+    --resume continues from the newest complete checkpoint; guard (a recovery.FaultGuard) watches training;
+    teacher_test (the test rows' teacher rationales and labels) is given with --eval_rationales."""
     ckpt_dir, log_dir = config.run_dirs(data_parallel)
     effective_batch_size = config.training.effective_batch_size(data_parallel)
     trainer, recorder = build_trainer(config.training, training_args, model, tokenizer, tokenized, metric)
@@ -473,6 +512,10 @@ def train_and_evaluate(
         # Sharded checkpoints resume fast; the selected model is gathered whole so from_pretrained can load it.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     save_best(trainer, ckpt_dir / "best")  # on every process: under FSDP/ZeRO-3 gathering is collective
+    rationale_eval = None
+    if teacher_test is not None:
+        rule = DATASETS[config.data.dataset].consistency
+        rationale_eval = student_rationale_report(trainer, tokenized["test"], teacher_test, rule)
     if not trainer.is_world_process_zero():
         return None
     extra = {
@@ -486,6 +529,8 @@ def train_and_evaluate(
         "student": student,
         **(record_extra or {}),
     }
+    if rationale_eval is not None:
+        extra["rationale_eval"] = rationale_eval
     loaded_step = None
     if trainer.unreadable_best:
         extra["unreadable_best_checkpoints"] = trainer.unreadable_best
@@ -530,10 +575,13 @@ def prepare_splits(data: DataConfig, seed: int, eos: str, keep_valid: bool = Fal
     """The paper's data pipeline: load, subsample (seeded), carve valid, then swap in teacher labels if asked.
     With --rationales other than first, train gets the `rationales` chosen per input (rationales.py). valid is kept
     only with keep_valid (it selects the checkpoint, or is dumped). `record`, if given, receives what results.json
-    keeps of this: the teacher audit and the kept counts."""
+    keeps of this: the teacher audit, the kept counts and the teacher budget of the rows (teacher_cost.run_budget)."""
     record = {} if record is None else record
     splits = load_data(data.dataset, data.data_dir, llm=data.llm, eos=eos, fraction=data.subsample, seed=seed,
                        fixed_valid=data.fixed_valid, samples=uses_samples(data))
+    budget = run_budget(data.data_dir, data.dataset, data.llm, data.subsample)
+    if budget is not None:  # an annotate.py teacher that recorded its cost
+        record["teacher_budget"] = budget
     if data.label_type == "llm":
         record["teacher_audit"] = teacher_audits(data, splits)
         if is_main_process():
@@ -663,8 +711,11 @@ def train_in_folder(config: RunConfig, data_parallel: int, refusal: str | None =
             )
         guard = FaultGuard()
         with faults_explained(guard, ckpt_dir, model):
+            teacher_test = None
+            if training.eval_rationales:
+                teacher_test = splits["test"].select_columns(["rationale", "llm_label"])
             record = train_and_evaluate(config, data_parallel, training_args, model, tokenizer, tokenized,
-                                        metric_name(config.data), record_extra, guard)
+                                        metric_name(config.data), record_extra, guard, teacher_test)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

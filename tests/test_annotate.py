@@ -148,7 +148,8 @@ def test_hf_teacher_writes_chunks_that_load_data_reads(tiny_causal_lm, tmp_path,
                               "--batch_size", "3", "--prompt_file", str(prompt_file)]) == 0
     folder = tmp_path / "svamp" / "tiny"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "test_CoT_0.json", "test_annotation.json", "train_CoT_0.json", "train_CoT_1.json", "train_CoT_2.json",
+        "test_CoT_0.json", "test_CoT_0.usage.json", "test_annotation.json",
+        *(name for i in range(3) for name in (f"train_CoT_{i}.json", f"train_CoT_{i}.usage.json")),
         "train_annotation.json",
     ]
     assert [len(json.loads((folder / f"train_CoT_{i}.json").read_text())) for i in range(3)] == [4, 4, 2]
@@ -169,6 +170,23 @@ def test_hf_teacher_writes_chunks_that_load_data_reads(tiny_causal_lm, tmp_path,
         ids = model.generate(**encoded, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.eos_token_id)
         alone = tokenizer.decode(ids[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         assert written[i - 4] == alone.split("\n\n")[0].lstrip()
+
+    # Its cost: one request per batch (chunks of 4, 4, 2 rows in batches of 3), tokens counted with its tokenizer:
+    # each prompt's, and the tokens each prompt alone generates (stopping where the batch stopped it), padding left
+    # out.
+    requests = json.loads((folder / "train_CoT_1.usage.json").read_text())["requests"]
+    assert [(r["rows"], r["attempts"]) for r in requests] == [([0, 1, 2], 1), ([3], 1)]
+    prompt_tokens = completion_tokens = 0
+    for row in ("s4", "s5", "s6", "s7"):
+        encoded = tokenizer(f"{prompt}\n\nQ: {row}\nA:", return_tensors="pt")
+        ids = model.generate(**encoded, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.eos_token_id,
+                             stop_strings=["\n\n"], tokenizer=tokenizer)
+        prompt_tokens += encoded["input_ids"].shape[1]
+        completion_tokens += int((ids[0, encoded["input_ids"].shape[1] :] != tokenizer.eos_token_id).sum())
+    assert sum(r["prompt_tokens"] for r in requests) == prompt_tokens
+    assert sum(r["completion_tokens"] for r in requests) == completion_tokens > 0
+    cost = record["teacher_cost"]
+    assert (cost["chunks"], cost["requests"], cost["retries"], cost["requests_without_usage"]) == (3, 5, 0, 0)
 
 
 def test_hf_teacher_samples_k_continuations_per_prompt(tiny_causal_lm, tmp_path, monkeypatch):
@@ -195,6 +213,11 @@ def test_hf_teacher_samples_k_continuations_per_prompt(tiny_causal_lm, tmp_path,
 # ---- the HTTP teacher ----
 
 
+def prompt_words(prompt: str) -> int:
+    """The prompt tokens FakeEndpoint reports: the prompt's words."""
+    return len(prompt.split())
+
+
 class FakeEndpoint:
     """An OpenAI-compatible server: answers the prompt ending `Q: s<i>\\nA:` with `... So the answer is <i+1>.` for
     even i and a wrong label for odd i (choice j > 0 of a request for n says `Because <i> #j.`). `plan[key]` scripts
@@ -203,8 +226,10 @@ class FakeEndpoint:
     'garbage': a 200 whose body is not JSON; 'number': a 200 with `"text": 123`; 'hang': no answer until the
     test ends; 'trickle': a whole valid answer, status line and headers included, one byte every 0.2 s; 'latin1': a
     text holding a byte that is not UTF-8; 'surrogate': a text holding the JSON escape of half a surrogate pair;
-    'huge': a 50 MB text in chunked transfer; 'huge_declared': the same with its Content-Length announced.
-    `sent[key]` counts the bytes a 'trickle' or 'huge' answer got written before the client hung up. `n`: 'takes'
+    'huge': a 50 MB text in chunked transfer; 'huge_declared': the same with its Content-Length announced;
+    'no_usage': a good answer without its `usage` field. Good answers report usage as the server's tokens: the
+    prompt's words (prompt_words) and the choices' words. `sent[key]` counts the bytes a 'trickle' or 'huge' answer
+    got written before the client hung up. `n`: 'takes'
     (n choices), 'ignores' (one choice) or 'refuses' (400 for n > 1)."""
 
     def __init__(self, plan: dict[str, list] | None = None, delay: float = 0.05, n: str = "takes"):
@@ -273,8 +298,13 @@ class FakeEndpoint:
                 chat = "messages" in body
                 choice.update({"message": {"role": "assistant", "content": content}} if chat else {"text": content})
                 choices.append(choice)
-            self.send(handler, 200, {"id": "cmpl-0", "object": "text_completion", "created": 0,
-                                     "model": body["model"], "choices": choices})
+            answer = {"id": "cmpl-0", "object": "text_completion", "created": 0, "model": body["model"],
+                      "choices": choices}
+            if step != "no_usage":
+                completion = sum(len(str(c.get("text", c.get("message", {}).get("content"))).split()) for c in choices)
+                answer["usage"] = {"prompt_tokens": prompt_words(prompt), "completion_tokens": completion,
+                                   "total_tokens": prompt_words(prompt) + completion}
+            self.send(handler, 200, answer)
         except OSError:
             pass  # the client gave up (timeout) and closed the connection
         finally:
@@ -402,7 +432,8 @@ def test_restart_skips_finished_chunks(endpoint, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "400 Bad Request" in err and "Traceback" not in err
     folder = tmp_path / "custom" / "t1"
-    assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json", "train_CoT_1.json", "train_CoT_2.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        name for i in range(3) for name in (f"train_CoT_{i}.json", f"train_CoT_{i}.usage.json")]
     first_run = len(fake.requests)
     assert first_run in (7, 8), "s0..s5 answered, s6 refused (s7 may already have been sent)"
 
@@ -487,7 +518,8 @@ def test_unusable_answers_are_one_line_and_keep_finished_chunks(endpoint, tmp_pa
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert message in line and "Traceback" not in err
-    assert sorted(p.name for p in (tmp_path / "custom" / "t1").iterdir()) == ["train_CoT_0.json"]
+    assert sorted(p.name for p in (tmp_path / "custom" / "t1").iterdir()) == ["train_CoT_0.json",
+                                                                            "train_CoT_0.usage.json"]
 
 
 def test_a_trickling_server_cannot_hold_a_request_past_the_timeout(endpoint, tmp_path, capsys):
@@ -573,7 +605,7 @@ def test_ctrl_c_stops_within_seconds_and_keeps_finished_chunks(endpoint, tmp_pat
     assert time.monotonic() - start < 5, "in-flight requests are cancelled, not waited for"
     assert process.returncode == 130 and "Traceback" not in err
     assert f"interrupted: finished chunks are kept in {folder}; run the same command to resume" in err
-    assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json", "train_CoT_0.usage.json"]
     time.sleep(1.0)
     assert len(fake.requests) == sent, "no retries after Ctrl-C"
 
@@ -587,6 +619,96 @@ def test_http_teacher_samples_are_written_per_row(endpoint, tmp_path):
     assert {(body["temperature"], body["top_p"]) for _, _, body in fake.requests} == {(0.8, 0.9)}
     written = json.loads((tmp_path / "custom" / "t1" / "train_CoT_0.json").read_text())
     assert written[1] == ["Because 1. So the answer is 3.", "Because 1 #1. So the answer is 3."]
+
+
+def completion_words(i: int) -> int:
+    """The completion tokens FakeEndpoint reports for row s<i>'s one choice."""
+    label = i + 1 if i % 2 == 0 else i + 2
+    return len(f" Because {i}. So the answer is {label}.\n\nQ: what next?".split())
+
+
+def test_http_teacher_cost_per_request_chunk_and_split(endpoint, tmp_path, monkeypatch, capsys):
+    small_chunks(monkeypatch, "custom", 3)
+    custom_data(tmp_path, n_train=7)
+    fake, url = endpoint({"s4": [503, 429], "s6": ["no_usage"]})
+    flags = openai_flags(tmp_path, url, "--concurrency", "2", "--price_prompt", "2.5", "--price_completion", "10")
+    assert annotate.main(flags) == 0, capsys.readouterr().err
+    folder = tmp_path / "custom" / "t1"
+    prompts = {re.search(r"Q: (\S+)\nA:$", body["prompt"]).group(1): body["prompt"] for _, _, body in fake.requests}
+
+    usage = json.loads((folder / "train_CoT_1.usage.json").read_text())
+    assert usage["wall_seconds"] > 0
+    by_row = {request["rows"][0]: request for request in usage["requests"]}
+    assert sorted(by_row) == [0, 1, 2], "one request per row of chunk 1 (s3, s4, s5), by its position in the chunk"
+    assert by_row[1]["attempts"] == 3 and by_row[0]["attempts"] == by_row[2]["attempts"] == 1
+    assert by_row[1]["prompt_tokens"] == prompt_words(prompts["s4"])
+    assert by_row[1]["completion_tokens"] == completion_words(4)
+    assert by_row[1]["seconds"] >= by_row[0]["seconds"] > 0, "the retried request took its attempts and backoff"
+    [last] = json.loads((folder / "train_CoT_2.usage.json").read_text())["requests"]
+    assert (last["prompt_tokens"], last["completion_tokens"]) == (None, None), "s6 answered without usage"
+
+    cost = json.loads((folder / "train_annotation.json").read_text())["teacher_cost"]
+    counted = [f"s{i}" for i in range(6)]
+    prompt_tokens = sum(prompt_words(prompts[key]) for key in counted)
+    completion_tokens = sum(completion_words(i) for i in range(6))
+    assert cost == {
+        "chunks": 3, "chunks_without_record": 0, "requests": 7, "attempts": 9, "retries": 2,
+        "requests_without_usage": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens, "request_seconds": pytest.approx(cost["request_seconds"]),
+        "wall_seconds": pytest.approx(cost["wall_seconds"]), "price_prompt": 2.5, "price_completion": 10.0,
+        "cost": pytest.approx((2.5 * prompt_tokens + 10 * completion_tokens) / 1e6),
+    }
+    out = capsys.readouterr().out
+    assert (f"train teacher cost: {prompt_tokens:,} prompt + {completion_tokens:,} completion tokens in 7 requests "
+            "(2 retries)") in out and "not counted: 1 request(s) without the server's usage" in out
+
+
+def test_a_resumed_annotation_keeps_the_earlier_chunks_costs(endpoint, tmp_path, monkeypatch, capsys):
+    small_chunks(monkeypatch, "custom", 2)
+    custom_data(tmp_path, n_train=6)
+    fake, url = endpoint({"s4": [400]})
+    assert annotate.main(openai_flags(tmp_path, url, "--concurrency", "1")) == 1
+    folder = tmp_path / "custom" / "t1"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "train_CoT_0.json", "train_CoT_0.usage.json", "train_CoT_1.json", "train_CoT_1.usage.json"]
+    first_run = len(fake.requests)
+    assert annotate.main(openai_flags(tmp_path, url, "--concurrency", "1")) == 0
+    assert len(fake.requests) == first_run + 2, "only the last chunk is asked again"
+    prompts = {re.search(r"Q: (\S+)\nA:$", body["prompt"]).group(1): body["prompt"] for _, _, body in fake.requests}
+    cost = json.loads((folder / "train_annotation.json").read_text())["teacher_cost"]
+    assert (cost["requests"], cost["attempts"], cost["chunks_without_record"]) == (6, 6, 0)
+    assert cost["prompt_tokens"] == sum(prompt_words(prompts[f"s{i}"]) for i in range(6))
+    assert cost["completion_tokens"] == sum(completion_words(i) for i in range(6))
+    assert "cost" not in cost, "no prices, no cost"
+
+    # A chunk written before usage was recorded is counted apart, and its tokens are missing from the totals.
+    (folder / "train_CoT_0.usage.json").unlink()
+    assert annotate.main(openai_flags(tmp_path, "http://127.0.0.1:9/v1")) == 0
+    cost = json.loads((folder / "train_annotation.json").read_text())["teacher_cost"]
+    assert (cost["requests"], cost["chunks_without_record"]) == (4, 1)
+    assert "not counted: 1 chunk(s) annotated before usage was recorded" in capsys.readouterr().out
+
+
+def test_a_run_records_the_teacher_budget_of_its_rows(endpoint, tiny_t5, tmp_path, monkeypatch, capsys):
+    """fraction x the train split's totals, and the cost where the annotation was priced."""
+    small_chunks(monkeypatch, "custom", 4)
+    custom_data(tmp_path / "data", n_train=20, n_test=2)
+    _, url = endpoint(delay=0)
+    for split in ("train", "test"):
+        assert annotate.main(openai_flags(tmp_path / "data", url, "--split", split, "--price_prompt", "1",
+                                          "--price_completion", "4")) == 0
+    totals = json.loads((tmp_path / "data" / "custom" / "t1" / "train_annotation.json").read_text())["teacher_cost"]
+    status = run.main([
+        "--dataset", "custom", "--data_dir", str(tmp_path / "data"), "--llm", "t1", "--subsample", "0.5",
+        "--from_pretrained", str(tiny_t5), "--gen_max_len", "4", "--no_log", "--max_steps", "1", "--eval_steps", "1",
+        "--batch_size", "2", "--output_dir", str(tmp_path / "out"),
+    ])
+    assert status == 0, capsys.readouterr().err
+    [path] = list((tmp_path / "out").rglob("results.json"))
+    budget = json.loads(path.read_text())["teacher_budget"]
+    assert budget == {"fraction": 0.5, "split_tokens": totals["total_tokens"], "tokens": 0.5 * totals["total_tokens"],
+                      "split_cost": pytest.approx(totals["cost"]), "cost": pytest.approx(0.5 * totals["cost"])}
+    assert totals["cost"] == pytest.approx((totals["prompt_tokens"] + 4 * totals["completion_tokens"]) / 1e6)
 
 
 def test_missing_api_key_variable_is_one_line(tmp_path, capsys):
