@@ -59,36 +59,29 @@ def test_last_equation_reads_the_last_expression():
 
 
 CQA_INPUT = "What do children do?\nAnswer Choices:\n(a) play tag\n(b) go downtown\n(c) tag\n(d) sleep\n(e) read"
+NLI_INPUT = "A premise.</s>A hypothesis."
 
 
 @pytest.mark.parametrize(
-    "rationale, prediction, expected",
+    "rule, rationale, prediction, source, expected",
     [
-        ("Of the above choices, only play tag is something children do.", "play tag", True),
-        ("Of the above choices, only Play  Tag is fun.", "play tag", True),
-        ("Of the above choices, only downtown makes sense.", "go downtown", False),
-        ("Only a tagline.", "tag", False),  # whole words only
-        ("Children do what children do.", "do", False),  # named, but not one of the choices
-        ("Anything.", " ", False),  # a blank prediction names nothing
+        (choice_consistent, "Of the above choices, only play tag is something children do.", "play tag", CQA_INPUT,
+         True),
+        (choice_consistent, "Of the above choices, only Play  Tag is fun.", "play tag", CQA_INPUT, True),
+        (choice_consistent, "Of the above choices, only downtown makes sense.", "go downtown", CQA_INPUT, False),
+        (choice_consistent, "Only a tagline.", "tag", CQA_INPUT, False),  # whole words only
+        (choice_consistent, "Children do what children do.", "do", CQA_INPUT, False),  # not one of the choices
+        (choice_consistent, "Anything.", " ", CQA_INPUT, False),  # a blank prediction names nothing
+        (relation_consistent, "The woman is not necessarily young.", "neutral", NLI_INPUT, True),
+        (relation_consistent, "The woman is not necessarily young.", "contradiction", NLI_INPUT, False),
+        (relation_consistent, "The woman is smiling, so she is not in pain.", "contradiction", NLI_INPUT, True),
+        (relation_consistent, "An old man is a man, so this follows.", "entailment", NLI_INPUT, True),
+        (relation_consistent, "Running implies moving.", "entailment", NLI_INPUT, True),
+        (relation_consistent, "A man sits on a bench.", "entailment", NLI_INPUT, False),  # states no relation
     ],
 )
-def test_choice_rule(rationale, prediction, expected):
-    assert choice_consistent(rationale, prediction, CQA_INPUT) is expected
-
-
-@pytest.mark.parametrize(
-    "rationale, prediction, expected",
-    [
-        ("The woman is not necessarily young.", "neutral", True),
-        ("The woman is not necessarily young.", "contradiction", False),
-        ("The woman is smiling, so she is not in pain.", "contradiction", True),
-        ("An old man is a man, so this follows.", "entailment", True),
-        ("Running implies moving.", "entailment", True),
-        ("A man sits on a bench.", "entailment", False),  # states no relation
-    ],
-)
-def test_relation_rule(rationale, prediction, expected):
-    assert relation_consistent(rationale, prediction, "A premise.</s>A hypothesis.") is expected
+def test_choice_and_relation_rules(rule, rationale, prediction, source, expected):
+    assert rule(rationale, prediction, source) is expected
 
 
 def test_stated_relation_reads_cue_words_in_order():
