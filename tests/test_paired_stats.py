@@ -3,7 +3,6 @@ comparisons.py): hand-computed small cases, synthetic run folders, a real tiny r
 
 import csv
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import summarize
 import train_utils
 from conftest import write_fake_dataset
 from metrics import equations_match
-from test_sweep_summary import FINETUNE, sweep_command, write_result
+from test_sweep_summary import FINETUNE, write_result
 
 # ---- stats.py against values worked out by hand ----
 
@@ -269,25 +268,3 @@ def test_a_run_resumed_past_its_selected_evaluation_still_keeps_its_predictions(
     resumed, resumed_predictions = predictions(tmp_path / "killed")
     assert resumed["resumed"] and resumed["selection"] == whole["selection"]
     assert resumed["test_predictions"] == whole["test_predictions"] and resumed_predictions == whole_predictions
-
-
-# ---- a sweep on the shipped data, end to end ----
-
-
-@pytest.mark.slow
-def test_sweep_of_two_methods_two_fractions_three_seeds_gives_paired_statistics(shared_data, tiny_t5, tmp_path):
-    out = tmp_path / "sweep"
-    done = subprocess.run(sweep_command(shared_data, tiny_t5, out, seeds=("0", "1", "2")), capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "12 ran, 0 skipped (finished), 0 failed" in done.stdout
-    summary = tmp_path / "summary"
-    assert summarize.main([str(out), "--out", str(summary)]) == 0
-    markdown = (summary / "summary.md").read_text()
-    assert "### Test accuracy at the checkpoint chosen on test (the paper's protocol" in markdown
-    lines = [line for line in markdown.splitlines() if "dss_llm − standard_finetune" in line]
-    assert [line.split(" | ")[0] for line in lines] == ["| 1%", "| 2%"]
-    assert all("| 3 | 64 |" in line for line in lines) and "Not paired" not in markdown
-    rows = list(csv.DictReader(open(summary / "comparisons.csv")))
-    assert len(rows) == 2 and all(0 <= float(r["p_rows_holm"]) <= 1 and r["p_seeds"] for r in rows)
-    assert all(float(r["ci_low"]) <= float(r["difference"]) <= float(r["ci_high"]) for r in rows)
