@@ -238,3 +238,23 @@ def test_online_and_offline_distilled_runs_end_to_end(tiny_students, teachers, t
     # Other input truncation is other data: the store is refused in one line.
     assert run.main([*flags, "--max_input_length", "8"]) == 1
     assert "--kd_logits" in capsys.readouterr().err
+
+
+def test_sweep_takes_beta_as_an_axis_and_summarize_gives_each_beta_a_row():
+    import summarize
+    import sweep
+
+    args, passthrough = sweep.parse_args(["--dataset", "cqa", "--methods", "dss_llm", "--fractions", "1.0",
+                                          "--kd_weights", "0", "0.5", "--kd_teacher", "teachers/big-t5"])
+    argvs = sweep.run_argvs(args, passthrough)
+    assert len(argvs) == 2
+    assert "--kd_weight" not in argvs[0] and "--kd_teacher" not in argvs[0], "beta 0 runs as without distillation"
+    assert argvs[1][-4:] == ["--kd_weight", "0.5", "--kd_teacher", "teachers/big-t5"]
+    for argv in argvs:  # each is a valid run.py command line
+        run.parse_args(argv)
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--dataset", "cqa", "--kd_weights", "0.5"])  # no teacher
+    config = {"model_type": "task_prefix", "label_type": "llm", "kd_loss": "jsd", "kd_temperature": 2.0,
+              "kd_teacher": None, "kd_logits": "datasets/cqa/teacher_logits/abc/"}
+    assert summarize.method_name({**config, "kd_weight": 0.0}) == "dss_llm"
+    assert summarize.method_name({**config, "kd_weight": 0.5}) == "dss_llm kd=0.5 jsd T=2 [abc]"
