@@ -258,3 +258,46 @@ def test_sweep_takes_beta_as_an_axis_and_summarize_gives_each_beta_a_row():
               "kd_teacher": None, "kd_logits": "datasets/cqa/teacher_logits/abc/"}
     assert summarize.method_name({**config, "kd_weight": 0.0}) == "dss_llm"
     assert summarize.method_name({**config, "kd_weight": 0.5}) == "dss_llm kd=0.5 jsd T=2 [abc]"
+
+
+class Died(Exception):
+    pass
+
+
+def test_a_distilled_lora_run_with_checkpointing_resumes_where_it_died(tiny_students, teachers, tmp_path, capsys,
+                                                                       monkeypatch):
+    import train_utils
+
+    data = custom_data(tmp_path / "data")
+    student = tiny_students["llama"]
+    extraction = ["--teacher", str(teachers["llama"]), "--top_k", "20", "--",
+                  *run_flags(student, data, tmp_path / "x")]
+    assert teacher_logits.main(extraction) == 0
+    store = capsys.readouterr().out.strip().splitlines()[-1]
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return run_flags(student, data, out, "--lora_r", "4", "--lora_dropout", "0", "--gradient_checkpointing",
+                         "--max_steps", "6", "--kd_weight", "0.5", "--kd_loss", "reverse_kl", "--kd_logits", store,
+                         *extra)
+
+    assert run.main(argv(tmp_path / "whole")) == 0
+    whole = only_record(tmp_path / "whole")
+    original = train_utils.RunRecorder.on_step_end
+
+    def die_at_step_5(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == 5:
+            raise Died
+
+    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", die_at_step_5)
+    with pytest.raises(Died):
+        run.main(argv(tmp_path / "killed"))
+    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", original)
+    assert run.main(argv(tmp_path / "killed", "--resume")) == 0
+    resumed = only_record(tmp_path / "killed")
+
+    def trajectory(record: dict) -> list[tuple]:
+        return [(e["step"], round(e["train_loss"], 6), e["test_accuracy"]) for e in record["evaluations"]]
+
+    assert resumed["resumed"] is True and trajectory(resumed) == trajectory(whole)
+    assert "kd0.5_reverse_kl" in whole["config_dir"] and "lora_r4" in whole["config_dir"]
