@@ -126,12 +126,50 @@ class KdTerm:
 
     def chunk_loss_and_grad(self, logits: torch.Tensor, start: int, token_weights: torch.Tensor, grads: bool):
         """(this chunk's loss, its gradient with respect to the chunk's logits, fp32, or None without grads):
-        computed by autograd on the chunk alone, as fast_loss's fused head computes its cross-entropy's."""
+        on the chunk alone, as fast_loss's fused head computes its cross-entropy's. Forward KL from a top-k teacher
+        in closed form (top_k_forward_kl); any other, by autograd."""
+        if self.divergence == "forward_kl" and isinstance(self.teacher, TopKTokens):
+            return self.top_k_forward_kl(logits, start, token_weights, grads)
         with torch.enable_grad():
             chunk = logits.detach().float().requires_grad_(grads)
             loss = self.loss(chunk, start, token_weights)
             grad = torch.autograd.grad(loss, chunk)[0] if grads else None
         return loss.detach(), grad
+
+    def top_k_forward_kl(self, logits: torch.Tensor, start: int, token_weights: torch.Tensor, grads: bool):
+        """chunk_loss_and_grad for forward KL from a top-k teacher, without building its dense distribution: the
+        teacher's tempered distribution q is its k tokens and one tail value shared by the others, so
+
+            KL(q || s) = sum_k q_k log q_k + others * q_tail log q_tail
+                         - sum_k q_k log s_k - q_tail * (sum_all log s - sum_k log s_k)
+
+        with sum_all log s = sum(z) / T - vocabulary * logsumexp(z / T); its gradient is (s - q) / T (times T^2).
+        Two passes over the chunk's logits besides the student's softmax."""
+        teacher, t = self.teacher, self.temperature
+        z = logits.float()
+        ids = teacher.ids[start : start + len(z)].long().to(z.device)
+        top = teacher.top_log_probs[start : start + len(z)].float().to(z.device)
+        others = teacher.vocabulary - ids.shape[1]
+        rest = (1 - top.exp().sum(1)).clamp_min(TAIL_MASS_FLOOR)
+        tail = (rest / max(others, 1)).log()
+        # The tempered teacher, normalised over its k tokens and the others' shared tail.
+        tail_total = tail / t + math.log(others) if others else torch.full_like(tail, -math.inf)
+        norm = torch.logsumexp(torch.cat([top / t, tail_total[:, None]], dim=1), dim=1)
+        q_top_log, q_tail_log = top / t - norm[:, None], tail / t - norm
+        q_top, q_tail = q_top_log.exp(), q_tail_log.exp() if others else torch.zeros_like(tail)
+        student_norm = torch.logsumexp(z / t, dim=1)
+        s_top_log = z.gather(1, ids) / t - student_norm[:, None]
+        all_log = (z.sum(1, dtype=torch.float64) / t - teacher.vocabulary * student_norm.double()).float()
+        negative_entropy = (q_top * q_top_log).sum(1) + (others * q_tail * q_tail_log if others else 0.0)
+        cross = (q_top * s_top_log).sum(1) + q_tail * (all_log - s_top_log.sum(1))
+        scale = self.weight * token_weights.float()
+        loss = (scale * t * t * (negative_entropy - cross)).sum()
+        if not grads:
+            return loss, None
+        row_scale = (scale * t)[:, None]
+        grad = torch.softmax(z / t, dim=1).mul_(row_scale).sub_(q_tail[:, None] * row_scale)
+        grad.scatter_add_(1, ids, -(q_top - q_tail[:, None]) * row_scale)
+        return loss, grad
 
     def plain_loss(self, model, outputs, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
         """The term from the plain implementation's full logits (one output per view), each view's tokens weighted

@@ -80,6 +80,22 @@ def test_each_divergence_equals_the_hand_computed_reference(name, temperature):
     torch.testing.assert_close(grad, logits.grad)
 
 
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_from_a_top_k_teacher_in_closed_form_equals_the_dense_one(k, temperature):
+    torch.manual_seed(0)
+    student = torch.randn(4, 7) * 2
+    teacher = torch.log_softmax(torch.randn(4, 7) * 2, -1).topk(k, dim=-1)
+    term = KdTerm(0.6, temperature, "forward_kl", TopKTokens(teacher.indices, teacher.values, 7))
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    value, grad = term.chunk_loss_and_grad(student, 0, weights, grads=True)  # closed form
+    logits = student.clone().requires_grad_()
+    dense = term.loss(logits, 0, weights)  # the dense teacher, by autograd
+    dense.backward()
+    torch.testing.assert_close(value, dense.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_top_k_teacher_spreads_the_rest_of_its_mass_evenly():
     log_probs = torch.log(torch.tensor([[0.5, 0.3]]))
     dense = TopKTokens(torch.tensor([[3, 0]]), log_probs, 6).log_probs(0, 1).exp()
