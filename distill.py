@@ -174,7 +174,8 @@ class KdTerm:
     def plain_loss(self, model, outputs, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
         """The term from the plain implementation's full logits (one output per view), each view's tokens weighted
         weight / (its token count), as its cross-entropy is."""
-        shifted = not unwrap_peft(model).config.is_encoder_decoder  # decoder-only: position i predicts token i + 1
+        inner = unwrap_peft(getattr(model, "module", model))  # inside a DDP/FSDP/DeepSpeed wrapper, if any
+        shifted = not inner.config.is_encoder_decoder  # decoder-only: position i predicts token i + 1
         total, start = 0.0, 0
         for output, view, weight in zip(outputs, views, weights):
             logits, labels = (output.logits[:, :-1], view["labels"][:, 1:]) if shifted else (output.logits,

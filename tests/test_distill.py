@@ -317,3 +317,23 @@ def test_a_distilled_lora_run_with_checkpointing_resumes_where_it_died(tiny_stud
 
     assert resumed["resumed"] is True and trajectory(resumed) == trajectory(whole)
     assert "kd0.5_reverse_kl" in whole["config_dir"] and "lora_r4" in whole["config_dir"]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_distilled_student_in_two_processes(tiny_students, teachers, tmp_path):
+    import os
+    import subprocess
+
+    from conftest import ROOT
+    from test_distributed import torchrun
+
+    data = custom_data(tmp_path / "data")
+    flags = run_flags(tiny_students["t5"], data, tmp_path / "out", "--kd_weight", "0.5", "--kd_loss", "jsd",
+                      "--kd_teacher", str(teachers["t5"]), "--batch_size", "2")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([*torchrun(), str(ROOT / "run.py"), *flags], capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = only_record(tmp_path / "out")
+    assert record["world_size"] == 2 and "kd0.5_jsd" in record["config_dir"]
+    assert all(math.isfinite(e["train_loss"]) for e in record["evaluations"])
