@@ -28,6 +28,7 @@ import torch
 from datasets import Dataset
 
 from recovery import RunError
+from model_utils import LABEL_PAD
 from token_cache import tokenizer_fingerprint
 from views import VIEWS
 
@@ -84,16 +85,15 @@ def chunk_name(start: int, stop: int) -> str:
     return f"rows_{start:09d}_{stop:09d}.npz"
 
 
-@torch.no_grad()
-def top_k_of_rows(teacher_states: Callable, rows: list[dict], collate: Callable, views: list[str], k: int,
-                  logits_per_chunk: int):
-    """(ids [tokens, k], log-probabilities [tokens, k], counts [rows, views]) for rows, stored order: row by row,
-    each row's views in order. teacher_states(view batch) -> (hidden, keep mask) at the view's target tokens;
-    log-softmax and top-k taken logits_per_chunk tokens at a time."""
-    batch = collate(rows)
-    per_view = []
-    for view in views:
-        hidden, head, keep = teacher_states(batch[view])
+def model_top_k(teacher_states: Callable, k: int, vocabulary: int) -> Callable:
+    """view_top_k of a local teacher: teacher_states(view batch) -> (hidden, lm_head weight, keep mask) at the
+    view's target tokens (fast_loss.TARGET_STATES); log-softmax and top-k taken a bounded number of tokens at a
+    time."""
+    logits_per_chunk = max(16, (64 << 20) // (4 * vocabulary))
+
+    @torch.no_grad()
+    def view_top_k(view: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        hidden, head, keep = teacher_states(view)
         ids, log_probs = [], []
         for start in range(0, len(hidden), logits_per_chunk):
             logits = (hidden[start : start + logits_per_chunk].to(head.dtype) @ head.T).float()
@@ -101,15 +101,50 @@ def top_k_of_rows(teacher_states: Callable, rows: list[dict], collate: Callable,
             ids.append(top.indices.to(torch.int32))
             log_probs.append(top.values)
         counts = keep.sum(1).tolist()
-        per_view.append((torch.cat(ids).split(counts), torch.cat(log_probs).split(counts), counts))
+        return list(torch.cat(ids).split(counts)), list(torch.cat(log_probs).split(counts))
+
+    return view_top_k
+
+
+def served_top_k(complete: Callable[[dict], dict], model: str, k: int) -> Callable:
+    """view_top_k of a decoder-only teacher behind an OpenAI-compatible server that returns prompt log-probabilities
+    (vLLM's prompt_logprobs): one completions request per row, its prompt the row's token ids, and at each target
+    position the k most likely tokens the server gives for it. complete(request body) -> response body."""
+
+    def view_top_k(view: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ids, log_probs = [], []
+        for tokens, mask, labels in zip(view["input_ids"], view["attention_mask"], view["labels"]):
+            length = int(mask.sum())
+            answer = complete({"model": model, "prompt": tokens[:length].tolist(), "max_tokens": 1,
+                               "prompt_logprobs": k})
+            positions = answer["choices"][0]["prompt_logprobs"]
+            # Position p's entry is the distribution of token p given the tokens before it.
+            tops = [sorted(((int(token), entry["logprob"]) for token, entry in positions[p].items()),
+                           key=lambda pair: -pair[1])[:k] for p in range(1, length) if labels[p] != LABEL_PAD]
+            if any(len(top) < k for top in tops):
+                raise RunError(f"the server gave fewer than {k} log-probabilities for a prompt token of {model}: "
+                               "start it allowing at least --top_k prompt log-probabilities")
+            ids.append(torch.tensor([[token for token, _ in top] for top in tops], dtype=torch.int32))
+            log_probs.append(torch.tensor([[value for _, value in top] for top in tops], dtype=torch.float32))
+        return ids, log_probs
+
+    return view_top_k
+
+
+def top_k_of_rows(view_top_k: Callable, rows: list[dict], collate: Callable, views: list[str]):
+    """(ids [tokens, k], log-probabilities [tokens, k], counts [rows, views]) for rows, stored order: row by row,
+    each row's views in order. view_top_k(view batch) -> per row, its target tokens' top-k ids and log-probs."""
+    batch = collate(rows)
+    per_view = [view_top_k(batch[view]) for view in views]
     order = [(view, row) for row in range(len(rows)) for view in range(len(views))]
     ids = torch.cat([per_view[v][0][r] for v, r in order]).cpu().numpy()
     log_probs = torch.cat([per_view[v][1][r] for v, r in order]).cpu().numpy()
-    counts = np.array([[per_view[v][2][r] for v in range(len(views))] for r in range(len(rows))], dtype=np.int64)
+    counts = np.array([[len(per_view[v][0][r]) for v in range(len(views))] for r in range(len(rows))],
+                      dtype=np.int64)
     return ids, log_probs, counts
 
 
-def extract(root: Path, key: str, train: Dataset, teacher_states: Callable, collate: Callable, k: int,
+def extract(root: Path, key: str, train: Dataset, view_top_k: Callable, collate: Callable, k: int,
             meta: dict, batch_size: int, chunk_rows: int, say: Callable[[str], None] = print) -> Path:
     """The store <root>/<key> of train's rows, extracted where missing (resuming an interrupted extraction)."""
     final = root / key
@@ -119,14 +154,13 @@ def extract(root: Path, key: str, train: Dataset, teacher_states: Callable, coll
     partial = root / (key + PARTIAL_SUFFIX)
     partial.mkdir(parents=True, exist_ok=True)
     views = [view for view, _, _ in view_columns(train)]
-    logits_per_chunk = max(16, (64 << 20) // (4 * meta["vocabulary"]))
     for chunk_start in range(0, len(train), chunk_rows):
         chunk_stop = min(chunk_start + chunk_rows, len(train))
         path = partial / chunk_name(chunk_start, chunk_stop)
         if path.is_file():
             continue
-        parts = [top_k_of_rows(teacher_states, [train[i] for i in range(start, min(start + batch_size, chunk_stop))],
-                               collate, views, k, logits_per_chunk)
+        parts = [top_k_of_rows(view_top_k, [train[i] for i in range(start, min(start + batch_size, chunk_stop))],
+                               collate, views)
                  for start in range(chunk_start, chunk_stop, batch_size)]
         arrays = {name: np.concatenate([part[i] for part in parts]) for i, name in
                   enumerate(("ids", "log_probs", "counts"))}

@@ -142,7 +142,8 @@ def store_for(tmp_path: Path, teacher, tokenizer, family, train, k: int, chunk_r
 
     meta = {"teacher": "t", "vocabulary": output_rows(teacher), "data": logit_store.data_fingerprint(train),
             "tokenizer": tokenizer_fingerprint(tokenizer)}
-    return extract(tmp_path, store_key("t", train, k, tokenizer), train, states or teacher_states,
+    return extract(tmp_path, store_key("t", train, k, tokenizer), train,
+                   logit_store.model_top_k(states or teacher_states, k, output_rows(teacher)),
                    family.make_collator(tokenizer, "task_prefix"), k, meta, batch_size=2, chunk_rows=chunk_rows,
                    say=lambda line: None)
 
@@ -337,3 +338,57 @@ def test_torchrun_trains_a_distilled_student_in_two_processes(tiny_students, tea
     record = only_record(tmp_path / "out")
     assert record["world_size"] == 2 and "kd0.5_jsd" in record["config_dir"]
     assert all(math.isfinite(e["train_loss"]) for e in record["evaluations"])
+
+
+def test_a_served_teacher_stores_what_the_local_one_does(tiny_students, teachers, tmp_path, capsys):
+    """A local OpenAI-compatible server on 127.0.0.1 answering completions with vLLM's prompt_logprobs, computed by
+    the tiny Llama teacher: the store it gives equals the local teacher's."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    teacher = load_pretrained(str(teachers["llama"]))[2].eval()
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            with torch.no_grad():
+                logits = teacher(input_ids=torch.tensor([body["prompt"]])).logits[0]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            positions = [None]
+            for p in range(1, len(body["prompt"])):  # the top k of position p, and the prompt's own token
+                top = log_probs[p - 1].topk(body["prompt_logprobs"])
+                entries = {str(int(i)): {"logprob": float(v), "rank": r + 1}
+                           for r, (i, v) in enumerate(zip(top.indices, top.values))}
+                actual = body["prompt"][p]
+                entries.setdefault(str(actual), {"logprob": float(log_probs[p - 1, actual]), "rank": 999})
+                positions.append(entries)
+            answer = json.dumps({"choices": [{"text": "x", "prompt_logprobs": positions}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        data = custom_data(tmp_path / "data")
+        flags = ["--", *run_flags(tiny_students["llama"], data, tmp_path / "x")]
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        assert teacher_logits.main(["--teacher", "served-teacher", "--teacher_url", url, "--top_k", "5",
+                                    "--out", str(tmp_path / "served"), *flags]) == 0
+        served = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        assert teacher_logits.main(["--teacher", str(teachers["llama"]), "--top_k", "5", "--out",
+                                    str(tmp_path / "local"), *flags]) == 0
+        local = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        server.shutdown()
+    assert requests and all(r["model"] == "served-teacher" and r["prompt_logprobs"] == 5 for r in requests)
+    np.testing.assert_array_equal(np.load(served / "counts.npy"), np.load(local / "counts.npy"))
+    np.testing.assert_array_equal(np.load(served / "ids.npy"), np.load(local / "ids.npy"))
+    np.testing.assert_allclose(np.load(served / "log_probs.npy"), np.load(local / "log_probs.npy"), atol=1e-5)
