@@ -11,6 +11,9 @@ operation, a weighted sum over views of each view's mean token cross-entropy: Ta
 (model, views, weights). Its plain implementation, one_pass_per_view, is the definition itself (one full forward
 pass per view); fast_loss.py holds faster implementations of the same value, which the trainer takes where
 TaskPrefixTrainer.fast_loss_applies says they apply (by default, on one device).
+
+With token-level distillation (--kd_weight beta > 0, distill.py) the loss gains beta * kd_loss, taken on the same
+target tokens and weighted like the views; both implementations compute it.
 """
 
 from contextlib import nullcontext
@@ -206,6 +209,8 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             # Standard mode: label_loss alone. With --rationales all/correct/vote, a batch where no input kept a
             # rationale: alpha * label_loss, below.
             views, weights = [label_view], [1.0]
+        # + beta * kd_loss, kd_loss = sum_v weights[v] * mean over view v's target tokens of T^2 * D(teacher, student)
+        # (distill.py); without --kd_weight no term is built and the loss is the paper's alone.
         kd = None if self.distillation is None else self.distillation.term(inputs, views)
         if return_outputs:
             loss, outputs = one_pass_per_view(model, views, weights, kd)
