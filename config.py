@@ -12,6 +12,8 @@ from data_utils import DATA_URL
 # The original's generation_max_length; predict.py generates one token less by default (the start token counts).
 GEN_MAX_LEN = 64
 OPTIMIZER_NAMES = ("AdamW", "Adafactor")
+# --kd_loss's divergences (distill.DIVERGENCES, named here so run.py checks its flags before torch loads).
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 # --report_to name -> (the package it needs, how to install it).
 TRACKERS: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "uv sync (it is a core dependency)"),
@@ -93,6 +95,12 @@ class TrainingConfig:
     no_log: bool = False
     deepspeed: str | None = None
     local_rank: int | None = None  # passed by some launchers; the LOCAL_RANK variable they also set is what counts
+    # Token-level distillation (distill.py): beta * kd_loss added to the paper's loss; beta 0 trains without it.
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    kd_loss: str = KD_LOSSES[0]
+    kd_teacher: str | None = None  # an online teacher: local folder or hub id of the student's family and vocabulary
+    kd_logits: str | None = None  # a teacher_logits.py store of the teacher's top-k log-probabilities
 
     def effective_batch_size(self, data_parallel: int) -> int:
         """Rows per optimizer step, for data_parallel model copies each taking batch_size rows per micro-batch."""
@@ -119,7 +127,7 @@ FLAGS = (
     "dump_data", "output_rationale", "eval_rationales", "bf16", "gradient_checkpointing", "chat_template", "lora_r", "lora_alpha",
     "lora_dropout", "lora_targets", "report_to", "no_log", "parallelize", "deepspeed", "local_rank", "data_dir",
     "output_dir", "select_on", "save_total_limit", "resume", "overwrite", "download", "data_url", "cache_dir",
-    "no_cache",
+    "no_cache", "kd_weight", "kd_temperature", "kd_loss", "kd_teacher", "kd_logits",
 )
 GROUPS = {"data": DataConfig, "student": StudentConfig, "lora": LoraConfig, "training": TrainingConfig,
           "output": OutputConfig}
@@ -203,6 +211,11 @@ class RunConfig:
             parts.append("chat_template")
         if self.student.lora.enabled:
             parts.append(self.student.lora.name())
+        if training.kd_weight > 0:
+            teacher = training.kd_teacher or ""
+            source = f"teacher_{Path(teacher.rstrip('/')).name}" if teacher else \
+                f"logits_{Path(str(training.kd_logits).rstrip('/')).name}"
+            parts.append(f"kd{training.kd_weight:g}_{training.kd_loss}_t{training.kd_temperature:g}_{source}")
         return "/".join(str(part) for part in parts)
 
     def run_dirs(self, data_parallel: int) -> tuple[Path, Path]:

@@ -45,16 +45,16 @@ def seq2seq_fast_loss_applies(model) -> bool:
     return all(hasattr(model, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
 
 
-def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
-    """The trainer's weighted_view_loss for T5-like seq2seq students, with less work than one pass per view.
+def seq2seq_target_states(model, views: list[dict[str, torch.Tensor]]):
+    """(hidden, targets, keeps) of a T5-like model at every target token of the views, in order (view by view, row
+    by row): the decoder's last hidden states as the lm_head takes them (scaled where T5 scales them), the target
+    ids, and per view the mask of its kept target positions. grouped_loss's passes:
 
-    - One encoder pass for all views' rows together (the views share their inputs but for the prefix), trimmed to
+    - one encoder pass for all views' rows together (the views share their inputs but for the prefix), trimmed to
       the longest row;
-    - one decoder pass per view, trimmed to its longest target and to its rows' longest input;
-    - the lm_head and the cross-entropy only at target positions, not at padding, fused and chunked (LMHeadLoss).
+    - one decoder pass per view, trimmed to its longest target and to its rows' longest input.
     Dropping trailing padding changes no real position's value (padding is masked, decoding is causal); only
-    floating-point rounding differs (about 1e-7 relative in fp32). Dropout draws differ, so in training mode the
-    two implementations agree in distribution, not draw by draw.
+    floating-point rounding differs.
     """
     width = max(view["input_ids"].shape[1] for view in views)
     input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
@@ -63,9 +63,9 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
     length = int(input_lengths.max())
     encoded = model.encoder(input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length]).last_hidden_state
 
-    hidden, targets, token_weights = [], [], []
+    hidden, targets, keeps = [], [], []
     offset = 0
-    for view, weight in zip(views, weights):
+    for view in views:
         rows = slice(offset, offset + view["labels"].shape[0])
         labels = view["labels"][:, : int(used_lengths(view["labels"] != LABEL_PAD).max())]
         source = int(input_lengths[rows].max())
@@ -78,13 +78,25 @@ def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[floa
         keep = labels != LABEL_PAD
         hidden.append(states[keep])
         targets.append(labels[keep])
-        token_weights.append(view_token_weights(keep, weight))
+        keeps.append(keep)
         offset = rows.stop
 
     hidden = torch.cat(hidden)
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
         hidden = hidden * model.model_dim**-0.5  # as T5ForConditionalGeneration.forward does with tied embeddings
-    return lm_head_loss(hidden, model.lm_head.weight, torch.cat(targets), torch.cat(token_weights))
+    return hidden, torch.cat(targets), keeps
+
+
+def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float], kd=None) -> torch.Tensor:
+    """The trainer's weighted_view_loss for T5-like seq2seq students, with less work than one pass per view: the
+    passes of seq2seq_target_states, then the lm_head and the cross-entropy only at target positions, not at
+    padding, fused and chunked (LMHeadLoss). Dropout draws differ from the plain implementation's, so in training
+    mode the two agree in distribution, not draw by draw. kd: the token-level distillation term (distill.KdTerm),
+    added chunk by chunk in the same pass; None trains on the paper's loss alone.
+    """
+    hidden, targets, keeps = seq2seq_target_states(model, views)
+    token_weights = torch.cat([view_token_weights(keep, weight) for keep, weight in zip(keeps, weights)])
+    return lm_head_loss(hidden, model.lm_head.weight, targets, token_weights, kd)
 
 
 # Config fields of architectures whose forward changes the logits after the head (soft-capping: Gemma 2/3; scaling:
@@ -104,13 +116,12 @@ def causal_fast_loss_applies(model) -> bool:
     )
 
 
-def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
-    """The trainer's weighted_view_loss for decoder-only students, with less work than one full pass per view: each
-    view's pass trimmed to its longest row, and the lm_head and cross-entropy only at the positions that predict a
-    target token (lm_head_loss: no logits for prompts or padding, chunked). Views run apart, since an explain row
-    (prompt and rationale) is far longer than a predict row (prompt and label)."""
-    hidden, targets, token_weights = [], [], []
-    for view, weight in zip(views, weights):
+def causal_target_states(model, views: list[dict[str, torch.Tensor]]):
+    """(hidden, targets, keeps) of a decoder-only model at every position that predicts a target token of the views,
+    in order (view by view, row by row): one pass per view trimmed to its longest row (views run apart, since an
+    explain row, prompt and rationale, is far longer than a predict row), no logits."""
+    hidden, targets, keeps = [], [], []
+    for view in views:
         length = int(used_lengths(view["attention_mask"].bool()).max())
         states = model.base_model(input_ids=view["input_ids"][:, :length],
                                   attention_mask=view["attention_mask"][:, :length])
@@ -118,9 +129,21 @@ def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: li
         keep = shifted != LABEL_PAD
         hidden.append(states.last_hidden_state[:, :-1][keep])
         targets.append(shifted[keep])
-        token_weights.append(view_token_weights(keep, weight))
-    head = model.get_output_embeddings()
-    return lm_head_loss(torch.cat(hidden), head.weight, torch.cat(targets), torch.cat(token_weights))
+        keeps.append(keep)
+    return torch.cat(hidden), torch.cat(targets), keeps
+
+
+def causal_grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float], kd=None) -> torch.Tensor:
+    """The trainer's weighted_view_loss for decoder-only students, with less work than one full pass per view: the
+    passes of causal_target_states, then the lm_head and cross-entropy only at the positions that predict a target
+    token (lm_head_loss: no logits for prompts or padding, chunked). kd: as grouped_loss's."""
+    hidden, targets, keeps = causal_target_states(model, views)
+    token_weights = torch.cat([view_token_weights(keep, weight) for keep, weight in zip(keeps, weights)])
+    return lm_head_loss(hidden, model.get_output_embeddings().weight, targets, token_weights, kd)
+
+
+# Each family's target_states by whether the model is an encoder-decoder (its config's is_encoder_decoder).
+TARGET_STATES = {True: seq2seq_target_states, False: causal_target_states}
 
 
 # The most fp32 logits lm_head_loss holds at once: a tiny-T5 batch of rationales in one chunk, a large GPU batch in
@@ -141,8 +164,9 @@ class LMHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights):
-        loss, grad_hidden, grad_weight = lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=True)
+    def forward(ctx, hidden, weight, targets, token_weights, kd=None):
+        loss, grad_hidden, grad_weight = lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=True,
+                                                                kd=kd)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -151,10 +175,10 @@ class LMHeadLoss(torch.autograd.Function):
         # In place: a second backward through a retained graph fails autograd's saved-tensor version check instead
         # of scaling twice.
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None
 
 
-def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
+def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool, kd=None):
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     weight_c, hidden_c = weight.to(compute_dtype), hidden.to(compute_dtype)
@@ -178,6 +202,9 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
                 logits = torch.mm(chunk, weight_c.T, out=buffer[: len(chunk)])
             else:
                 logits = buffer[: len(chunk)].copy_(chunk @ weight_c.T)
+            if kd is not None:  # before the softmax below overwrites the logits
+                kd_loss, kd_grad = kd.chunk_loss_and_grad(logits, start, token_weight, grads)
+                loss += kd_loss
             target_logits = logits.gather(1, target).squeeze(1)
             top_logits, top = logits.max(1, keepdim=True)
             probabilities = torch.softmax(logits, dim=1, out=logits)
@@ -188,7 +215,10 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
             if not grads:
                 continue
             probabilities.scatter_add_(1, target, torch.full_like(target, -1, dtype=probabilities.dtype))
-            grad_logits = probabilities.mul_(token_weight[:, None]).to(compute_dtype)
+            probabilities.mul_(token_weight[:, None])
+            if kd is not None:
+                probabilities.add_(kd_grad)
+            grad_logits = probabilities.to(compute_dtype)
             if onednn:
                 grad_hidden[start : start + rows] = onednn_mm_t(grad_logits, weight_c.T)
                 first = grad_weight is None
@@ -216,10 +246,16 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool):
     return loss, grad_hidden, grad_weight
 
 
-def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor):
-    """sum_i token_weights[i] * cross_entropy(hidden[i] @ weight.T, targets[i]), without [tokens, vocab] tensors."""
+def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
+                 kd=None):
+    """sum_i token_weights[i] * cross_entropy(hidden[i] @ weight.T, targets[i]), without [tokens, vocab] tensors;
+    with kd (distill.KdTerm), plus kd.weight * sum_i token_weights[i] * (the divergence at token i)."""
     if not enabled("fused_head"):
-        return (F.cross_entropy(hidden @ weight.T, targets, reduction="none").float() * token_weights).sum()
+        logits = hidden @ weight.T
+        loss = (F.cross_entropy(logits, targets, reduction="none").float() * token_weights).sum()
+        return loss if kd is None else loss + kd.loss(logits, 0, token_weights)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LMHeadLoss.apply(hidden, weight, targets, token_weights)
-    return lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=False)[0]
+        if kd is None:
+            return LMHeadLoss.apply(hidden, weight, targets, token_weights)
+        return LMHeadLoss.apply(hidden, weight, targets, token_weights, kd)
+    return lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads=False, kd=kd)[0]

@@ -11,6 +11,9 @@ operation, a weighted sum over views of each view's mean token cross-entropy: Ta
 (model, views, weights). Its plain implementation, one_pass_per_view, is the definition itself (one full forward
 pass per view); fast_loss.py holds faster implementations of the same value, which the trainer takes where
 TaskPrefixTrainer.fast_loss_applies says they apply (by default, on one device).
+
+With token-level distillation (--kd_weight beta > 0, distill.py) the loss gains beta * kd_loss, taken on the same
+target tokens and weighted like the views; both implementations compute it.
 """
 
 from contextlib import nullcontext
@@ -135,14 +138,17 @@ def causal_collator(tokenizer: PreTrainedTokenizerBase, model_type: str) -> Caus
     return CausalViewsCollator(tokenizer)
 
 
-def one_pass_per_view(model, views: list[dict[str, torch.Tensor]], weights: list[float]):
+def one_pass_per_view(model, views: list[dict[str, torch.Tensor]], weights: list[float], kd=None):
     """weighted_view_loss's plain implementation, the definition itself: one full forward pass per view, each padded
     to its own longest row, whose .loss is the view's mean token cross-entropy (LABEL_PAD left out); the loss is
-    sum_v weights[v] * that. Returns (loss, the passes' outputs)."""
+    sum_v weights[v] * that, plus, with kd (distill.KdTerm), beta * kd_loss from the same logits. Returns (loss, the
+    passes' outputs)."""
     outputs = [model(**view) for view in views]
     loss = weights[0] * outputs[0].loss
     for weight, output in zip(weights[1:], outputs[1:]):
         loss = loss + weight * output.loss
+    if kd is not None:
+        loss = loss + kd.plain_loss(model, outputs, views, weights)
     return loss, outputs
 
 
@@ -160,6 +166,8 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
     4.30's arithmetic (faithful_training.OriginalAdamW).
 
     family: the student's students.StudentFamily (its fast loss, generation settings).
+    distillation: the run's token-level distillation (distill.Distillation, --kd_weight > 0), else None: the paper's
+    loss alone.
     """
 
     def __init__(
@@ -169,6 +177,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         alpha: float = 0.5,
         gen_max_len: int = 64,
         output_rationale: bool = False,
+        distillation=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -176,6 +185,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         self.family = family
         self.gen_max_len = gen_max_len
         self.output_rationale = output_rationale
+        self.distillation = distillation
         self.generation_overrides = family.generation
         # Tokens a generated rationale may take, the start token counted; None: gen_max_len, as labels.
         self.rationale_gen_max_len: int | None = None
@@ -187,7 +197,8 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The paper's loss on one batch: alpha * label_loss + (1 - alpha) * rationale_loss.
+        """The paper's loss on one batch: alpha * label_loss + (1 - alpha) * rationale_loss, plus beta * kd_loss with
+        token-level distillation (distill.py: kd_loss weighted like the views, alpha and 1 - alpha).
 
         return_outputs: also each view's model outputs, {"pred": ..., "expl": ... or None}, from the plain
         implementation (the only one that has them).
@@ -200,22 +211,29 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             # Standard mode: label_loss alone. With --rationales all/correct/vote, a batch where no input kept a
             # rationale: alpha * label_loss, below.
             views, weights = [label_view], [1.0]
+        # + beta * kd_loss, kd_loss = sum_v weights[v] * mean over view v's target tokens of T^2 * D(teacher, student)
+        # (distill.py); without --kd_weight no term is built and the loss is the paper's alone.
+        kd = None if self.distillation is None else self.distillation.term(inputs, views)
         if return_outputs:
-            loss, outputs = one_pass_per_view(model, views, weights)
+            loss, outputs = one_pass_per_view(model, views, weights, kd)
         else:
-            loss, outputs = self.weighted_view_loss(model, views, weights), None
+            loss, outputs = self.weighted_view_loss(model, views, weights, kd), None
         if "expl" in inputs and rationale_view is None:
             loss = self.alpha * loss
         if not return_outputs:
             return loss
         return loss, {"pred": outputs[0], "expl": outputs[1] if rationale_view is not None else None}
 
-    def weighted_view_loss(self, model, views: list[dict[str, torch.Tensor]], weights: list[float]) -> torch.Tensor:
-        """sum_v weights[v] * (mean token cross-entropy of view v's targets): by the family's fast implementation
-        (fast_loss.py: the same value with less work) where fast_loss_applies, else by one_pass_per_view."""
+    def weighted_view_loss(self, model, views: list[dict[str, torch.Tensor]], weights: list[float],
+                           kd=None) -> torch.Tensor:
+        """sum_v weights[v] * (mean token cross-entropy of view v's targets), plus kd's term where given: by the
+        family's fast implementation (fast_loss.py: the same value with less work) where fast_loss_applies, else by
+        one_pass_per_view."""
         if self.fast_loss_applies(model):
-            return self.family.fast_loss(unwrap_peft(model), views, weights)
-        return one_pass_per_view(model, views, weights)[0]
+            if kd is None:
+                return self.family.fast_loss(unwrap_peft(model), views, weights)
+            return self.family.fast_loss(unwrap_peft(model), views, weights, kd)
+        return one_pass_per_view(model, views, weights, kd)[0]
 
     def fast_loss_applies(self, model) -> bool:
         """The family's fast implementation calls the model's modules directly (T5's encoder and decoder, a

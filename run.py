@@ -27,8 +27,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop_while_starting)
     signal.signal(signal.SIGINT, _stop_while_starting)
 
-from cli import fraction, folder_name, positive_float, positive_int, seed, unit_interval
-from config import OPTIMIZER_NAMES, TRACKERS, RunConfig, default_flag_values
+from cli import fraction, folder_name, non_negative_float, positive_float, positive_int, seed, unit_interval
+from config import KD_LOSSES, OPTIMIZER_NAMES, TRACKERS, RunConfig, default_flag_values
 from data_utils import DATASETS
 from metrics import METRICS
 from rationales import RATIONALE_MODES
@@ -114,6 +114,21 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--cache_dir", help="where tokenised splits are kept for reruns, resumes and sweeps "
         "(default: $DSS_CACHE, else ~/.cache/dss)")
     add("--no_cache", action="store_true", help="tokenise without reading or writing the cache")
+    kd = parser.add_argument_group("token-level distillation (beside the paper's loss; see README)").add_argument
+    kd("--kd_weight", type=non_negative_float,
+       help="beta: add beta * kd_loss, token-level distillation from --kd_teacher or --kd_logits, to the paper's "
+       "loss (0: the paper's loss alone)")
+    kd("--kd_temperature", type=positive_float,
+       help="softmax temperature of teacher and student in kd_loss")
+    kd("--kd_loss", choices=KD_LOSSES,
+       help="kd_loss's divergence: forward_kl KL(teacher||student), reverse_kl KL(student||teacher), jsd "
+       "(Jensen-Shannon)")
+    kd("--kd_teacher", metavar="PATH_OR_ID",
+       help="online teacher for kd_loss: a model of the student's family and vocabulary, run in inference mode on "
+       "the same views")
+    kd("--kd_logits", metavar="DIR",
+       help="offline teacher for kd_loss: the store of its top-k log-probabilities that teacher_logits.py printed "
+       "for this run's data")
     parser.set_defaults(**default_flag_values())  # defined once, in config.py
     args = parser.parse_args(argv)
 
@@ -152,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         package, install = TRACKERS[tracker]
         if importlib.util.find_spec(package) is None:
             parser.error(f"--report_to {tracker} needs the {package} package, which is not installed: {install}")
+    if args.kd_weight > 0 and (args.kd_teacher is None) == (args.kd_logits is None):
+        parser.error("--kd_weight > 0 distils from a teacher: pass --kd_teacher or --kd_logits (one of them)")
+    if args.kd_weight == 0 and (args.kd_teacher or args.kd_logits):
+        parser.error("--kd_teacher/--kd_logits are used only with --kd_weight > 0: set --kd_weight or drop them")
+    if args.kd_logits and args.rationales != "first":
+        parser.error(f"--kd_logits stores one rationale per input: use --kd_teacher with --rationales "
+                     f"{args.rationales}, or --rationales first")
     if args.gen_max_len < 2:
         parser.error("--gen_max_len counts the decoder's start token, as the original's generation_max_length: "
                      "use 2 or more")

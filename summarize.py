@@ -70,7 +70,12 @@ def method_name(config: dict) -> str:
     uses_teacher = config["model_type"] == "task_prefix" or config["label_type"] == "llm"
     name = f"{name} [{llm}]" if uses_teacher and llm != "palm" else name
     mode = config.get("rationales", "first")
-    return f"{name} rationales={mode}" if uses_teacher and mode != "first" else name
+    name = f"{name} rationales={mode}" if uses_teacher and mode != "first" else name
+    beta = config.get("kd_weight", 0)
+    if beta:  # token-level distillation: a row per beta, divergence, temperature and teacher
+        teacher = Path(str(config.get("kd_teacher") or config.get("kd_logits")).rstrip("/")).name
+        name = f"{name} kd={beta:g} {config['kd_loss']} T={config['kd_temperature']:g} [{teacher}]"
+    return name
 
 
 def teacher_accuracy(record: dict) -> tuple[str, float, float | None] | None:

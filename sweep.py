@@ -38,9 +38,12 @@ METHODS: dict[str, list[str]] = {
 # run.py flags the grid sets itself; passing them through would silently fight the grid.
 GRID_FLAGS = (
     "--model_type", "--label_type", "--run", "--subsample", "--alpha", "--rationales", "--resume", "--overwrite",
+    "--kd_weight",
 )
 # run.py flags that score rationales, which standard methods do not train: their runs go without them.
 RATIONALE_ONLY_FLAGS = ("--eval_rationales",)
+# run.py's flags that name the distillation teacher: passed to the runs with --kd_weight > 0 only.
+KD_SOURCE_FLAGS = ("--kd_teacher", "--kd_logits")
 # submitit's executor for --slurm; the tests use its "local" one, which runs the jobs as processes on this machine.
 SLURM_CLUSTER = "slurm"
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -96,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     add("--rationale_modes", nargs="+", default=["first"], choices=RATIONALE_MODES,
         help="values of run.py --rationales; dss_* run once per mode, standard_distill once for first/all/correct "
         "(its labels are the first sample's) and once for vote")
+    add("--kd_weights", nargs="+", type=cli.non_negative_float, default=[0.0],
+        help="values of run.py --kd_weight (beta, token-level distillation; > 0 needs --kd_teacher or --kd_logits)")
     add("--print", action="store_true", help="print the pending runs' commands, one per line, and run nothing")
     slurm = parser.add_argument_group("Slurm (through submitit: uv sync --extra slurm)")
     slurm.add_argument("--slurm", action="store_true",
@@ -125,8 +130,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         clash = [flag for flag in GRID_FLAGS if len(name) > 2 and flag.startswith(name)]
         if clash:
             parser.error(f"{token}: sweep.py sets {clash[0]} for each run; use --methods/--seeds/--alphas/--fractions"
-                         "/--rationale_modes")
+                         "/--rationale_modes/--kd_weights")
+    if any(beta > 0 for beta in args.kd_weights) and not kd_source(passthrough)[1]:
+        parser.error("--kd_weights above 0 distil from a teacher: pass --kd_teacher or --kd_logits")
     return args, passthrough
+
+
+def kd_source(passthrough: list[str]) -> tuple[list[str], list[str]]:
+    """(passthrough less the teacher flags of KD_SOURCE_FLAGS, those flags with their values)."""
+    rest, source = [], []
+    tokens = iter(passthrough)
+    for token in tokens:
+        if token.split("=", 1)[0] in KD_SOURCE_FLAGS:
+            source += [token] if "=" in token else [token, next(tokens, "")]
+        else:
+            rest.append(token)
+    return rest, source
 
 
 def method_modes(flags: list[str], modes: list[str]) -> list[str]:
@@ -142,13 +161,14 @@ def method_modes(flags: list[str], modes: list[str]) -> list[str]:
 def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str]]:
     """run.py's argv for each run of the grid; seeds outermost, so an early stop leaves whole seeds done."""
     argvs = []
+    without_teacher, teacher = kd_source(passthrough)
     for seed in dict.fromkeys(args.seeds):
         for fraction in dict.fromkeys(args.fractions):
             for method in dict.fromkeys(args.methods):
                 flags = METHODS[method]
                 # alpha weighs the rationale loss, which standard models do not have: one run at run.py's default.
                 alphas = dict.fromkeys(args.alphas) if "task_prefix" in flags else [None]
-                shared = [token for token in passthrough
+                shared = [token for token in without_teacher
                           if "task_prefix" in flags or token not in RATIONALE_ONLY_FLAGS]
                 for mode in method_modes(flags, args.rationale_modes):
                     for alpha in alphas:
@@ -157,7 +177,9 @@ def run_argvs(args: argparse.Namespace, passthrough: list[str]) -> list[list[str
                             grid += ["--alpha", str(alpha)]
                         if mode != "first":  # the paper's choice is run.py's default: its argv stays as it was
                             grid += ["--rationales", mode]
-                        argvs.append(shared + grid)
+                        for beta in dict.fromkeys(args.kd_weights):  # beta 0: the argv without distillation
+                            kd = ["--kd_weight", str(beta), *teacher] if beta > 0 else []
+                            argvs.append(shared + grid + kd)
     return argvs
 
 

@@ -28,7 +28,7 @@ from config import DataConfig, OutputConfig, RunConfig, TrainingConfig
 from data_utils import DATA_URL, DATASETS, DataError, load_data
 from download import fetch_data
 from metrics import MATCHES, METRICS
-from model_utils import LABEL_PAD, TaskPrefixTrainer
+from model_utils import LABEL_PAD, TaskPrefixTrainer, unwrap_peft
 from rationale_eval import rationale_report
 from rationales import audit, choose_rationales, describe_audit, describe_counts, kept_counts, tokenize_kept_rationales
 from recovery import (
@@ -317,10 +317,11 @@ def training_arguments(training: TrainingConfig, ckpt_dir: Path, log_dir: Path) 
 
 def build_trainer(
     training: TrainingConfig, training_args: Seq2SeqTrainingArguments, model, tokenizer, tokenized: DatasetDict,
-    metric: str, trainer_class: type[TaskPrefixTrainer] = TaskPrefixTrainer,
+    metric: str, trainer_class: type[TaskPrefixTrainer] = TaskPrefixTrainer, distillation=None,
 ):
     """The task-prefix Seq2SeqTrainer of the paper, scoring test (and valid) by generation; trainer_class: a
-    subclass of TaskPrefixTrainer for another evaluation step (the benchmark's reference)."""
+    subclass of TaskPrefixTrainer for another evaluation step (the benchmark's reference); distillation: the run's
+    token-level distillation (distill.Distillation), whose store, if any, adds the teacher's top-k to batches."""
     evaluator = Evaluator(tokenizer, metric)
     eval_splits = ("valid", "test") if training.select_on == "valid" else ("test",)
     # Longest rows first: batches of similar length pad less, and an out-of-memory shows at the first batch.
@@ -336,7 +337,7 @@ def build_trainer(
         args=training_args,
         train_dataset=tokenized["train"],
         eval_dataset=eval_sets,
-        data_collator=family.make_collator(tokenizer, training.model_type),
+        data_collator=distillation_collator(family.make_collator(tokenizer, training.model_type), distillation),
         processing_class=tokenizer,
         compute_metrics=evaluator,
         callbacks=[recorder],
@@ -344,6 +345,7 @@ def build_trainer(
         gen_max_len=training.gen_max_len,
         output_rationale=training.output_rationale,
         family=family,
+        distillation=distillation,
     )
     return trainer, recorder
 
@@ -484,15 +486,18 @@ def train_and_evaluate(
     config: RunConfig, data_parallel: int, training_args: Seq2SeqTrainingArguments, model, tokenizer,
     tokenized: DatasetDict, metric: str, record_extra: dict | None = None, guard: FaultGuard | None = None,
     teacher_test: Dataset | None = None,
+    distillation=None,
 ) -> dict | None:
     """Train with periodic evaluation and checkpoints; save the selected model; return the run record (with
     record_extra's entries, such as the teacher audit).
 
     --resume continues from the newest complete checkpoint; guard (a recovery.FaultGuard) watches training;
-    teacher_test (the test rows' teacher rationales and labels) is given with --eval_rationales."""
+    teacher_test (the test rows' teacher rationales and labels) is given with --eval_rationales; distillation
+    (distill.py) adds the token-level term with --kd_weight above 0."""
     ckpt_dir, log_dir = config.run_dirs(data_parallel)
     effective_batch_size = config.training.effective_batch_size(data_parallel)
-    trainer, recorder = build_trainer(config.training, training_args, model, tokenizer, tokenized, metric)
+    trainer, recorder = build_trainer(config.training, training_args, model, tokenizer, tokenized, metric,
+                                      distillation=distillation)
     if training_args.report_to:
         select_on = config.training.select_on
         track_run(trainer, config.flags(), lambda log_history: paper_metrics(log_history, select_on))
@@ -639,6 +644,33 @@ def dump_data(config: RunConfig) -> None:
     print(f"wrote {count} rows ({', '.join(f'{name} {len(split)}' for name, split in splits.items())}) to {path}")
 
 
+def run_distillation(training: TrainingConfig, model, tokenizer, tokenized: DatasetDict):
+    """--kd_weight > 0: the run's distill.Distillation, its online teacher loaded or its store opened (the training
+    rows then carry kd_row, their index in the store); None otherwise, and the paper's loss trains alone."""
+    if training.kd_weight == 0:
+        return None
+    from distill import Distillation, load_teacher, output_rows
+    from logit_store import open_store
+
+    vocabulary = output_rows(unwrap_peft(model))
+    teacher = store = None
+    if training.kd_teacher:
+        teacher = load_teacher(training.kd_teacher, model, tokenizer)
+    else:
+        store = open_store(training.kd_logits, tokenized["train"], tokenizer, vocabulary)
+        tokenized["train"] = tokenized["train"].add_column("kd_row", list(range(len(tokenized["train"]))))
+    return Distillation(training.kd_weight, training.kd_temperature, training.kd_loss, vocabulary, teacher, store)
+
+
+def distillation_collator(collate: Callable, distillation) -> Callable:
+    """The family's collator, plus the teacher's stored top-k for distillation from a store."""
+    if distillation is None or distillation.store is None:
+        return collate
+    from logit_store import TopKCollator
+
+    return TopKCollator(collate, distillation.store)
+
+
 def warn_of_a_batch_beyond_the_split(batch_size: int, rows: int) -> None:
     """A batch larger than the training split is the whole split at every step: memory for all of its rows at once,
     which a mistyped --batch_size makes a kernel kill rather than a run."""
@@ -709,13 +741,14 @@ def train_in_folder(config: RunConfig, data_parallel: int, refusal: str | None =
                 tokenized["train"], splits["train"]["rationales"], original_t5_pretokenization(tokenizer),
                 MAX_TARGET_LENGTH,
             )
+        distillation = run_distillation(training, model, tokenizer, tokenized)
         guard = FaultGuard()
         with faults_explained(guard, ckpt_dir, model):
             teacher_test = None
             if training.eval_rationales:
                 teacher_test = splits["test"].select_columns(["rationale", "llm_label"])
             record = train_and_evaluate(config, data_parallel, training_args, model, tokenizer, tokenized,
-                                        metric_name(config.data), record_extra, guard, teacher_test)
+                                        metric_name(config.data), record_extra, guard, teacher_test, distillation)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

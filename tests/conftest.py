@@ -265,3 +265,26 @@ def tiny_students(tmp_path_factory, tiny_t5) -> dict[str, Path]:
     built = {kind: build_tiny_student(tmp_path_factory.mktemp(f"tiny-{kind}"), kind)
              for kind in ("bart", "gpt2", "llama", "qwen2")}
     return {"t5": tiny_t5, **built}
+
+
+class Died(Exception):
+    """Stands for a kill in the middle of training: raised at the end of a step, after what the step wrote."""
+
+
+def train_until_killed(argv: list[str], dies_after) -> None:
+    """run.main(argv), stopped by Died at the end of the first step for which dies_after(step) holds; the run's
+    checkpoints written so far stay, as after a kill."""
+    import run
+    import train_utils
+
+    finish_step = train_utils.RunRecorder.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        finish_step(self, args, state, control, **kwargs)
+        if dies_after(state.global_step):
+            raise Died
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_utils.RunRecorder, "on_step_end", on_step_end)
+        with pytest.raises(Died):
+            run.main(argv)

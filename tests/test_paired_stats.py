@@ -12,7 +12,7 @@ import run
 import stats
 import summarize
 import train_utils
-from conftest import write_fake_dataset
+from conftest import train_until_killed, write_fake_dataset
 from metrics import equations_match
 from test_sweep_summary import FINETUNE, write_result
 
@@ -234,11 +234,7 @@ def test_a_tiny_run_keeps_its_selected_predictions(tiny_t5, tmp_path, capsys, se
     assert sum(row["correct"] for row in rows) / 12 == record["selected_test_accuracy"]
 
 
-class Died(Exception):
-    pass
-
-
-def test_a_run_resumed_past_its_selected_evaluation_still_keeps_its_predictions(tiny_t5, tmp_path, monkeypatch):
+def test_a_run_resumed_past_its_selected_evaluation_still_keeps_its_predictions(tiny_t5, tmp_path):
     data = tmp_path / "datasets"
     write_fake_dataset(data, "svamp", {"train": 30, "test": 12})
 
@@ -253,17 +249,7 @@ def test_a_run_resumed_past_its_selected_evaluation_still_keeps_its_predictions(
 
     assert run.main(argv(tmp_path / "whole")) == 0
     whole, whole_predictions = predictions(tmp_path / "whole")
-    original = train_utils.RunRecorder.on_step_end
-
-    def die_after_the_selected_step(self, args, state, control, **kwargs):
-        original(self, args, state, control, **kwargs)
-        if state.global_step == whole["selection"]["step"] + 2:
-            raise Died
-
-    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", die_after_the_selected_step)
-    with pytest.raises(Died):
-        run.main(argv(tmp_path / "killed"))
-    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", original)
+    train_until_killed(argv(tmp_path / "killed"), lambda step: step == whole["selection"]["step"] + 2)
     assert run.main(argv(tmp_path / "killed", "--resume")) == 0
     resumed, resumed_predictions = predictions(tmp_path / "killed")
     assert resumed["resumed"] and resumed["selection"] == whole["selection"]

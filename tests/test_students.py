@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 import predict
 import run
-import train_utils
 from config import TrainingConfig
+from conftest import train_until_killed
 from fast_loss import causal_fast_loss_applies
 from model_utils import LABEL_PAD, CausalViewsCollator, one_pass_per_view
 from students import family_of, load_pretrained
@@ -217,11 +217,7 @@ def test_a_short_run_trains_evaluates_saves_reloads_and_predicts(tiny_students, 
         assert len(predictions) == 4 and "pred_rationale" in json.loads(predictions[0])
 
 
-class Died(Exception):
-    pass
-
-
-def test_lora_changes_only_adapters_and_a_resumed_run_ends_the_same(tiny_students, tmp_path, monkeypatch):
+def test_lora_changes_only_adapters_and_a_resumed_run_ends_the_same(tiny_students, tmp_path):
     data = custom_data(tmp_path / "data")
     lora = ["--lora_r", "4", "--lora_dropout", "0", "--lora_targets", "q_proj", "v_proj", "--max_steps", "6"]
 
@@ -237,17 +233,7 @@ def test_lora_changes_only_adapters_and_a_resumed_run_ends_the_same(tiny_student
     changed = {name for name, value in merged.state_dict().items() if not torch.equal(value, base[name])}
     assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
 
-    original = train_utils.RunRecorder.on_step_end
-
-    def die_at_step_5(self, args, state, control, **kwargs):
-        original(self, args, state, control, **kwargs)
-        if state.global_step == 5:
-            raise Died
-
-    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", die_at_step_5)
-    with pytest.raises(Died):
-        run.main(argv(tmp_path / "killed"))
-    monkeypatch.setattr(train_utils.RunRecorder, "on_step_end", original)
+    train_until_killed(argv(tmp_path / "killed"), lambda step: step == 5)
     assert not list((tmp_path / "killed").glob("ckpts/**/results.json"))
     assert run.main(argv(tmp_path / "killed", "--resume")) == 0
     resumed = only_record(tmp_path / "killed")
