@@ -1,6 +1,7 @@
 """Token-level distillation (distill.py, logit_store.py, teacher_logits.py): the divergences against hand-computed
 values, the plain and fused implementations against each other, online against offline teachers, a resumed
-extraction, the vocabulary refusal, and whole runs with tiny T5 -> T5 and Llama -> Llama pairs."""
+extraction, the vocabulary refusal, and whole runs with tiny T5 -> T5 and Llama -> Llama pairs (on rows written here,
+and on the shipped cqa data where ../shared has it)."""
 
 import json
 import math
@@ -375,3 +376,35 @@ def test_a_served_teacher_stores_what_the_local_one_does(tiny_students, teachers
     np.testing.assert_array_equal(np.load(served / "counts.npy"), np.load(local / "counts.npy"))
     np.testing.assert_array_equal(np.load(served / "ids.npy"), np.load(local / "ids.npy"))
     np.testing.assert_allclose(np.load(served / "log_probs.npy"), np.load(local / "log_probs.npy"), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_both_pairs_distil_online_and_offline_on_the_shipped_cqa_data(shared_data, tiny_students, teachers,
+                                                                    tmp_path, capsys):
+    """The issue's end-to-end check on the paper's cqa rows and PaLM rationales: T5 -> T5 and Llama -> Llama at
+    beta 0.5, once with the teacher run online and once from its stored top-k log-probabilities."""
+    for kind in PAIRS:
+        student, teacher = tiny_students[kind], teachers[kind]
+
+        def flags(out: Path, *extra: str) -> list[str]:
+            return ["--dataset", "cqa", "--label_type", "llm", "--from_pretrained", str(student), "--data_dir",
+                    str(shared_data), "--output_dir", str(out), "--subsample", "0.002", "--batch_size", "4",
+                    "--max_steps", "2", "--eval_steps", "2", "--max_eval_samples", "16", "--gen_max_len", "4",
+                    "--max_input_length", "64", "--no_log", *extra]
+
+        extraction = ["--teacher", str(teacher), "--top_k", "20", "--out", str(tmp_path / kind / "logits"), "--",
+                      *flags(tmp_path / kind / "offline")]
+        assert teacher_logits.main(extraction) == 0
+        store = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        assert store.parent == tmp_path / kind / "logits" and json.loads((store / "meta.json").read_text())["rows"]
+        for mode, source in (("online", ("--kd_teacher", str(teacher))), ("offline", ("--kd_logits", str(store)))):
+            out = tmp_path / kind / mode
+            assert run.main(flags(out, "--kd_weight", "0.5", *source)) == 0, f"{kind} {mode}"
+            record = only_record(out)
+            config = record["config"]
+            assert (config["kd_weight"], config["kd_loss"], config["kd_temperature"]) == (0.5, "forward_kl", 1.0)
+            assert (config["kd_teacher"], config["kd_logits"]) == ((str(teacher), None) if mode == "online"
+                                                                   else (None, str(store)))
+            assert config["dataset"] == "cqa" and "kd0.5_forward_kl_t1" in record["config_dir"]
+            [evaluation] = record["evaluations"]
+            assert evaluation["step"] == 2 and math.isfinite(evaluation["train_loss"]), f"{kind} {mode}"
