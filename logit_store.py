@@ -61,6 +61,12 @@ def teacher_fingerprint(teacher: str) -> str:
     return repr((str(folder.resolve()) if folder.is_dir() else teacher, files))
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """A short hash of how the tokenizer tokenises (token_cache.tokenizer_fingerprint), which meta.json records:
+    the fingerprint itself holds the whole vocabulary, megabytes for a real tokenizer."""
+    return hashlib.blake2b(tokenizer_fingerprint(tokenizer).encode(), digest_size=16).hexdigest()
+
+
 def store_key(teacher: str, train: Dataset, k: int, tokenizer) -> str:
     digest = hashlib.blake2b(digest_size=12)
     digest.update(repr((FORMAT, teacher_fingerprint(teacher), data_fingerprint(train), k,
@@ -235,7 +241,7 @@ def open_store(folder: str, train: Dataset, tokenizer, vocabulary: int) -> TopKS
     checks = (
         ("data", meta.get("data"), data_fingerprint(train), "other training rows (another --dataset, --subsample, "
          "--run, --max_input_length or label type)"),
-        ("tokenizer", meta.get("tokenizer"), tokenizer_fingerprint(tokenizer), "another tokenizer"),
+        ("tokenizer", meta.get("tokenizer"), tokenizer_digest(tokenizer), "another tokenizer"),
         ("vocabulary", meta.get("vocabulary"), vocabulary, "another vocabulary size"),
     )
     for name, stored, expected, what in checks:

@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     config = run.parse_args(flags)
     from distill import load_teacher, output_rows
-    from logit_store import data_fingerprint, extract, model_top_k, served_top_k, store_key
+    from logit_store import data_fingerprint, extract, model_top_k, served_top_k, store_key, tokenizer_digest
     from model_utils import unwrap_peft
     from recovery import RunError
     from students import load_student
-    from token_cache import cached_tokenize, default_cache_dir, tokenizer_fingerprint
+    from token_cache import cached_tokenize, default_cache_dir
     from train_utils import ensure_data, run_splits
 
     try:
@@ -123,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                                 config.training.max_input_length, config.student.chat_template)["train"]
         root = Path(args.out) if args.out else Path(config.data.data_dir) / config.data.dataset / "teacher_logits"
         meta = {"teacher": args.teacher, "vocabulary": vocabulary, "data": data_fingerprint(train),
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
-        folder = extract(root, store_key(args.teacher, train, args.top_k, tokenizer), train, view_top_k,
-                         family.make_collator(tokenizer, config.training.model_type), args.top_k, meta,
-                         args.batch_size, args.chunk_rows)
+                "tokenizer": tokenizer_digest(tokenizer)}
+        try:
+            folder = extract(root, store_key(args.teacher, train, args.top_k, tokenizer), train, view_top_k,
+                             family.make_collator(tokenizer, config.training.model_type), args.top_k, meta,
+                             args.batch_size, args.chunk_rows)
+        except PermissionError as e:
+            raise RunError(f"cannot write the store under {root} ({e.strerror}: {e.filename}); pass --out a folder "
+                           "you can write to") from None
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

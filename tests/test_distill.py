@@ -19,12 +19,11 @@ from config import KD_LOSSES
 from conftest import train_until_killed
 from distill import DIVERGENCES, Distillation, KdTerm, TopKTokens, load_teacher, output_rows
 from fast_loss import TARGET_STATES
-from logit_store import TopKCollator, extract, open_store, store_key
+from logit_store import TopKCollator, extract, open_store, store_key, tokenizer_digest
 from model_utils import one_pass_per_view
 from recovery import RunError
 from students import load_pretrained
 from test_students import custom_data, only_record, run_flags, splits
-from token_cache import tokenizer_fingerprint
 
 PAIRS = ["t5", "llama"]
 
@@ -142,7 +141,7 @@ def store_for(tmp_path: Path, teacher, tokenizer, family, train, k: int, chunk_r
         return hidden, head, keeps[0]
 
     meta = {"teacher": "t", "vocabulary": output_rows(teacher), "data": logit_store.data_fingerprint(train),
-            "tokenizer": tokenizer_fingerprint(tokenizer)}
+            "tokenizer": tokenizer_digest(tokenizer)}
     return extract(tmp_path, store_key("t", train, k, tokenizer), train,
                    logit_store.model_top_k(states or teacher_states, k, output_rows(teacher)),
                    family.make_collator(tokenizer, "task_prefix"), k, meta, batch_size=2, chunk_rows=chunk_rows,
