@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # loaded where used: predict.py reads the prefixes before any library loads
     from datasets import DatasetDict
-    from transformers import PreTrainedTokenizerBase
 
 PREDICT_PREFIX = "predict: "
 EXPLAIN_PREFIX = "explain: "
@@ -92,10 +91,31 @@ def tokenize_seq2seq(
     prompts are plain text: chat_template is for decoder-only students (run.py refuses it for these)."""
     tokenizer = original_t5_pretokenization(tokenizer)
     return tokenize_views(
-        splits, model_type,
-        prompts=lambda texts: tokenizer(texts, max_length=max_input_length, truncation=True)["input_ids"],
-        targets=lambda texts: tokenizer(text_target=texts, max_length=MAX_TARGET_LENGTH, truncation=True)["input_ids"],
+        splits, model_type, prompts=truncating_encoder(tokenizer, max_input_length),
+        targets=truncating_encoder(tokenizer, MAX_TARGET_LENGTH, target=True),
     )
+
+
+def truncating_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int, target: bool = False) -> Encode:
+    """texts -> token ids, as `tokenizer(texts, max_length=max_length, truncation=True)["input_ids"]` gives them
+    (`text_target=texts` with target). A fast tokenizer without input and target modes (T5's) is called on its Rust
+    backend directly, set up as transformers sets it for that call: the same ids, without the per-row
+    dictionaries of token type ids, attention masks and offsets that the call builds and tokenising throws away."""
+    from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    has_modes = any(hasattr(tokenizer, name) for name in ("_switch_to_input_mode", "_switch_to_target_mode"))
+    if backend is None or not hasattr(tokenizer, "set_truncation_and_padding") or has_modes:
+        key = "text_target" if target else "text"
+        return lambda texts: tokenizer(**{key: texts}, max_length=max_length, truncation=True)["input_ids"]
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        tokenizer.set_truncation_and_padding(PaddingStrategy.DO_NOT_PAD, TruncationStrategy.LONGEST_FIRST, max_length,
+                                             stride=0, pad_to_multiple_of=None, padding_side=None)
+        backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
+
+    return encode
 
 
 def prompt_frame(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> tuple[list[int], list[int]]:
