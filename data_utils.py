@@ -65,7 +65,7 @@ def _choice_text(answer: str) -> str:
 def parse_cqa(output: str, lstrip: bool = False) -> tuple[str, str]:
     """PaLM: `... So the answer is (d) math problem.\n\nQ: ...` -> (rationale, 'math problem'); lstrip=True drops
     leading whitespace first (GPT-NeoX's outputs)."""
-    text = output.split("Q:")[0].rstrip()
+    text = output.partition("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "So the answer is")
     if split is None:
         return BLANK, BLANK
@@ -75,7 +75,7 @@ def parse_cqa(output: str, lstrip: bool = False) -> tuple[str, str]:
 def parse_equation(output: str, lstrip: bool = False) -> tuple[str, str]:
     """PaLM: `... The answer is (84 / 2).` -> (rationale, '(84 / 2)'), for svamp and asdiv; lstrip=True drops leading
     whitespace first (GPT-NeoX's outputs)."""
-    text = output.split("Q:")[0].rstrip()
+    text = output.partition("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "The answer is")
     if split is None:
         return BLANK, BLANK
@@ -86,9 +86,10 @@ def parse_equation(output: str, lstrip: bool = False) -> tuple[str, str]:
 def parse_esnli(output: str, lstrip: bool = False) -> tuple[str, str]:
     """PaLM: `<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral'); lstrip=True drops the
     rationale's leading whitespace (GPT-NeoX's outputs)."""
-    rationale = output.split("Answer:")[0].rstrip()
-    parts = output.split("Answer: ")
-    label = parts[1].split("Premise")[0].rstrip() if len(parts) > 1 else BLANK
+    rationale = output.partition("Answer:")[0].rstrip()
+    _, answered, answer = output.partition("Answer: ")
+    # the text up to the next "Answer: " (the paper's split("Answer: ")[1]), cut before "Premise"
+    label = answer.partition("Answer: ")[0].partition("Premise")[0].rstrip() if answered else BLANK
     return rationale.lstrip() if lstrip else rationale, label
 
 
