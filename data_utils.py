@@ -65,7 +65,7 @@ def _choice_text(answer: str) -> str:
 def parse_cqa(output: str, lstrip: bool = False) -> tuple[str, str]:
     """PaLM: `... So the answer is (d) math problem.\n\nQ: ...` -> (rationale, 'math problem'); lstrip=True drops
     leading whitespace first (GPT-NeoX's outputs)."""
-    text = output.split("Q:")[0].rstrip()
+    text = output.partition("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "So the answer is")
     if split is None:
         return BLANK, BLANK
@@ -75,7 +75,7 @@ def parse_cqa(output: str, lstrip: bool = False) -> tuple[str, str]:
 def parse_equation(output: str, lstrip: bool = False) -> tuple[str, str]:
     """PaLM: `... The answer is (84 / 2).` -> (rationale, '(84 / 2)'), for svamp and asdiv; lstrip=True drops leading
     whitespace first (GPT-NeoX's outputs)."""
-    text = output.split("Q:")[0].rstrip()
+    text = output.partition("Q:")[0].rstrip()
     split = _split_once(text.lstrip() if lstrip else text, "The answer is")
     if split is None:
         return BLANK, BLANK
@@ -86,9 +86,10 @@ def parse_equation(output: str, lstrip: bool = False) -> tuple[str, str]:
 def parse_esnli(output: str, lstrip: bool = False) -> tuple[str, str]:
     """PaLM: `<rationale>\nAnswer: neutral\n\nPremise: ...` -> (rationale, 'neutral'); lstrip=True drops the
     rationale's leading whitespace (GPT-NeoX's outputs)."""
-    rationale = output.split("Answer:")[0].rstrip()
-    parts = output.split("Answer: ")
-    label = parts[1].split("Premise")[0].rstrip() if len(parts) > 1 else BLANK
+    rationale = output.partition("Answer:")[0].rstrip()
+    _, answered, answer = output.partition("Answer: ")
+    # the text up to the next "Answer: " (the paper's split("Answer: ")[1]), cut before "Premise"
+    label = answer.partition("Answer: ")[0].partition("Premise")[0].rstrip() if answered else BLANK
     return rationale.lstrip() if lstrip else rationale, label
 
 
@@ -251,16 +252,15 @@ def json_rows(
             raise error(f"{source}:{number}: not valid JSON ({e.msg}){remedy}") from None
 
 
-def numbered_json_lines(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of each non-blank line of a JSON-lines file; a bad line is reported with file and line."""
-    rows = []
+def numbered_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of each non-blank line of a JSON-lines file, read as they come (a file of 550,000 rows is
+    never held as a whole); a bad line is reported with file and line."""
     with open(path, "rb") as f:
         lines = (decode_utf8(raw, path, number) for number, raw in enumerate(f, 1))
         for number, row in json_rows(lines, DataError, str(path), "; fix or re-download the file"):
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append((number, row))
-    return rows
+            yield number, row
 
 
 def data_path(data_dir: Path, name: str, split: str) -> Path:
@@ -273,8 +273,9 @@ def split_names(data_dir: Path, name: str) -> tuple[str, ...]:
     return tuple(s for s in spec.splits if s not in spec.optional_splits or data_path(data_dir, name, s).is_file())
 
 
-def read_rows(data_dir: Path, name: str, split: str, eos: str) -> list[dict]:
-    """One file's rows: the raw fields plus the built `input` and `label` (the raw fields fill teacher prompts)."""
+def read_rows(data_dir: Path, name: str, split: str, eos: str, raw: bool = True) -> list[dict]:
+    """One file's rows: the raw fields plus the built `input` and `label` (the raw fields fill teacher prompts);
+    with raw=False the built fields only, so that the raw ones (e-SNLI's three explanations) are not kept."""
     spec = DATASETS[name]
     path = data_path(data_dir, name, split)
     if not path.is_file():
@@ -294,7 +295,7 @@ def read_rows(data_dir: Path, name: str, split: str, eos: str) -> list[dict]:
             if not isinstance(built[key], str):
                 raise DataError(f"{path}:{number}: row {index}'s {key} is {type(built[key]).__name__} "
                                 f"{json.dumps(built[key])[:40]}, expected text; fix that line")
-        rows.append({**row, **built})
+        rows.append({**row, **built} if raw else {"input": built["input"], "label": built["label"]})
     if not rows:
         raise DataError(f"{path} holds no rows: fill it with JSON lines ({', '.join(spec.fields)}) or re-download it")
     return rows
@@ -341,20 +342,25 @@ def teacher_chunk_count(data_dir: Path, name: str, split: str, llm: str) -> int:
 
 def read_teacher_outputs(data_dir: Path, name: str, split: str, llm: str) -> list[str] | list[list[str]]:
     """Raw teacher continuations for one folder's split (one or K per row, see read_json_list), chunks in order."""
+    return [output for chunk in teacher_output_chunks(data_dir, name, split, llm) for output in chunk]
+
+
+def teacher_output_chunks(
+    data_dir: Path, name: str, split: str, llm: str
+) -> Iterator[list[str] | list[list[str]]]:
+    """Each chunk file's raw teacher continuations in turn, so that a caller can parse one chunk and let it go."""
     if llm == "gpt":
         paths = [data_dir / "gpt-neox" / name / f"{split}.json"]
     else:
         folder = "llm" if llm == "palm" else llm
         count = teacher_chunk_count(data_dir, name, split, llm)
         paths = [chunk_path(data_dir, name, folder, split, i) for i in range(count)]
-    outputs = []
     for path in paths:
         if not path.is_file():
             paper = llm in ("palm", "gpt")
             hint = _missing_data_hint(data_dir) if paper else f"write them with annotate.py --llm_name {llm}"
             raise DataError(f"missing teacher outputs {path}: {hint}")
-        outputs += read_json_list(path)
-    return outputs
+        yield read_json_list(path)
 
 
 def _teacher_rationales(
@@ -362,19 +368,21 @@ def _teacher_rationales(
 ) -> tuple[list[dict], list[list[tuple[str, str]]]]:
     """(the rows the teacher covered, per row the parsed (rationale, label) pair of each of its samples)."""
     spec = DATASETS[source]
-    outputs = read_teacher_outputs(data_dir, source, split, llm)
+    parse = spec.parse_gpt if llm == "gpt" else spec.parse
     # The train split may run past what the teacher covered; only the covered rows are used.
     if split == "train":
         rows = rows[: spec.chunk_size * teacher_chunk_count(data_dir, source, split, llm)]
-    if len(outputs) != len(rows):
+    parsed: list[list[tuple[str, str]]] = []
+    for outputs in teacher_output_chunks(data_dir, source, split, llm):  # one chunk's raw text held at a time
+        if parse is None:
+            raise DataError(f"--llm gpt: the paper's GPT-NeoX outputs do not cover {source}; choose another --llm")
+        parsed += [[parse(sample) for sample in samples] for samples in samples_per_row(outputs)]
+    if len(parsed) != len(rows):
         raise DataError(
-            f"{source} {split}: {len(outputs)} teacher outputs (--llm {llm}) for {len(rows)} data rows; "
+            f"{source} {split}: {len(parsed)} teacher outputs (--llm {llm}) for {len(rows)} data rows; "
             "they must match one to one: re-download or regenerate the teacher outputs"
         )
-    parse = spec.parse_gpt if llm == "gpt" else spec.parse
-    if parse is None:
-        raise DataError(f"--llm gpt: the paper's GPT-NeoX outputs do not cover {source}; choose another --llm")
-    return rows, [[parse(sample) for sample in samples] for samples in samples_per_row(outputs)]
+    return rows, parsed
 
 
 def _dataset_rationales(source: str, split: str, rows: list[dict]) -> list[tuple[str, str]]:
@@ -397,7 +405,7 @@ def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str, sample
     if samples:
         columns |= {"llm_rationales": [], "llm_labels": []}
     for source in DATASETS[name].sources.get(split, (name,)):
-        rows = read_rows(data_dir, source, split, eos)
+        rows = read_rows(data_dir, source, split, eos, raw=llm == "dataset")  # --llm dataset reads `rationale`
         parsed = []
         if llm == "dataset":
             parsed = _dataset_rationales(source, split, rows)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # loaded where used: predict.py reads the prefixes before any library loads
     from datasets import DatasetDict
-    from transformers import PreTrainedTokenizerBase
 
 PREDICT_PREFIX = "predict: "
 EXPLAIN_PREFIX = "explain: "
@@ -60,9 +59,14 @@ def original_t5_pretokenization(tokenizer: PreTrainedTokenizerBase) -> PreTraine
     return original
 
 
-def tokenize_views(splits: DatasetDict, model_type: str, prompts: Encode, targets: Encode) -> DatasetDict:
+def tokenize_views(
+    splits: DatasetDict, model_type: str, prompts: Encode, targets: Encode,
+    explain_prompts: Callable[[list[str], list[list[int]]], list[list[int]]] | None = None,
+) -> DatasetDict:
     """Token ids for the views of model_type, computed once: prompts(prefixed inputs) and targets(labels or
-    rationales) give each row's ids; the text columns input/label stay for the prediction records."""
+    rationales) give each row's ids; the text columns input/label stay for the prediction records.
+    explain_prompts(inputs, predict prompts' ids), where given, makes the explain prompts' ids from the predict
+    prompts' (see explain_from_predict)."""
     from datasets import DatasetDict
 
     label_prefix = PREDICT_PREFIX if model_type == "task_prefix" else ""
@@ -73,7 +77,10 @@ def tokenize_views(splits: DatasetDict, model_type: str, prompts: Encode, target
             "labels": targets(batch["label"]),
         }
         if model_type == "task_prefix":
-            encoded["expl_input_ids"] = prompts([EXPLAIN_PREFIX + text for text in batch["input"]])
+            encoded["expl_input_ids"] = (
+                prompts([EXPLAIN_PREFIX + text for text in batch["input"]]) if explain_prompts is None
+                else explain_prompts(batch["input"], encoded["input_ids"])
+            )
             encoded["rationale_labels"] = targets(batch["rationale"])
         return encoded
 
@@ -91,11 +98,63 @@ def tokenize_seq2seq(
     """Seq2seq students' views, as the paper's code tokenised them (T5's ids as its tokenizer gave them). Their
     prompts are plain text: chat_template is for decoder-only students (run.py refuses it for these)."""
     tokenizer = original_t5_pretokenization(tokenizer)
+    prompts = truncating_encoder(tokenizer, max_input_length)
     return tokenize_views(
-        splits, model_type,
-        prompts=lambda texts: tokenizer(texts, max_length=max_input_length, truncation=True)["input_ids"],
-        targets=lambda texts: tokenizer(text_target=texts, max_length=MAX_TARGET_LENGTH, truncation=True)["input_ids"],
+        splits, model_type, prompts=prompts, targets=truncating_encoder(tokenizer, MAX_TARGET_LENGTH, target=True),
+        explain_prompts=explain_from_predict(tokenizer, prompts),
     )
+
+
+def explain_from_predict(
+    tokenizer: PreTrainedTokenizerBase, prompts: Encode
+) -> Callable[[list[str], list[list[int]]], list[list[int]]] | None:
+    """The explain prompts' ids made from the predict prompts' ids, for a tokenizer that cuts its text into pieces at
+    whitespace before its model sees them (SentencePiece's Metaspace with split, T5's as the paper tokenised): both
+    prefixes end in ': ', so the input after them becomes the same ids, cut at the same length where the prefixes
+    have as many ids; only the prefix's ids differ. This halves the work of tokenising prompts. A row whose predict
+    ids do not begin with the predict prefix's is tokenised in full. None (tokenise both) for other tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre_tokenizer = json.loads(backend.pre_tokenizer.__getstate__()) if backend and backend.pre_tokenizer else {}
+    if pre_tokenizer.get("type") != "Metaspace" or not pre_tokenizer.get("split"):
+        return None
+    predict, explain = prompts([PREDICT_PREFIX + "a", EXPLAIN_PREFIX + "a"])
+    tail = next(n for n in range(min(len(predict), len(explain)), -1, -1) if predict[len(predict) - n:] ==
+                explain[len(explain) - n:])
+    predict_head, explain_head = predict[: len(predict) - tail], explain[: len(explain) - tail]
+    if len(predict_head) != len(explain_head):
+        return None
+
+    def explain_prompts(inputs: list[str], predict_ids: list[list[int]]) -> list[list[int]]:
+        ids = [explain_head + row[len(predict_head):] if row[: len(predict_head)] == predict_head else None
+               for row in predict_ids]
+        unmatched = [i for i, row in enumerate(ids) if row is None]
+        for i, row in zip(unmatched, prompts([EXPLAIN_PREFIX + inputs[i] for i in unmatched]) if unmatched else []):
+            ids[i] = row
+        return ids
+
+    return explain_prompts
+
+
+def truncating_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int, target: bool = False) -> Encode:
+    """texts -> token ids, as `tokenizer(texts, max_length=max_length, truncation=True)["input_ids"]` gives them
+    (`text_target=texts` with target). A fast tokenizer without input and target modes (T5's) is called on its Rust
+    backend directly, set up as transformers sets it for that call: the same ids, without the per-row
+    dictionaries of token type ids, attention masks and offsets that the call builds and tokenising throws away."""
+    from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    has_modes = any(hasattr(tokenizer, name) for name in ("_switch_to_input_mode", "_switch_to_target_mode"))
+    if backend is None or not hasattr(tokenizer, "set_truncation_and_padding") or has_modes:
+        key = "text_target" if target else "text"
+        return lambda texts: tokenizer(**{key: texts}, max_length=max_length, truncation=True)["input_ids"]
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        tokenizer.set_truncation_and_padding(PaddingStrategy.DO_NOT_PAD, TruncationStrategy.LONGEST_FIRST, max_length,
+                                             stride=0, pad_to_multiple_of=None, padding_side=None)
+        backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
+
+    return encode
 
 
 def prompt_frame(tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> tuple[list[int], list[int]]:

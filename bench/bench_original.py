@@ -20,6 +20,14 @@ side runs it: batch sizes and loss passes are each side's own).
 Sides: `original` (its run.py, its own interpreter, cwd with datasets/ linked to --data_dir), `project`, and
 `project-without=NAME+NAME` (the project with those speedups.SPEEDUPS switched off: each trick's own gain is
 `--sides project-without=cpu_dropout project`). Two `project` sides check the driver itself (tests/test_bench.py).
+
+Shapes: --shape NAME (bench.RANDOM_CONFIGS: tiny, the reference student; t5-v1_1-small; t5-v1_1-base) trains a
+random T5 of that shape with the public vocabulary (--tokenizer), built once with seed 0 by the original's own
+interpreter (so that transformers 4.30 and 5 both load it) and kept in --shapes_dir; --from_pretrained names a ready
+student instead. Per mode the report gives the model FLOPs of a training step, counted from the shape and the token
+counts of the training rows (bench.forward_flops, real tokens only, averaged over the split: both sides draw the
+same batches), each side's achieved GFLOP/s, and the machine's dense fp32 matmul rate measured in the same run
+(before and after the rounds).
 """
 
 from __future__ import annotations
@@ -36,7 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import RANDOM_CONFIGS, VIEWS, forward_flops, matmul_peak_flops
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository root, where run.py lives
+sys.path.insert(0, str(ROOT))  # the project's modules, for counting a step's FLOPs
 PROBE = Path(__file__).resolve().parent / "bench_probe.py"
 MODES = ("task_prefix", "standard")
 
@@ -49,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--original_src", type=Path, default=Path("/tmp/original/src"), help="the original code's folder (run.py)")
     add("--original_python", type=Path, default=Path("/tmp/original/venv/bin/python"),
         help="the interpreter of the original's own environment (transformers 4.30)")
-    add("--from_pretrained", required=True, help="the student both sides load (a local T5 folder)")
+    add("--from_pretrained", help="the student both sides load (a local T5 folder); or --shape")
+    add("--shape", choices=sorted(RANDOM_CONFIGS), help="train a random T5 of this shape (built once, see above)")
+    add("--tokenizer", type=Path, default=ROOT.parent / "shared" / "t5-tokenizer",
+        help="the vocabulary of --shape's models (a T5 tokenizer folder)")
+    add("--shapes_dir", type=Path, default=Path(tempfile.gettempdir()) / "dss-shapes",
+        help="where --shape's models are kept between runs")
     add("--data_dir", type=Path, required=True, help="the unzipped datasets.zip folder")
     add("--dataset", default="cqa")
     add("--modes", nargs="*", default=list(MODES), choices=MODES, help="modes to train (none: --eval only)")
@@ -68,7 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "through bench_probe.py); default: the whole test split")
     add("--out", type=Path, default=Path("bench_original.json"))
     args = parser.parse_args(argv)
-    args.data_dir, args.from_pretrained = args.data_dir.resolve(), str(Path(args.from_pretrained).resolve())
+    if (args.from_pretrained is None) == (args.shape is None):
+        parser.error("name the student: --from_pretrained FOLDER or --shape NAME (one of them)")
+    if args.shape and not (args.tokenizer / "tokenizer_config.json").is_file():
+        parser.error(f"--tokenizer {args.tokenizer}: no tokenizer_config.json there (a T5 tokenizer folder)")
+    args.data_dir = args.data_dir.resolve()
+    if args.from_pretrained:
+        args.from_pretrained = str(Path(args.from_pretrained).resolve())
     for side in args.sides:
         if side not in ("original", "project") and not side.startswith("project-without="):
             parser.error(f"--sides {side!r}: expected original, project or project-without=NAME+NAME")
@@ -81,6 +103,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.rounds, args.block, args.warmup) < 1:
         parser.error("--rounds, --block and --warmup must be at least 1")
     return args
+
+
+# Run by the original's interpreter (transformers 4.30), whose T5 keeps an untied lm_head of its own when built from
+# a config, as t5-v1_1's: argv is the output folder and the T5Config fields as JSON.
+BUILD_RANDOM_T5 = """
+import json, sys
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+torch.manual_seed(0)
+T5ForConditionalGeneration(T5Config(**json.loads(sys.argv[2]))).save_pretrained(sys.argv[1], safe_serialization=True)
+"""
+
+
+def shape_config(shape: str) -> dict:
+    """T5Config fields of a random t5-v1_1-shaped student with the public T5 vocabulary."""
+    return {"vocab_size": 32128, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+            "dropout_rate": 0.1, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+            **RANDOM_CONFIGS[shape]}
+
+
+def shape_model(args: argparse.Namespace) -> str:
+    """The folder of --shape's random model with --tokenizer's files, built on first use."""
+    folder = args.shapes_dir / args.shape
+    if not (folder / "config.json").is_file():
+        python = args.original_python if args.original_python.is_file() else Path(sys.executable)
+        partial = Path(tempfile.mkdtemp(prefix=f".{args.shape}.", dir=args.shapes_dir.mkdir(parents=True, exist_ok=True)
+                                        or args.shapes_dir))
+        subprocess.run([str(python), "-c", BUILD_RANDOM_T5, str(partial), json.dumps(shape_config(args.shape))],
+                       check=True)
+        for path in args.tokenizer.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, partial / path.name)
+        os.rename(partial, folder)
+    return str(folder.resolve())
+
+
+def step_flops(args: argparse.Namespace, mode: str) -> float:
+    """Model FLOPs of one training step: batch size x the mean over the training rows of 3 x each view's forward
+    FLOPs (bench.forward_flops), the rows tokenised as the project tokenises them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from config import DataConfig
+    from train_utils import prepare_splits
+    from views import tokenize_seq2seq
+
+    config = AutoConfig.from_pretrained(args.from_pretrained)
+    tokenizer = AutoTokenizer.from_pretrained(args.from_pretrained)
+    splits = prepare_splits(DataConfig(dataset=args.dataset, data_dir=str(args.data_dir)), 0, tokenizer.eos_token)
+    train = tokenize_seq2seq(splits, tokenizer, mode, args.max_input_length)["train"]
+    total = 0
+    for input_key, label_key in VIEWS:
+        if input_key in train.column_names:
+            total += sum(3 * forward_flops(config, len(s), len(t)) for s, t in zip(train[input_key], train[label_key]))
+    return args.batch_size * total / len(train)
 
 
 def side_command(args: argparse.Namespace, side: str, mode: str, steps: int, evaluate: bool, work: Path):
@@ -183,12 +259,27 @@ def evaluate_once(args, side: str, mode: str, work: Path) -> dict:
     return read_probe(folder)
 
 
+def matmul_rate(args: argparse.Namespace) -> float:
+    """The machine's dense fp32 matmul FLOP/s now, with the sides' thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return matmul_peak_flops("cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure(args: argparse.Namespace, work: Path) -> dict:
     runs = {}
+    flops = {mode: step_flops(args, mode) for mode in args.modes}
+    machine = {"matmul_flops_per_s": [matmul_rate(args)]}
     for mode in args.modes:
         runs[mode] = train_mode(args, mode, work)
         # What is measured so far survives a benchmark stopped before its end.
         args.out.with_suffix(".partial.json").write_text(json.dumps({"train": runs}, default=str))
+    machine["matmul_flops_per_s"].append(matmul_rate(args))
     evaluations: dict[str, dict[str, list[dict]]] = {}
     for round_index in range(args.eval_rounds if args.eval else 0):
         for mode in args.eval_modes:
@@ -197,7 +288,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                 record = evaluate_once(args, side, mode, work)
                 evaluations[mode][side].append(record)
                 print(f"eval {mode} {side}: {record['evaluations'][0][0]:.1f} s", flush=True)
-    return {"train": runs, "eval": evaluations}
+    return {"train": runs, "eval": evaluations, "step_flops": flops, "machine": machine}
 
 
 def spread(values: list[float]) -> dict:
@@ -206,11 +297,16 @@ def spread(values: list[float]) -> dict:
 
 def summarise(args: argparse.Namespace, measured: dict) -> dict:
     base = args.sides[0]
-    summary = {"train": {}, "eval": {}}
+    peak = statistics.median(measured["machine"]["matmul_flops_per_s"])
+    summary = {"train": {}, "eval": {}, "matmul_flops_per_s": measured["machine"]["matmul_flops_per_s"]}
     for mode, records in measured["train"].items():
-        entry = {"sides": {}, "ratios": {}}
+        flops = measured["step_flops"][mode]
+        entry = {"sides": {}, "ratios": {}, "step_flops": flops}
         for side, r in records.items():
+            step_s = statistics.median(wall for wall, _ in r["blocks"])
             entry["sides"][side] = {
+                "achieved_flops_per_s": flops / step_s,
+                "fraction_of_matmul_peak": flops / step_s / peak,
                 "step_wall_s": spread([wall for wall, _ in r["blocks"]]),
                 "step_cpu_s": spread([cpu for _, cpu in r["blocks"]]),
                 "startup_s": r["first_step_begin"][0],
@@ -238,27 +334,34 @@ def summarise(args: argparse.Namespace, measured: dict) -> dict:
 
 def table(args: argparse.Namespace, summary: dict) -> str:
     base = args.sides[0]
-    lines = [f"| mode | side | s/step, median of {args.rounds} blocks | ratio {base}/side per block, wall: median "
-             "[min, max] | CPU: median [min, max] | start-up s (map s) | peak RSS - imports' RSS |",
-             "|---|---|---|---|---|---|---|"]
+    rates = ", ".join(f"{rate / 1e9:.0f}" for rate in summary["matmul_flops_per_s"])
+    lines = [f"student {args.shape or args.from_pretrained}, input {args.max_input_length}, batch {args.batch_size}; "
+             f"fp32 matmul peak (before, after) {rates} GFLOP/s", "",
+             f"| mode | side | s/step, median of {args.rounds} blocks | ratio {base}/side per block, wall: median "
+             "[min, max] | CPU: median [min, max] | start-up s (map s) | peak RSS - imports' RSS | "
+             "GFLOP/step · GFLOP/s (of peak) |", "|---|---|---|---|---|---|---|---|"]
     for mode, entry in summary["train"].items():
         for side in args.sides:
             s, ratio = entry["sides"][side], entry["ratios"].get(side)
             wall = f"**{ratio['wall']['median']:.2f}x** [{ratio['wall']['min']:.2f}, {ratio['wall']['max']:.2f}]" if ratio else ""
             cpu = f"{ratio['cpu']['median']:.2f}x [{ratio['cpu']['min']:.2f}, {ratio['cpu']['max']:.2f}]" if ratio else ""
             memory = f"{s['working_bytes'] / 2**30:.2f} GiB" + (f" ({ratio['working_memory']:.2f}x)" if ratio else "")
+            throughput = (f"{entry['step_flops'] / 1e9:.1f} · {s['achieved_flops_per_s'] / 1e9:.1f} "
+                          f"({s['fraction_of_matmul_peak']:.0%})")
             lines.append(f"| {mode} | {side} | {s['step_wall_s']['median']:.3f} | {wall} | {cpu} | "
-                         f"{s['startup_s']:.1f} ({s['map_s']:.1f}) | {memory} |")
+                         f"{s['startup_s']:.1f} ({s['map_s']:.1f}) | {memory} | {throughput} |")
     for mode, entry in summary["eval"].items():
         for side in args.sides:
             ratio = entry["ratios"].get(side)
             text = f"**{ratio['median']:.2f}x** [{ratio['min']:.2f}, {ratio['max']:.2f}]" if ratio else ""
-            lines.append(f"| {mode} test evaluation | {side} | {entry['seconds'][side]['median']:.1f} s | {text} | | | |")
+            lines.append(f"| {mode} test evaluation | {side} | {entry['seconds'][side]['median']:.1f} s | {text} | | | | |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.shape:
+        args.from_pretrained = shape_model(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped: the sides' processes are ended"))  # runs `finally`
     with tempfile.TemporaryDirectory(prefix="bench-original-") as tmp:
         work = Path(tmp)

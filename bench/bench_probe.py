@@ -13,7 +13,9 @@ and any transformers version that has TrainerCallback; it imports nothing from t
 With DSS_PROBE_BLOCK, the process stops itself (SIGSTOP) after DSS_PROBE_WARMUP steps and after every further
 DSS_PROBE_BLOCK steps, until a driver sends SIGCONT, and records when it was resumed: a driver can then alternate
 blocks of steps of several long-lived processes, paying each one's start-up once. With DSS_PROBE_EVAL_ROWS, every
-evaluation covers only the first rows of each evaluation set (for a script that has no flag for it).
+evaluation covers only the first rows of each evaluation set (for a script that has no flag for it). With
+DSS_PROBE_EXIT_AT_FIRST_STEP=1, the process writes its record and exits as its first training step begins (start-up
+benchmarks: bench_startup.py), its peak RSS then being what start-up cost.
 """
 
 import importlib
@@ -79,6 +81,7 @@ def main() -> int:
     sys.path.insert(0, str(script.parent))
     record = {"steps": [], "resumes": [], "evaluations": [], "maps": [], "first_step_begin": None, "exit_code": None}
     warmup, block = int(os.environ.get("DSS_PROBE_WARMUP", "0")), int(os.environ.get("DSS_PROBE_BLOCK", "0"))
+    exit_at_first_step = os.environ.get("DSS_PROBE_EXIT_AT_FIRST_STEP") == "1"
 
     import datasets
     import transformers
@@ -87,6 +90,10 @@ def main() -> int:
         def on_step_begin(self, args, state, control, **kwargs):
             if record["first_step_begin"] is None:
                 record["first_step_begin"] = clock(start)
+                if exit_at_first_step:
+                    record.update(exit_code=0, end=record["first_step_begin"], peak_rss_bytes=status_bytes("VmHWM"))
+                    out.write_text(json.dumps(record))
+                    os._exit(0)
 
         def on_step_end(self, args, state, control, **kwargs):
             record["steps"].append(clock(start))

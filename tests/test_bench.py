@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -114,6 +115,10 @@ def test_side_by_side_driver_against_itself(tiny_t5, shared_data, tmp_path):
     ratio = report["summary"]["train"]["standard"]["ratios"]["project-without=all"]["wall"]
     expected = [a[0] / b[0] for a, b in zip(runs["project"]["blocks"], runs["project-without=all"]["blocks"])]
     assert ratio["values"] == expected and ratio["min"] <= ratio["median"] <= ratio["max"]
+    flops = report["summary"]["train"]["standard"]["step_flops"]
+    assert flops > 0 and all(rate > 0 for rate in report["summary"]["matmul_flops_per_s"])
+    achieved = report["summary"]["train"]["standard"]["sides"]["project"]["achieved_flops_per_s"]
+    assert achieved == pytest.approx(flops / statistics.median(wall for wall, _ in runs["project"]["blocks"]))
     [evaluation] = report["runs"]["eval"]["standard"]["project"]
     assert len(evaluation["steps"]) == 1 and evaluation["evaluations"][0][0] > 0 and not evaluation["resumes"]
     assert "| standard | project-without=all |" in proc.stdout
@@ -152,3 +157,45 @@ def test_probe_times_outermost_evaluations_and_cuts_their_rows():
     Trainer().evaluate(eval_dataset=Dataset.from_dict({"x": [7, 8, 9]}))
     Trainer().evaluate()
     assert seen == [[7, 8], [0, 1]] and len(timings) == 2 and all(wall >= 0 for wall, _ in timings)
+
+
+def test_make_esnli_writes_the_paper_layout_with_unique_rows(shared_data, tmp_path):
+    """bench/make_esnli.py: 100 train chunks of 5,500 teacher outputs (empty past the rows asked for), premises made
+    unique, and the project's loader reads every row with its recycled teacher output."""
+    import make_esnli
+
+    from data_utils import DATASETS, load_data, parse_esnli
+
+    rows = 10000  # past the 9,842 shipped valid rows, so that some are recycled
+    folder = make_esnli.make(shared_data, rows, tmp_path / "data") / "esnli"
+    chunks = [json.loads((folder / "llm" / f"train_CoT_{i}.json").read_text()) for i in range(100)]
+    assert [len(c) for c in chunks[:3]] == [5500, 4500, 0] and not any(chunks[3:])
+    train = [json.loads(line) for line in (folder / "esnli_train.json").read_text().splitlines()]
+    assert len(train) == rows and len({row["premise"] for row in train}) == rows
+    shipped = [json.loads(line) for line in (shared_data / "esnli" / "esnli_valid.json").read_text().splitlines()]
+    assert train[len(shipped)]["premise"] == f"{shipped[0]['premise']} ({len(shipped)})"
+    splits = load_data("esnli", tmp_path / "data")
+    assert len(splits["train"]) == rows and DATASETS["esnli"].chunk_size == make_esnli.CHUNK_ROWS
+    assert splits["train"][9900]["llm_rationale"] == parse_esnli(chunks[1][4400])[0]
+    assert chunks[1][4400] == json.loads((shared_data / "esnli" / "llm" / "valid_CoT_0.json").read_text())[58]
+    with pytest.raises(SystemExit, match="--rows 550001"):
+        make_esnli.make(shared_data, 550001, tmp_path / "too-many")
+
+
+@pytest.mark.slow
+def test_startup_driver_times_a_first_run_and_a_cached_rerun(tiny_t5, shared_data, tmp_path):
+    """bench/bench_startup.py on the project side alone (CI has no original): each run ends as its first step begins,
+    and the rerun reads the first run's tokenised splits (no datasets map) instead of tokenising."""
+    out = tmp_path / "startup.json"
+    cmd = [sys.executable, str(BENCH / "bench_startup.py"), "--sides", "project", "--source", str(shared_data),
+           "--rows", "40", "--data_root", str(tmp_path / "data"), "--from_pretrained", str(tiny_t5),
+           "--max_input_length", "64", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    [first], [rerun] = (report["runs"]["40"]["project"][run] for run in ("first", "rerun"))
+    for run in (first, rerun):
+        assert run["seconds"] > 0 and 0 < run["import_rss_bytes"] < run["peak_rss_bytes"]
+    assert first["map_s"] > 0 and rerun["map_s"] == 0
+    assert report["summary"]["40"]["rerun"]["project"]["seconds"] == rerun["seconds"]
+    assert "| 40 | rerun |" in proc.stdout

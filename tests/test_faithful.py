@@ -16,7 +16,7 @@ import run
 from config import DataConfig, RunConfig, StudentConfig, TrainingConfig
 from conftest import SHARED_TOKENIZER
 from train_utils import Evaluator, build_trainer, metric_name, training_arguments
-from views import original_t5_pretokenization, tokenize_seq2seq
+from views import original_t5_pretokenization, tokenize_seq2seq, truncating_encoder
 
 
 @pytest.fixture
@@ -42,6 +42,19 @@ def test_the_fix_leaves_the_callers_tokenizer_and_other_tokenizers_alone(tiny_t5
     assert tokenizer("apple ")["input_ids"] == tokenizer("apple")["input_ids"], "the caller's tokenizer is unchanged"
     other = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
     assert original_t5_pretokenization(other) is other
+
+
+@pytest.mark.parametrize("max_length", [2, 5, 256])
+@pytest.mark.parametrize("target", [False, True])
+def test_the_backend_encoder_gives_the_calls_ids(t5_vocabulary, tiny_t5, max_length, target):
+    """truncating_encoder, which calls a fast tokenizer's backend directly, gives what tokenizer(...) gives, truncation
+    and trailing spaces included; a tokenizer with input and target modes keeps the call."""
+    texts = ["a ", " ", "", "P.</s>H. ", "a  b", "explain: " + "word " * 40, "é ﬁ <pad> </s>"]
+    key = "text_target" if target else "text"
+    for tokenizer in (original_t5_pretokenization(t5_vocabulary), AutoTokenizer.from_pretrained(tiny_t5)):
+        expected = tokenizer(**{key: texts}, max_length=max_length, truncation=True)["input_ids"]
+        assert truncating_encoder(tokenizer, max_length, target)(texts) == expected
+        assert tokenizer(**{key: texts})["input_ids"][5] != expected[5] or max_length == 256, "the call is unchanged"
 
 
 def t5_args(**overrides) -> TrainingConfig:
