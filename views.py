@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # loaded where used: predict.py reads the prefixes before any library loads
     from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
 
 PREDICT_PREFIX = "predict: "
 EXPLAIN_PREFIX = "explain: "
