@@ -83,7 +83,7 @@ def run_budget(data_dir: str | Path, dataset: str, llm: str, fraction: float) ->
     """The teacher tokens (and cost) of a run's training rows, for results.json's `teacher_budget`: `fraction` of the
     train split's totals in <split>_annotation.json (the rows a run draws are spread over all chunks, so its share is
     taken as the fraction of the whole); None where a train folder has no recorded totals (PaLM's, an annotation
-    from before usage was recorded)."""
+    from before usage was recorded, a teacher that recorded no requests)."""
     sources = DATASETS[dataset].sources.get("train", (dataset,))
     split_tokens, split_cost = 0, 0.0
     priced = True
@@ -92,6 +92,8 @@ def run_budget(data_dir: str | Path, dataset: str, llm: str, fraction: float) ->
         try:
             totals = json.loads(path.read_text(encoding="utf-8"))["teacher_cost"]
         except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not totals.get("requests"):  # a teacher that recorded no request counted nothing
             return None
         split_tokens += totals["total_tokens"]
         priced = priced and "cost" in totals

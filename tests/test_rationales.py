@@ -43,15 +43,18 @@ def fake_outputs(i: int) -> list[str]:
 
 
 class FakeTeacher:
-    """Follows the teacher interface (samples, temperature, top_p; K outputs per prompt); `fail_on_call` makes that
-    call (1-based) fail as a server error would."""
+    """Follows the teacher interface (samples, temperature, top_p; K outputs per prompt; `requests`, the cost records
+    of the last call: none, as a teacher that cannot count tokens); `fail_on_call` makes that call (1-based) fail as a
+    server error would."""
 
     def __init__(self, samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, fail_on_call: int = 0):
         self.samples, self.fail_on_call = samples, fail_on_call
         self.calls: list[list[str]] = []
+        self.requests: list[dict] = []
 
     def __call__(self, prompts: list[str], progress) -> list[list[str]]:
         self.calls.append(prompts)
+        self.requests = []
         if len(self.calls) == self.fail_on_call:
             raise TeacherError("scripted failure")
         outputs = []
@@ -153,7 +156,7 @@ def test_sampled_annotation_layout_audit_and_resume(tmp_path, monkeypatch, capsy
     made = use_fake_teacher(monkeypatch, fail_on_call=2)
     assert annotate.main(flags) == 1
     assert "scripted failure" in capsys.readouterr().err
-    assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["train_CoT_0.json", "train_CoT_0.usage.json"]
     assert json.loads((folder / "train_CoT_0.json").read_text()) == [fake_outputs(i) for i in range(3)]
     assert annotate.main(annotate_flags(data, "train", "--samples", "2", "--temperature", "0.7")) == 1
     assert "holds 3 sample(s) per row where --samples 2 asks for 2" in capsys.readouterr().err
@@ -272,7 +275,7 @@ def test_a_batch_without_rationales_weighs_its_label_loss_by_alpha(sampled_data,
     assert batch["expl"] is None and batch["pred"]["input_ids"].shape[0] == 2
 
     model = T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
-    trainer = SimpleNamespace(alpha=0.3, fast_loss_applies=lambda m: False)
+    trainer = SimpleNamespace(alpha=0.3, fast_loss_applies=lambda m: False, distillation=None)
     trainer.compute_loss = lambda *a, **k: TaskPrefixTrainer.compute_loss(trainer, *a, **k)
     trainer.weighted_view_loss = lambda *a: TaskPrefixTrainer.weighted_view_loss(trainer, *a)
     with torch.no_grad():

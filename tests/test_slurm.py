@@ -130,11 +130,16 @@ def test_local_executor_runs_the_pending_runs_and_a_second_submission_skips_them
     records = [json.loads(line) for line in (out / "slurm" / "jobs.jsonl").read_text().splitlines()]
     assert len(records) == 2
 
+    def job_logs() -> str:
+        return "".join(Path(r["stdout"]).read_text() + Path(r["stderr"]).read_text() for r in records
+                       if Path(r["stdout"]).exists() and Path(r["stderr"]).exists())
+
+    # A job prints its last line after it writes results.json: wait for both, or a loaded machine reads the log early.
     deadline = time.monotonic() + 300
-    while len(list(out.rglob("results.json"))) < 2 and time.monotonic() < deadline:
+    while (len(list(out.rglob("results.json"))) < 2 or job_logs().count("best test accuracy") < 2) \
+            and time.monotonic() < deadline:
         time.sleep(1)
-    logs = "".join(Path(r["stdout"]).read_text() + Path(r["stderr"]).read_text() for r in records
-                   if Path(r["stdout"]).exists())
+    logs = job_logs()
     assert len(list(out.rglob("results.json"))) == 2, logs[-3000:]
     assert logs.count("best test accuracy") == 2
     capsys.readouterr()
