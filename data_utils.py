@@ -345,17 +345,29 @@ def read_teacher_outputs(data_dir: Path, name: str, split: str, llm: str) -> lis
     return [output for chunk in teacher_output_chunks(data_dir, name, split, llm) for output in chunk]
 
 
+def teacher_output_paths(data_dir: Path, name: str, split: str, llm: str) -> list[Path]:
+    """The files holding the teacher's outputs for one split, in row order."""
+    if llm == "gpt":
+        return [data_dir / "gpt-neox" / name / f"{split}.json"]
+    folder = "llm" if llm == "palm" else llm
+    return [chunk_path(data_dir, name, folder, split, i) for i in range(teacher_chunk_count(data_dir, name, split, llm))]
+
+
+def split_files(data_dir: Path, name: str, split: str, llm: str) -> list[Path]:
+    """Every file load_split reads for one split, in order (what its cache entry is keyed by)."""
+    files = []
+    for source in DATASETS[name].sources.get(split, (name,)):
+        files.append(data_path(data_dir, source, split))
+        if llm not in ("none", "dataset"):
+            files += teacher_output_paths(data_dir, source, split, llm)
+    return files
+
+
 def teacher_output_chunks(
     data_dir: Path, name: str, split: str, llm: str
 ) -> Iterator[list[str] | list[list[str]]]:
     """Each chunk file's raw teacher continuations in turn, so that a caller can parse one chunk and let it go."""
-    if llm == "gpt":
-        paths = [data_dir / "gpt-neox" / name / f"{split}.json"]
-    else:
-        folder = "llm" if llm == "palm" else llm
-        count = teacher_chunk_count(data_dir, name, split, llm)
-        paths = [chunk_path(data_dir, name, folder, split, i) for i in range(count)]
-    for path in paths:
+    for path in teacher_output_paths(data_dir, name, split, llm):
         if not path.is_file():
             paper = llm in ("palm", "gpt")
             hint = _missing_data_hint(data_dir) if paper else f"write them with annotate.py --llm_name {llm}"
@@ -423,6 +435,22 @@ def load_split(data_dir: Path, name: str, split: str, llm: str, eos: str, sample
     return Dataset.from_dict(columns)
 
 
+def read_split(data_dir: Path, name: str, split: str, llm: str, eos: str, samples: bool, cache_dir: Path | None,
+               write_cache: bool) -> Dataset:
+    """load_split, through the cache where there is one and every file it reads exists (a missing one is reported
+    by load_split itself)."""
+    files = split_files(data_dir, name, split, llm)
+    if cache_dir is None or not all(path.is_file() for path in files):
+        return load_split(data_dir, name, split, llm, eos, samples)
+    from token_cache import cached_load
+
+    def load() -> Dataset:
+        return load_split(data_dir, name, split, llm, eos, samples)
+
+    return cached_load(cache_dir, load, files, (name, split, llm, eos, samples), write=write_cache,
+                       what=f"{name} {split} rows")
+
+
 def load_data(
     name: str,
     data_dir: str | Path,
@@ -432,6 +460,8 @@ def load_data(
     seed: int = 0,
     fixed_valid: bool = False,
     samples: bool = False,
+    cache_dir: Path | None = None,
+    write_cache: bool = True,
 ) -> DatasetDict:
     """train/valid/test as the paper's code prepares them.
 
@@ -440,6 +470,8 @@ def load_data(
     seed, and train comes out shuffled even at 1.0. `fixed_valid` holds out 10% of the whole train file first (seed 0)
     and subsamples the rest: the same valid rows for every fraction and seed, but more of them than the budget.
     samples=True adds every teacher sample's rationale and label (llm_rationales, llm_labels) to each row.
+    With a cache_dir, each split as read from its files is kept there and read back by later runs on the same files
+    (token_cache.cached_load); write_cache=False only reads it.
     """
     from datasets import DatasetDict
 
@@ -447,7 +479,8 @@ def load_data(
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} not found: {_missing_data_hint(data_dir)}")
     names = split_names(data_dir, name)
-    splits = DatasetDict({split: load_split(data_dir, name, split, llm, eos, samples) for split in names})
+    splits = DatasetDict({split: read_split(data_dir, name, split, llm, eos, samples, cache_dir, write_cache)
+                          for split in names})
     if "valid" in names:
         splits["train"] = subsample(splits["train"], fraction, seed)
         return splits

@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from model_utils import unwrap_peft
     from recovery import RunError
     from students import load_student
-    from token_cache import cached_tokenize, default_cache_dir
-    from train_utils import ensure_data, run_splits
+    from token_cache import cached_tokenize
+    from train_utils import cache_folder, ensure_data, run_splits
 
     try:
         if config.data.rationales != "first":
@@ -116,10 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.top_k > vocabulary:
             raise RunError(f"--top_k {args.top_k} is more than the vocabulary ({vocabulary} tokens)")
         del student
-        output = config.output
-        cache_dir = None if output.no_cache else Path(output.cache_dir) if output.cache_dir else default_cache_dir()
         splits = run_splits(config, family.segment_joiner(tokenizer))
-        train = cached_tokenize(cache_dir, family.tokenize, splits, tokenizer, config.training.model_type,
+        train = cached_tokenize(cache_folder(config.output), family.tokenize, splits, tokenizer, config.training.model_type,
                                 config.training.max_input_length, config.student.chat_template)["train"]
         root = Path(args.out) if args.out else Path(config.data.data_dir) / config.data.dataset / "teacher_logits"
         meta = {"teacher": args.teacher, "vocabulary": vocabulary, "data": data_fingerprint(train),

@@ -1,9 +1,12 @@
-"""Tokenise once: the tokenised splits of a run, kept on disk and reused by reruns, resumes and sweep runs.
+"""Read and tokenise once: a run's loaded and tokenised splits, kept on disk and reused by reruns, resumes and sweeps.
 
-An entry's key hashes everything its token ids depend on: the prepared splits' contents (so data files, teacher
-outputs, parsers, subsampling and label choices are all covered without listing them), the tokenizer's own
-serialisation, the tokenising function's module source (an edit to the code re-tokenises), its other arguments,
-and the versions of the libraries that tokenise. A changed input is a new entry; nothing is ever overwritten.
+Two kinds of entry. `splits/`: one split as data_utils.load_split builds it from the data and teacher-output files
+(before subsampling, so every seed and fraction shares it), keyed by those files' contents, the loader's module
+source and its arguments. `tokenized/`: a run's tokenised splits, keyed by everything their token ids depend on: the
+prepared splits' contents (so subsampling and label choices are covered without listing them), the tokenizer's own
+serialisation, the tokenising function's module source (an edit to the code re-tokenises), its other arguments, and
+the versions of the libraries that tokenise. A changed input is a new entry; nothing is ever overwritten. Either
+kind is read back, also right after it is written, so a first run and a rerun hold the same tables.
 Entries are datasets' save_to_disk folders, written under a temporary name and renamed into place, so a run that
 dies while writing leaves no half entry; the temporary folders of writers that died (SIGKILL) are removed by the next
 writer. Each entry lists its files' sizes and checksums, so one damaged afterwards (a truncated .arrow) is noticed
@@ -31,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from cli import first_line
 
 # Bump when the entry format changes.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CACHE_VARIABLE = "DSS_CACHE"
 # In each entry: {file: [size, checksum]} for every other file of it, written last.
 MANIFEST = "dss_entry.json"
@@ -71,17 +74,34 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
                  tokenizer.truncation_side, vocabulary))
 
 
-def cache_key(tokenize_fn: Callable, splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, *args, **kwargs) -> str:
+def versions_digest():
+    """A digest fed with what every key depends on: the entry format and the versions of the libraries that build it."""
     digest = hashlib.blake2b(digest_size=16)
     versions = (CACHE_VERSION, sys.version_info[:2], datasets.__version__, transformers.__version__,
                 tokenizers.__version__)
     digest.update(repr(versions).encode())
+    return digest
+
+
+def cache_key(tokenize_fn: Callable, splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, *args, **kwargs) -> str:
+    digest = versions_digest()
     digest.update(inspect.getsource(inspect.getmodule(tokenize_fn)).encode())
     digest.update(repr((tokenize_fn.__qualname__, args, sorted(kwargs.items()))).encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     for name in sorted(splits):
         digest.update(name.encode())
         hash_split(splits[name], digest)
+    return digest.hexdigest()
+
+
+def files_key(load_fn: Callable, files: list[Path], settings: tuple) -> str:
+    """The key of what load_fn builds from `files` under `settings`: the files' contents in order (not their names
+    or folder, so a moved data folder still hits), load_fn's module source and name, and the settings."""
+    digest = versions_digest()
+    digest.update(inspect.getsource(inspect.getmodule(load_fn)).encode())
+    digest.update(repr((load_fn.__qualname__, settings, len(files))).encode())
+    for path in files:
+        digest.update(file_digest(path).encode())
     return digest.hexdigest()
 
 
@@ -102,37 +122,57 @@ def cached_tokenize(
     if cache_dir is None:
         return tokenize_fn(splits, tokenizer, *args, **kwargs)
     entry = Path(cache_dir) / "tokenized" / cache_key(tokenize_fn, splits, tokenizer, *args, **kwargs)
+    return cached(entry, lambda: tokenize_fn(splits, tokenizer, *args, **kwargs), write, "tokenised splits",
+                  "tokenising afresh")
+
+
+def cached_load(cache_dir: Path | None, load_fn: Callable[[], Dataset], files: list[Path], settings: tuple,
+                write: bool = True, what: str = "rows") -> Dataset:
+    """load_fn(), which reads exactly `files` and depends on nothing else but `settings` and its module's code, from
+    cache_dir where an entry has the same files_key."""
+    if cache_dir is None:
+        return load_fn()
+    entry = Path(cache_dir) / "splits" / files_key(load_fn, files, settings)
+    # In memory: subsampling a memory-mapped split would write its index files into the entry.
+    return cached(entry, load_fn, write, what, "reading the files afresh", keep_in_memory=True)
+
+
+def cached(entry: Path, build: Callable[[], Dataset | DatasetDict], write: bool, what: str, afresh: str,
+           keep_in_memory: bool = False) -> Dataset | DatasetDict:
+    """The Dataset or DatasetDict in the entry folder, else build()'s, written there (when `write`) and read back
+    (memory-mapped unless keep_in_memory). `what` names the entry and `afresh` what building does, in messages."""
     if entry.is_dir():
         problem = entry_problem(entry)
         if problem is None:
             try:
-                tokenized = DatasetDict.load_from_disk(str(entry))
+                found = datasets.load_from_disk(str(entry), keep_in_memory=keep_in_memory)
             except Exception as e:  # noqa: BLE001 - pyarrow's, datasets' and json's errors for a damaged folder
                 problem = first_line(e)
             else:
-                print(f"tokenised splits read from the cache {entry}", file=sys.stderr)
-                return tokenized
-        print(f"note: the cached tokenised splits in {entry} are damaged ({problem}): "
-              f"{'discarding them and ' if write else ''}tokenising afresh", file=sys.stderr)
+                print(f"{what} read from the cache {entry}", file=sys.stderr)
+                return found
+        print(f"note: the cached {what} in {entry} are damaged ({problem}): "
+              f"{'discarding them and ' if write else ''}{afresh}", file=sys.stderr)
         if write:
             discard(entry)
-    tokenized = tokenize_fn(splits, tokenizer, *args, **kwargs)
-    if write:
-        try:
-            remove_stale_temporaries(entry.parent)
-            save_entry(tokenized, entry)
-        except OSError as e:
-            print(f"warning: could not cache the tokenised splits in {entry.parent} ({e}); "
-                  "pass --cache_dir to a writable folder, or --no_cache", file=sys.stderr)
-    return tokenized
+    built = build()
+    if not write:
+        return built
+    try:
+        remove_stale_temporaries(entry.parent)
+        save_entry(built, entry)
+        return datasets.load_from_disk(str(entry), keep_in_memory=keep_in_memory)
+    except OSError as e:
+        print(f"warning: could not cache the {what} in {entry.parent} ({e}); "
+              "pass --cache_dir to a writable folder, or --no_cache", file=sys.stderr)
+    return built
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
+    """A file's SHA-1: a checksum here, not a defence against forgery, and the quickest of hashlib's where the CPU
+    has SHA instructions (reruns hash every data file)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def entry_files(folder: Path) -> dict[str, list]:
@@ -194,15 +234,15 @@ def discard(entry: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def save_entry(tokenized: DatasetDict, entry: Path) -> None:
+def save_entry(built: Dataset | DatasetDict, entry: Path) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=temporary_prefix(entry), dir=entry.parent))
     try:
-        tokenized.save_to_disk(str(partial))
+        built.save_to_disk(str(partial))
         (partial / MANIFEST).write_text(json.dumps(entry_files(partial)))
         os.rename(partial, entry)
     except OSError:
-        if not (entry / "dataset_dict.json").is_file():  # a concurrent run that wrote the same entry is no failure
+        if not (entry / MANIFEST).is_file():  # a concurrent run that wrote the same entry is no failure
             raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)

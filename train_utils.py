@@ -576,14 +576,16 @@ def teacher_audits(data: DataConfig, splits) -> dict[str, dict]:
 
 
 def prepare_splits(data: DataConfig, seed: int, eos: str, keep_valid: bool = False,
-                   record: dict | None = None) -> DatasetDict:
+                   record: dict | None = None, cache_dir: Path | None = None) -> DatasetDict:
     """The paper's data pipeline: load, subsample (seeded), carve valid, then swap in teacher labels if asked.
     With --rationales other than first, train gets the `rationales` chosen per input (rationales.py). valid is kept
     only with keep_valid (it selects the checkpoint, or is dumped). `record`, if given, receives what results.json
-    keeps of this: the teacher audit, the kept counts and the teacher budget of the rows (teacher_cost.run_budget)."""
+    keeps of this: the teacher audit, the kept counts and the teacher budget of the rows (teacher_cost.run_budget).
+    With a cache_dir, the splits as read from their files are kept there for later runs (token_cache.py)."""
     record = {} if record is None else record
     splits = load_data(data.dataset, data.data_dir, llm=data.llm, eos=eos, fraction=data.subsample, seed=seed,
-                       fixed_valid=data.fixed_valid, samples=uses_samples(data))
+                       fixed_valid=data.fixed_valid, samples=uses_samples(data), cache_dir=cache_dir,
+                       write_cache=is_main_process())
     budget = run_budget(data.data_dir, data.dataset, data.llm, data.subsample)
     if budget is not None:  # an annotate.py teacher that recorded its cost
         record["teacher_budget"] = budget
@@ -618,9 +620,18 @@ def prepare_splits(data: DataConfig, seed: int, eos: str, keep_valid: bool = Fal
 
 
 def run_splits(config: RunConfig, eos: str, record: dict | None = None) -> DatasetDict:
-    """prepare_splits as this run needs them: valid kept where it selects the checkpoint or is dumped."""
+    """prepare_splits as this run needs them: valid kept where it selects the checkpoint or is dumped, files read
+    through the run's cache."""
     keep_valid = config.training.select_on == "valid" or config.output.dump_data is not None
-    return prepare_splits(config.data, config.training.seed, eos, keep_valid, record)
+    return prepare_splits(config.data, config.training.seed, eos, keep_valid, record, cache_folder(config.output))
+
+
+def cache_folder(output: OutputConfig) -> Path | None:
+    """Where the run keeps what it read and tokenised for later runs (--cache_dir, $DSS_CACHE, ~/.cache/dss); None
+    with --no_cache."""
+    if output.no_cache:
+        return None
+    return Path(output.cache_dir) if output.cache_dir else default_cache_dir()
 
 
 def dump_data(config: RunConfig) -> None:
@@ -729,9 +740,7 @@ def train_in_folder(config: RunConfig, data_parallel: int, refusal: str | None =
                            "use --rationales first with a decoder-only student")
         record_extra: dict = {}
         splits = run_splits(config, family.segment_joiner(tokenizer), record_extra)
-        output = config.output
-        cache_dir = None if output.no_cache else Path(output.cache_dir) if output.cache_dir else default_cache_dir()
-        tokenized = cached_tokenize(cache_dir, family.tokenize, splits, tokenizer, training.model_type,
+        tokenized = cached_tokenize(cache_folder(config.output), family.tokenize, splits, tokenizer, training.model_type,
                                     training.max_input_length, config.student.chat_template,
                                     write=is_main_process())
         if is_main_process():

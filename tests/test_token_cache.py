@@ -1,6 +1,8 @@
 """Tokenise once: reruns read the tokenised splits back; any change to what the ids depend on tokenises anew."""
 
 import importlib.util
+import inspect
+import json
 import os
 import signal
 import socket
@@ -13,9 +15,11 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
 from conftest import ROOT
+import data_utils
 import views
+from data_utils import DataError, load_data
 from students import FAMILIES
-from token_cache import cache_key, cached_tokenize, default_cache_dir
+from token_cache import MANIFEST, cache_key, cached_tokenize, default_cache_dir
 from views import tokenize_seq2seq
 
 ROWS = {"input": ["the apple tree", "where does he live", "kids played tag"], "label": ["park", "bus", "tree"],
@@ -201,3 +205,88 @@ def test_a_writer_killed_mid_write_leaves_a_temporary_that_the_next_writer_remov
     left = sorted(os.listdir(folder))
     assert stale not in left and live.name in left and elsewhere.name in left
     assert len([name for name in left if not name.startswith(".")]) == 1, "the new entry"
+
+
+# ---- the splits as read from their files (data_utils.load_data with a cache_dir) ----
+
+
+def custom_dataset(folder: Path, rationale: str = "Because") -> Path:
+    """A custom dataset with an annotate.py teacher folder `t1` (two train chunks of 4 rows, one test chunk)."""
+    data = folder / "custom"
+    (data / "t1").mkdir(parents=True)
+    for split, count in (("train", 8), ("valid", 2), ("test", 3)):
+        rows = [{"input": f"{split} question {i}?", "label": str(i)} for i in range(count)]
+        (data / f"custom_{split}.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    outputs = [f"{rationale} {i}. So the answer is {i}." for i in range(8)]
+    (data / "t1" / "train_CoT_0.json").write_text(json.dumps(outputs[:4]))
+    (data / "t1" / "train_CoT_1.json").write_text(json.dumps(outputs[4:]))
+    (data / "t1" / "valid_CoT_0.json").write_text(json.dumps(outputs[:2]))
+    (data / "t1" / "test_CoT_0.json").write_text(json.dumps(outputs[:3]))
+    return folder
+
+
+def as_lists(splits: DatasetDict) -> dict:
+    return {name: split.to_dict() for name, split in splits.items()}
+
+
+def test_a_rerun_reads_the_splits_from_the_cache_with_the_rows_of_a_fresh_read(tmp_path, capsys):
+    data = custom_dataset(tmp_path / "data")
+    fresh = load_data("custom", data, llm="t1", fraction=0.5, seed=3)
+    first = load_data("custom", data, llm="t1", fraction=0.5, seed=3, cache_dir=tmp_path / "cache")
+    assert "read from the cache" not in capsys.readouterr().err
+    again = load_data("custom", data, llm="t1", fraction=0.5, seed=3, cache_dir=tmp_path / "cache")
+    assert capsys.readouterr().err.count("rows read from the cache") == 3
+    assert as_lists(first) == as_lists(again) == as_lists(fresh)
+    other_seed = load_data("custom", data, llm="t1", fraction=1.0, seed=1, cache_dir=tmp_path / "cache")
+    assert as_lists(other_seed) == as_lists(load_data("custom", data, llm="t1", fraction=1.0, seed=1))
+    assert len(list((tmp_path / "cache" / "splits").iterdir())) == 3, "one entry per split, shared by every draw"
+
+
+def test_subsampling_and_tokenising_write_nothing_into_a_cached_split(tokenizer, tmp_path):
+    data = custom_dataset(tmp_path / "data")
+    cache = tmp_path / "cache"
+    for seed in (0, 1):
+        splits = load_data("custom", data, llm="t1", fraction=0.5, seed=seed, cache_dir=cache)
+        splits = DatasetDict({name: split.rename_column("llm_rationale", "rationale") for name, split in splits.items()})
+        cached_tokenize(cache, tokenize_seq2seq, splits, tokenizer, "task_prefix", 64)
+    for entry in (cache / "splits").iterdir():
+        written = json.loads((entry / MANIFEST).read_text())
+        assert sorted(path.name for path in entry.iterdir()) == sorted([*written, MANIFEST]), "only what was written"
+
+
+@pytest.mark.parametrize("change", ["data file", "teacher chunk", "eos", "parser code"])
+def test_what_the_rows_depend_on_is_in_the_key(tmp_path, monkeypatch, change):
+    data = custom_dataset(tmp_path / "data")
+    cache = tmp_path / "cache"
+    load_data("custom", data, llm="t1", cache_dir=cache)
+    eos = "</s>"
+    if change == "data file":
+        path = data / "custom" / "custom_test.json"
+        path.write_text(path.read_text().replace("test question 1?", "test question one?"))
+    elif change == "teacher chunk":
+        (data / "custom" / "t1" / "train_CoT_1.json").write_text(json.dumps([f"Since {i}. So the answer is {i}."
+                                                                             for i in range(4, 8)]))
+    elif change == "eos":
+        eos = "<eos>"
+    else:
+        real = inspect.getsource
+        monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("\n# edited" if obj is data_utils else ""))
+    got = load_data("custom", data, llm="t1", eos=eos, cache_dir=cache)
+    assert as_lists(got) == as_lists(load_data("custom", data, llm="t1", eos=eos))
+    assert len(list((cache / "splits").iterdir())) == (4 if change in ("data file", "teacher chunk") else 6)
+
+
+def test_a_moved_data_folder_still_reads_the_cache(tmp_path, capsys):
+    data = custom_dataset(tmp_path / "data")
+    load_data("custom", data, llm="t1", cache_dir=tmp_path / "cache")
+    moved = data.rename(tmp_path / "elsewhere")
+    capsys.readouterr()
+    load_data("custom", moved, llm="t1", cache_dir=tmp_path / "cache")
+    assert capsys.readouterr().err.count("rows read from the cache") == 3
+
+
+def test_a_missing_teacher_chunk_is_still_reported_as_such_with_a_cache(tmp_path):
+    data = custom_dataset(tmp_path / "data")
+    (data / "custom" / "t1" / "test_CoT_0.json").unlink()
+    with pytest.raises(DataError, match="missing teacher outputs .*test_CoT_0.json"):
+        load_data("custom", data, llm="t1", cache_dir=tmp_path / "cache")
