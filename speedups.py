@@ -6,9 +6,10 @@ switches of all of them. Each trick and where it applies (README's Speed section
 
 - grouped_loss, fused_head (fast_loss.py): the loss's fast implementations and its fused lm_head;
 - gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
-- onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): every linear layer's three products, and the fused
-  head's, on oneDNN's GEMM instead of torch's MKL sgemm, which takes AVX2 paths on AMD CPUs where oneDNN uses
-  AVX-512;
+- onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): each of a linear layer's three products on
+  oneDNN's GEMM or torch's (MKL) sgemm, whichever this machine runs faster at that shape (timed once per machine,
+  onednn_faster), and the fused head's on oneDNN's: MKL takes AVX2 paths on some AMD CPUs where oneDNN uses
+  AVX-512, and on others is as fast;
 - malloc_reuse, tune_cpu_allocator (CPU training, glibc): freed heap blocks are kept for reuse instead of being
   returned to the kernel and faulted in afresh every step;
 - cpu_eval_batch, eval_batch_factor (CPU evaluation): generation batches of 8x the training batch instead of 4x;
@@ -25,9 +26,14 @@ modules).
 
 import ctypes
 import functools
+import hashlib
+import json
 import os
 import platform
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,36 +117,138 @@ def onednn_mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
+# A linear layer's three products, as (product, rows, k, n) -> (oneDNN's call, torch's call) on random operands:
+# x [rows, k] by weight [n, k] forward, grad [rows, n] by weight for the input's gradient, grad.T by x for the weight's.
+PRODUCTS = {
+    "forward": lambda x, weight, grad: (lambda: onednn_mm_t(x, weight), lambda: x @ weight.T),
+    "input_grad": lambda x, weight, grad: (lambda: onednn_mm_t(grad, weight.T), lambda: grad @ weight),
+    "weight_grad": lambda x, weight, grad: (lambda: onednn_mm_t(grad.T, x.T), lambda: grad.T @ x),
+}
+KERNELS_FOLDER = "kernels"
+
+
+@functools.cache
+def machine_name() -> str:
+    """This CPU and torch build, as the file name of its kernel choices: model name, family/model, a hash of the
+    instruction-set flags, torch's version."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux
+        fields["model name"] = platform.processor()
+    cpu = "-".join(fields.get(key, "") for key in ("model name", "cpu family", "model"))
+    flags = hashlib.sha1(fields.get("flags", "").encode()).hexdigest()[:8]
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in f"{cpu}-{flags}-torch{torch.__version__}")
+
+
+def kernels_file() -> Path:
+    from token_cache import default_cache_dir
+
+    return default_cache_dir() / KERNELS_FOLDER / f"{machine_name()}.json"
+
+
+KERNEL_CHOICES: dict[str, bool] = {}  # this process's choices, by onednn_faster's key
+
+
+def read_kernel_choices() -> dict[str, bool]:
+    try:
+        return json.loads(kernels_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_kernel_choices(choices: dict[str, bool]) -> None:
+    """Merged into the machine's file, written whole under a temporary name; a cache that cannot be written only
+    means a later run times the product again."""
+    path = kernels_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**read_kernel_choices(), **choices}
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(handle, "w") as f:
+            json.dump(merged, f, indent=0, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError:
+        pass
+
+
+def best_time(call, repeats: int = 3) -> float:
+    call()  # oneDNN compiles a kernel for each new shape on its first call
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def onednn_faster(product: str, rows: int, k: int, n: int) -> bool:
+    """Whether oneDNN's GEMM runs this product faster than torch's on this machine, with this many threads.
+
+    Rows are rounded up to a power of two (a batch's token count changes every step). The first time a shape is
+    asked for, both are timed on random operands of it (the best of three calls each, after one), and the choice is
+    kept in the machine's file in the cache folder ($DSS_CACHE, else ~/.cache/dss: kernels/<cpu>.json), which
+    later runs read: a rerun or a resume makes the same choices, so its float rounding is the same too.
+    """
+    rows = 1 << max(0, rows - 1).bit_length()
+    key = f"{product} {rows}x{k}x{n} threads={torch.get_num_threads()}"
+    if key not in KERNEL_CHOICES:
+        KERNEL_CHOICES.update({**read_kernel_choices(), **KERNEL_CHOICES})
+    if key not in KERNEL_CHOICES:
+        with torch.no_grad():
+            x, weight, grad = torch.randn(rows, k), torch.randn(n, k), torch.randn(rows, n)
+            onednn, stock = PRODUCTS[product](x, weight, grad)
+            KERNEL_CHOICES[key] = best_time(onednn) < best_time(stock)
+        write_kernel_choices(KERNEL_CHOICES)
+    return KERNEL_CHOICES[key]
+
+
+def linear_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows @ weight.T + bias by the GEMM onednn_faster picks for this shape."""
+    if onednn_faster("forward", rows.shape[0], weight.shape[1], weight.shape[0]):
+        return onednn_mm_t(rows, weight, bias)
+    return torch.nn.functional.linear(rows, weight, bias)
+
+
+def gradient_product(product: str, a: torch.Tensor, b: torch.Tensor, rows: int, k: int, n: int) -> torch.Tensor:
+    """a @ b.T by the GEMM onednn_faster picks for this gradient product of a layer of [rows, k] -> [rows, n]."""
+    return onednn_mm_t(a, b) if onednn_faster(product, rows, k, n) else a @ b.T
+
+
 class OneDNNLinearFunction(torch.autograd.Function):
-    """x @ weight.T + bias with all three products (forward, input and weight gradients) by oneDNN."""
+    """x @ weight.T + bias, each of its three products (forward, input and weight gradients) by the faster GEMM."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         rows = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
-        return onednn_mm_t(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return linear_forward(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])
+        (n, k), count = weight.shape, rows.shape[0]
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = onednn_mm_t(grad_rows, weight.T).view(*grad.shape[:-1], weight.shape[1])
+            grad_x = gradient_product("input_grad", grad_rows, weight.T, count, k, n).view(*grad.shape[:-1], k)
         if ctx.needs_input_grad[1]:
-            grad_weight = onednn_mm_t(grad_rows.T, rows.T)
+            grad_weight = gradient_product("weight_grad", grad_rows.T, rows.T, count, k, n)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         return grad_x, grad_weight, grad_bias
 
 
 class OneDNNLinear(torch.nn.Linear):
-    """nn.Linear whose fp32 CPU products run on oneDNN's GEMM instead of MKL's.
+    """nn.Linear whose fp32 CPU products each run on oneDNN's GEMM or MKL's, whichever is faster here.
 
-    torch's MKL sgemm takes its AVX2 paths on AMD CPUs; oneDNN's brgemm kernels use AVX-512 there, for T5's shapes
-    and the tall-skinny lm_head product of a decoding step alike. Same values up to float rounding, as MKL's.
-    Training and evaluation; GPUs, autocast and other dtypes take nn.Linear's path.
+    torch's MKL sgemm takes its AVX2 paths on some AMD CPUs, where oneDNN's brgemm kernels use AVX-512, for T5's
+    shapes and the tall-skinny lm_head product of a decoding step alike; on others MKL is as fast, or faster for
+    some products (onednn_faster times each). Same values up to float rounding either way. Training and evaluation;
+    GPUs, autocast and other dtypes take nn.Linear's path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +257,7 @@ class OneDNNLinear(torch.nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return OneDNNLinearFunction.apply(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
-        return onednn_mm_t(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        return linear_forward(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
 
 def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):

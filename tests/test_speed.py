@@ -1,6 +1,7 @@
 """The optimised training and decoding paths compute what the paper's formulation computes."""
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -399,6 +400,59 @@ def test_onednn_linear_steps_aside_where_it_does_not_apply(monkeypatch):
     monkeypatch.delenv(speedups.DISABLE_VARIABLE)
     layer(x)
     assert len(calls) == 1, "fp32 on a CPU with autograd does"
+
+
+@needs_onednn
+@pytest.mark.parametrize("on_onednn", [("forward", "input_grad", "weight_grad"), (), ("input_grad",)])
+def test_each_product_takes_the_gemm_chosen_for_its_shape(monkeypatch, on_onednn):
+    monkeypatch.setattr(speedups, "onednn_faster", lambda product, rows, k, n: product in on_onednn)
+    real, used = speedups.onednn_mm_t, []
+    monkeypatch.setattr(speedups, "onednn_mm_t", lambda *operands: used.append(operands) or real(*operands))
+    torch.manual_seed(0)
+    stock = torch.nn.Linear(24, 40)
+    fast = copy.deepcopy(stock)
+    fast.__class__ = OneDNNLinear
+    x = torch.randn(6, 24, requires_grad=True)
+    x_fast = x.detach().clone().requires_grad_()
+    grad = torch.randn(6, 40)
+    (stock(x) * grad).sum().backward()
+    (fast(x_fast) * grad).sum().backward()
+    assert len(used) == len(on_onednn), "one oneDNN call per product chosen for it, none for the others"
+    torch.testing.assert_close(x_fast.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, stock.weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), stock(x), rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_kernel_choices_are_timed_once_per_machine_and_read_by_later_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSS_CACHE", str(tmp_path))
+    monkeypatch.setattr(speedups, "KERNEL_CHOICES", {})
+    timed = []
+    # Each choice times oneDNN's call, then torch's: here oneDNN takes 1 s and torch 2 s.
+    monkeypatch.setattr(speedups, "best_time", lambda call, repeats=3: timed.append(call) or (2.0 if len(timed) % 2 == 0 else 1.0))
+    assert speedups.onednn_faster("forward", 100, 16, 8) is True
+    assert len(timed) == 2
+    assert speedups.onednn_faster("forward", 120, 16, 8) is True and len(timed) == 2, "rows 100 and 120: one shape"
+    saved = json.loads((tmp_path / "kernels" / f"{speedups.machine_name()}.json").read_text())
+    assert saved == {f"forward 128x16x8 threads={torch.get_num_threads()}": True}
+
+    def no_timing(call, repeats=3):
+        raise AssertionError("a later run reads the choice instead of timing it")
+
+    monkeypatch.setattr(speedups, "KERNEL_CHOICES", {})  # as a new process starts
+    monkeypatch.setattr(speedups, "best_time", no_timing)
+    assert speedups.onednn_faster("forward", 128, 16, 8) is True
+
+
+@needs_onednn
+def test_an_unwritable_cache_only_means_timing_again(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("DSS_CACHE", str(blocked))
+    monkeypatch.setattr(speedups, "KERNEL_CHOICES", {})
+    assert speedups.onednn_faster("weight_grad", 8, 16, 8) in (True, False)
+    assert blocked.read_text() == "not a folder"
 
 
 def test_onednn_cache_limits_leave_a_users_own_setting(monkeypatch):
