@@ -111,9 +111,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--overwrite", action="store_true", help="delete this configuration's earlier logs and checkpoints first")
     add("--download", action="store_true", help="fetch and unpack the paper's datasets.zip into --data_dir if missing")
     add("--data_url", help="where --download fetches datasets.zip from (URL or local path)")
-    add("--cache_dir", help="where tokenised splits are kept for reruns, resumes and sweeps "
-        "(default: $DSS_CACHE, else ~/.cache/dss)")
-    add("--no_cache", action="store_true", help="tokenise without reading or writing the cache")
+    add("--cache_dir", help="where the splits as read from their files, and tokenised, are kept for reruns, resumes "
+        "and sweeps (default: $DSS_CACHE, else ~/.cache/dss)")
+    add("--no_cache", action="store_true", help="read and tokenise without reading or writing the cache")
     kd = parser.add_argument_group("token-level distillation (beside the paper's loss; see README)").add_argument
     kd("--kd_weight", type=non_negative_float,
        help="beta: add beta * kd_loss, token-level distillation from --kd_teacher or --kd_logits, to the paper's "

@@ -182,6 +182,24 @@ def test_make_esnli_writes_the_paper_layout_with_unique_rows(shared_data, tmp_pa
         make_esnli.make(shared_data, 550001, tmp_path / "too-many")
 
 
+def test_make_long_lengthens_only_the_questions(shared_data, tmp_path):
+    """bench/make_long.py: cqa as shipped but for questions repeated to about --tokens tokens; the loader reads it."""
+    import make_long
+
+    from data_utils import load_data
+
+    make_long.make(shared_data, 300, tmp_path / "data")
+    shipped = load_data("cqa", shared_data, fixed_valid=True)
+    long = load_data("cqa", tmp_path / "data", fixed_valid=True)
+    for name in ("train", "valid", "test"):
+        assert long[name]["llm_rationale"] == shipped[name]["llm_rationale"]
+        assert long[name]["label"] == shipped[name]["label"]
+    short, longer = shipped["test"]["input"][0], long["test"]["input"][0]
+    question = short.split("\nAnswer Choices:")[0]
+    assert longer.split("\nAnswer Choices:")[1] == short.split("\nAnswer Choices:")[1], "choices unchanged"
+    assert longer.startswith(f"{question} {question} ") and len(longer) >= 300 * make_long.CHARACTERS_PER_TOKEN
+
+
 @pytest.mark.slow
 def test_startup_driver_times_a_first_run_and_a_cached_rerun(tiny_t5, shared_data, tmp_path):
     """bench/bench_startup.py on the project side alone (CI has no original): each run ends as its first step begins,
