@@ -292,18 +292,15 @@ def eval_batch_factor(factor: int, on_gpu: bool) -> int:
     return factor if on_gpu or not enabled("cpu_eval_batch") else 2 * factor
 
 
-def tune_cpu_allocator(reused_up_to: int) -> bool:
-    """malloc_reuse: keep freed heap blocks up to `reused_up_to` bytes for reuse instead of returning them to the
-    kernel (glibc, Linux).
+def tune_cpu_allocator() -> bool:
+    """malloc_reuse: keep freed heap memory for reuse instead of returning it to the kernel (glibc, Linux).
 
     By default glibc serves blocks over its mmap threshold (at most 32 MiB) with fresh mappings and trims the heap's
     top once more than twice that is free. A training step frees its activations and its vocabulary-sized gradients
     (32 MiB each for the T5 vocabulary) every step, so the next step takes thousands of page faults, each zeroing a
-    fresh 4 KiB page. With the threshold raised to `reused_up_to` (the caller's largest block that recurs every step:
-    a gradient, a logit chunk) and trimming off, freed blocks are reused and the steady-state step takes almost none,
-    for somewhat more working memory (the heap keeps what it freed). Blocks past it (the attention scores of long
-    inputs) are still mapped and returned: kept in the heap, their freed space fragments it by gigabytes. Process-wide,
-    so only called for CPU training (train_utils.build_trainer); returns whether it took effect.
+    fresh 4 KiB page. With the threshold raised and trimming off, freed blocks are reused and the steady-state step
+    takes almost none, for somewhat more working memory (the heap keeps what it freed). Process-wide, so only
+    called for CPU training (train_utils.build_trainer); returns whether it took effect.
     """
     if not enabled("malloc_reuse") or not sys.platform.startswith("linux"):
         return False
@@ -312,8 +309,7 @@ def tune_cpu_allocator(reused_up_to: int) -> bool:
     except OSError:  # not glibc (musl: no mallopt)
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    threshold = reused_up_to + (1 << 20)  # glibc compares the request with its chunk header added
-    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:

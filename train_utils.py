@@ -28,7 +28,6 @@ from config import DataConfig, OutputConfig, RunConfig, TrainingConfig
 from data_utils import DATA_URL, DATASETS, DataError, load_data
 from download import fetch_data
 from metrics import MATCHES, METRICS
-from fast_loss import LOGIT_CHUNK_BYTES
 from model_utils import LABEL_PAD, TaskPrefixTrainer, unwrap_peft
 from rationale_eval import rationale_report
 from rationales import audit, choose_rationales, describe_audit, describe_counts, kept_counts, tokenize_kept_rationales
@@ -332,8 +331,7 @@ def build_trainer(
     family = family_of(model.config)
     speed_up_student(model)
     if training_args.device.type == "cpu":
-        largest_parameter = max(p.numel() * p.element_size() for p in model.parameters())
-        tune_cpu_allocator(max(largest_parameter, LOGIT_CHUNK_BYTES))
+        tune_cpu_allocator()
     trainer = trainer_class(
         model=model,
         args=training_args,

@@ -465,16 +465,15 @@ def test_onednn_cache_limits_leave_a_users_own_setting(monkeypatch):
 
 ALLOCATION_LOOP = """
 import resource, sys, torch, speedups
-tuned = speedups.tune_cpu_allocator(64 << 20) if sys.argv[1] == "tuned" else False
-faults = {48: [], 96: []}
+tuned = speedups.tune_cpu_allocator() if sys.argv[1] == "tuned" else False
+faults = []
 for _ in range(32):  # 48 MiB blocks: over glibc's largest default mmap threshold, so each is a fresh mapping by default
-    for mib, counts in faults.items():  # and 96 MiB blocks: past the tuned threshold of 64 MiB
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.empty(mib << 18).fill_(1.0)
-        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-# Tuned, the heap grows for the first blocks (up to 8 of them in 60 runs here) and then serves every block under the
-# threshold from memory it already holds; count the blocks faulted in afresh after that.
-print(tuned, *(sum(count > 1000 for count in counts[16:]) for counts in faults.values()))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(12 << 20).fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# Tuned, the heap grows for the first blocks (up to 8 of them in 60 runs here) and then serves every block from
+# memory it already holds; count the blocks faulted in afresh after that.
+print(tuned, sum(count > 1000 for count in faults[16:]))
 """
 
 
@@ -483,15 +482,14 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_in_fresh_pages(
     import subprocess
 
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, "malloc_reuse")
-    assert speedups.tune_cpu_allocator(64 << 20) is False, "switched off, it changes nothing"
+    assert speedups.tune_cpu_allocator() is False, "switched off, it changes nothing"
     monkeypatch.delenv(speedups.DISABLE_VARIABLE)
     runs = {}
     for mode in ("default", "tuned"):
         out = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode], capture_output=True, text=True,
                              cwd=Path(speedups.__file__).parent, check=True).stdout.split()
-        runs[mode] = (out[0] == "True", int(out[1]), int(out[2]))
+        runs[mode] = (out[0] == "True", int(out[1]))
     if not runs["tuned"][0]:
         pytest.skip("not glibc")
-    assert runs["default"][1:] == (16, 16), "by default every 48 and 96 MiB block is faulted in afresh"
-    assert runs["tuned"][2] == 16, "blocks past the threshold are still returned to the kernel, and mapped afresh"
+    assert runs["default"][1] == 16, "by default every 48 MiB block is faulted in afresh"
     assert runs["tuned"][1] == 0, f"{runs['tuned'][1]} of the last 16 blocks faulted in afresh with the allocator tuned"
