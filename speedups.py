@@ -174,8 +174,11 @@ def write_kernel_choices(choices: dict[str, bool]) -> None:
         pass
 
 
-def best_time(call, repeats: int = 3) -> float:
-    call()  # oneDNN compiles a kernel for each new shape on its first call
+def best_time(call, repeats: int = 3, warmups: int = 1) -> float:
+    """The shortest of `repeats` timed calls, after `warmups` untimed ones (oneDNN compiles a kernel for each new
+    shape on its first call)."""
+    for _ in range(warmups):
+        call()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
