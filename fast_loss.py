@@ -7,7 +7,8 @@ own longest row, and keeps [tokens, vocabulary] logits for backward. These compu
 rounding, with less work:
 
 - grouped_loss (seq2seq students with T5's layout): one encoder pass for both views' rows, one decoder pass per
-  view, each trimmed to the rows' real length;
+  view, each trimmed to the rows' real length; for T5 and mT5 (packed_tokens), each pass on the rows' real tokens
+  only, packed, with attention alone on the padded grid;
 - causal_grouped_loss (decoder-only students): one pass per view, trimmed likewise;
 - lm_head_loss / LMHeadLoss (both): the lm_head and the cross-entropy fused and chunked, at target positions only,
   the gradients computed in the forward pass, so no [tokens, vocabulary] tensor is kept.
@@ -15,15 +16,17 @@ rounding, with less work:
 Each family's spec (students.FAMILIES) names its implementation and the function that says which models it
 applies to (seq2seq_fast_loss_applies, causal_fast_loss_applies); the trainer (model_utils.TaskPrefixTrainer.
 fast_loss_applies) adds what the process must allow. Switches (speedups.py, DSS_DISABLE_SPEEDUPS): grouped_loss
-turns the family implementations off, fused_head the fused lm_head (unfused logits and cross-entropy instead).
+turns the family implementations off, packed_tokens the packing (passes on padded rows), fused_head the fused
+lm_head (unfused logits and cross-entropy instead).
 tests/test_speed.py and tests/test_students.py check each against the plain implementation.
 """
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from model_utils import LABEL_PAD
-from speedups import enabled, onednn_applies, onednn_mm_t
+from speedups import T5_ATTENTION, enabled, onednn_applies, onednn_mm_t
 
 
 def used_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -45,6 +48,110 @@ def seq2seq_fast_loss_applies(model) -> bool:
     return all(hasattr(model, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
 
 
+class Packing:
+    """Where the real tokens of a [rows, length] batch are (mask True), in row-major order: the packed layout keeps
+    only them, [tokens, width], and the padded grid is [rows, length, width]."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.rows, self.length = mask.shape
+        self.index = mask.flatten().nonzero().squeeze(1)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        return padded.reshape(self.rows * self.length, -1).index_select(0, self.index)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """Zeros at padding: finite, so attention's zero weights on them stay zero."""
+        grid = packed.new_zeros(self.rows * self.length, packed.shape[-1])
+        return grid.index_copy(0, self.index, packed).view(self.rows, self.length, -1)
+
+
+def packed_tokens_apply(model) -> bool:
+    """packed_tokens: T5 and mT5 (relative position bias in the first layer of each stack) with SDPA-style attention
+    (boolean masks), no gradient checkpointing, and weights that are not fp16 (T5's fp16 overflow clamping is not
+    repeated here). Other seq2seq students run their own stacks' forward."""
+    config = model.config
+    return (
+        enabled("packed_tokens")
+        and config.model_type in ("t5", "mt5")
+        and getattr(config, "_attn_implementation", None) in ("sdpa", T5_ATTENTION)
+        and not model.is_gradient_checkpointing
+        and model.encoder.embed_tokens.weight.dtype != torch.float16
+    )
+
+
+def packed_attention(attention, hidden, packing: Packing, mask, position_bias, source=None, source_packing=None):
+    """A T5Attention module's output for packed rows: its four projections on real tokens only, the scores on the
+    padded grid, by the attention function the model is configured with (as T5Attention.forward calls it).
+    source (packed) and source_packing: the encoder states a cross-attention attends to."""
+    heads, width = attention.n_heads, attention.key_value_proj_dim
+    if source is None:
+        source, source_packing = hidden, packing
+
+    def grid(states, layout):  # [tokens, heads * width] -> [rows, heads, length, width]
+        return layout.pad(states).view(layout.rows, layout.length, heads, width).transpose(1, 2)
+
+    query = grid(attention.q(hidden), packing)
+    key, value = grid(attention.k(source), source_packing), grid(attention.v(source), source_packing)
+    if position_bias is None:  # no relative bias (cross-attention): zeros, as T5Attention makes
+        position_bias = torch.zeros((1, heads, packing.length, source_packing.length), device=query.device,
+                                    dtype=query.dtype)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
+    output, _ = interface(attention, query, key, value, mask, dropout=attention.dropout if attention.training else 0.0,
+                          scaling=attention.scaling, position_bias=position_bias)
+    return attention.o(packing.pack(output))  # output: [rows, length, heads, width]
+
+
+def packed_stack(stack, input_ids, packing: Packing, mask, source=None, source_packing=None, source_mask=None):
+    """T5Stack.forward in training, without cache, on packed tokens: the last hidden states [tokens, d_model] of the
+    rows' real tokens. Embeddings, layer norms, feed-forward layers, dropout and residual sums are per token, so they
+    run on real tokens only; attention runs on the padded grid, where padding is masked (encoder and cross-attention:
+    mask [rows, 1, 1, length] True at real tokens) or comes after every real query (decoder: causal, mask None).
+    Each real token's value is the padded forward's up to float rounding (padding never reaches a real token)."""
+    hidden = stack.dropout(stack.embed_tokens(input_ids))
+    first = stack.block[0].layer[0].SelfAttention
+    position_bias = first.compute_bias(packing.length, packing.length, device=input_ids.device)
+    for block in stack.block:
+        attention = block.layer[0]
+        hidden = hidden + attention.dropout(packed_attention(
+            attention.SelfAttention, attention.layer_norm(hidden), packing, mask, position_bias))
+        if source is not None:
+            cross = block.layer[1]
+            hidden = hidden + cross.dropout(packed_attention(
+                cross.EncDecAttention, cross.layer_norm(hidden), packing, source_mask, None, source, source_packing))
+        hidden = block.layer[-1](hidden)  # T5LayerFF: layer norm, feed-forward, dropout, residual
+    return stack.dropout(stack.final_layer_norm(hidden))
+
+
+def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
+    """seq2seq_target_states's passes on packed tokens (packed_stack): no projection, feed-forward layer or
+    elementwise op runs on padding."""
+    width = max(view["input_ids"].shape[1] for view in views)
+    input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
+    attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
+    input_lengths = used_lengths(attention_mask.bool())
+    real = attention_mask[:, : int(input_lengths.max())].bool()
+    packing = Packing(real)
+    encoded = packed_stack(model.encoder, input_ids[:, : packing.length].flatten()[packing.index], packing,
+                           real[:, None, None, :])
+
+    hidden, targets, keeps = [], [], []
+    row, token = 0, 0
+    for view in views:
+        rows = slice(row, row + view["labels"].shape[0])
+        labels = view["labels"][:, : int(used_lengths(view["labels"] != LABEL_PAD).max())]
+        keep = labels != LABEL_PAD
+        source_mask = real[rows, : int(input_lengths[rows].max())]
+        source_tokens = int(source_mask.sum())
+        decoded = Packing(keep)
+        hidden.append(packed_stack(
+            model.decoder, model._shift_right(labels).flatten()[decoded.index], decoded, None,
+            encoded[token : token + source_tokens], Packing(source_mask), source_mask[:, None, None, :]))
+        targets.append(labels[keep])
+        keeps.append(keep)
+        row, token = rows.stop, token + source_tokens
+    return torch.cat(hidden), torch.cat(targets), keeps
+
+
 def seq2seq_target_states(model, views: list[dict[str, torch.Tensor]]):
     """(hidden, targets, keeps) of a T5-like model at every target token of the views, in order (view by view, row
     by row): the decoder's last hidden states as the lm_head takes them (scaled where T5 scales them), the target
@@ -54,8 +161,12 @@ def seq2seq_target_states(model, views: list[dict[str, torch.Tensor]]):
       the longest row;
     - one decoder pass per view, trimmed to its longest target and to its rows' longest input.
     Dropping trailing padding changes no real position's value (padding is masked, decoding is causal); only
-    floating-point rounding differs.
+    floating-point rounding differs. With packed_tokens (packed_tokens_apply), the passes skip the rest of the
+    padding too (packed_target_states).
     """
+    if packed_tokens_apply(model):
+        hidden, targets, keeps = packed_target_states(model, views)
+        return scaled_for_head(model, hidden), targets, keeps
     width = max(view["input_ids"].shape[1] for view in views)
     input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
     attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
@@ -81,10 +192,14 @@ def seq2seq_target_states(model, views: list[dict[str, torch.Tensor]]):
         keeps.append(keep)
         offset = rows.stop
 
-    hidden = torch.cat(hidden)
+    return scaled_for_head(model, torch.cat(hidden)), torch.cat(targets), keeps
+
+
+def scaled_for_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states as T5's lm_head takes them: scaled by d_model^-0.5 with tied embeddings."""
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
-        hidden = hidden * model.model_dim**-0.5  # as T5ForConditionalGeneration.forward does with tied embeddings
-    return hidden, torch.cat(targets), keeps
+        return hidden * model.model_dim**-0.5  # as T5ForConditionalGeneration.forward does
+    return hidden
 
 
 def grouped_loss(model, views: list[dict[str, torch.Tensor]], weights: list[float], kd=None) -> torch.Tensor:

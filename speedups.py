@@ -4,7 +4,8 @@ model_utils.py holds the method (collators, the alpha-weighted loss, the trainer
 implementations of its loss; this module holds the rest of what only makes training and evaluation faster, and the
 switches of all of them. Each trick and where it applies (README's Speed section has each one's measured gain):
 
-- grouped_loss, fused_head (fast_loss.py): the loss's fast implementations and its fused lm_head;
+- grouped_loss, packed_tokens, fused_head (fast_loss.py): the loss's fast implementations, T5's stacks run on real
+  tokens only (attention alone on the padded grid), and the fused lm_head;
 - gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
 - onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): each of a linear layer's three products on
   oneDNN's GEMM or torch's (MKL) sgemm, whichever this machine runs faster at that shape (timed once per machine,
@@ -43,7 +44,7 @@ from transformers.integrations.sdpa_attention import create_position_bias_mask, 
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
-SPEEDUPS = ("grouped_loss", "fused_head", "gelu_tanh", "onednn_linear",
+SPEEDUPS = ("grouped_loss", "packed_tokens", "fused_head", "gelu_tanh", "onednn_linear",
             "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
@@ -191,7 +192,8 @@ def onednn_faster(product: str, rows: int, k: int, n: int) -> bool:
     """Whether oneDNN's GEMM runs this product faster than torch's on this machine, with this many threads.
 
     Rows are rounded up to a power of two (a batch's token count changes every step). The first time a shape is
-    asked for, both are timed on random operands of it (the best of three calls each, after one), and the choice is
+    asked for, both are timed on random operands of it (the best of three calls each, after one; drawn from a
+    generator of their own, so that timing leaves the run's random numbers as they were), and the choice is
     kept in the machine's file in the cache folder ($DSS_CACHE, else ~/.cache/dss: kernels/<cpu>.json), which
     later runs read: a rerun or a resume makes the same choices, so its float rounding is the same too.
     """
@@ -200,8 +202,9 @@ def onednn_faster(product: str, rows: int, k: int, n: int) -> bool:
     if key not in KERNEL_CHOICES:
         KERNEL_CHOICES.update({**read_kernel_choices(), **KERNEL_CHOICES})
     if key not in KERNEL_CHOICES:
+        generator = torch.Generator().manual_seed(0)  # not torch's global one: dropout masks stay as without timing
         with torch.no_grad():
-            x, weight, grad = torch.randn(rows, k), torch.randn(n, k), torch.randn(rows, n)
+            x, weight, grad = (torch.randn(*shape, generator=generator) for shape in ((rows, k), (n, k), (rows, n)))
             onednn, stock = PRODUCTS[product](x, weight, grad)
             KERNEL_CHOICES[key] = best_time(onednn) < best_time(stock)
         write_kernel_choices(KERNEL_CHOICES)

@@ -102,6 +102,63 @@ def test_grouped_loss_with_untied_head_and_scaled_outputs(tokenizer, model):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
+def test_packed_tokens_skip_padding_and_keep_the_padded_values(tokenizer, model, monkeypatch, feed_forward):
+    """packed_target_states (no projection, feed-forward layer or elementwise op on padding) against the padded
+    passes, for T5 v1.1's gated feed-forward and the original T5's (relu, tied head, scaled outputs): every target
+    state, the loss and every gradient agree to float rounding."""
+    if feed_forward == "relu":
+        config = copy.deepcopy(model.config)
+        config.feed_forward_proj, config.tie_word_embeddings = "relu", True
+        torch.manual_seed(1)
+        model = T5ForConditionalGeneration(config).eval()
+    inputs = batch(tokenizer, "task_prefix")
+    views, weights = [inputs["pred"], inputs["expl"]], [0.3, 0.7]
+    assert (inputs["expl"]["attention_mask"] == 0).any() and (inputs["expl"]["labels"] == -100).any()
+    assert fast_loss.packed_tokens_apply(model)
+    packed = fast_loss.packed_target_states(model, views)
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "packed_tokens")
+    assert not fast_loss.packed_tokens_apply(model)
+    hidden, targets, keeps = fast_loss.seq2seq_target_states(model, views)
+    torch.testing.assert_close(fast_loss.scaled_for_head(model, packed[0]), hidden, rtol=1e-5, atol=1e-6)
+    assert torch.equal(packed[1], targets) and all(torch.equal(a, b) for a, b in zip(packed[2], keeps))
+    expected, expected_grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
+    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
+    got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert (grad - expected_grads[name]).norm() / expected_grads[name].norm() < 1e-5, name
+
+
+def test_packed_tokens_repeat_with_dropout_and_step_aside_where_they_do_not_apply(tokenizer, model):
+    """In training (dropout on) the same seed gives the same loss; eager attention (float masks), gradient
+    checkpointing and fp16 weights take the padded passes."""
+    inputs = batch(tokenizer, "task_prefix")
+    views, weights = [inputs["pred"], inputs["expl"]], [0.5, 0.5]
+    trained = speed_up_student(copy.deepcopy(model))
+    for module in trained.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.3
+    trained.config.dropout_rate = 0.3
+    for module in trained.modules():
+        if hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = 0.3
+    trained.train()
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        losses.append(grouped_loss(trained, views, weights).item())
+    torch.manual_seed(8)
+    assert losses[0] == losses[1] != grouped_loss(trained, views, weights).item()
+    assert fast_loss.packed_tokens_apply(trained)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    assert not any(fast_loss.packed_tokens_apply(m) for m in (eager, checkpointed, copy.deepcopy(model).half()))
+
+
 def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
     inputs = batch(tokenizer, "task_prefix")["pred"]
     stock = copy.deepcopy(model)
@@ -314,7 +371,7 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
     assert all(type(m) is torch.nn.Dropout for m in fast.modules() if isinstance(m, torch.nn.Dropout))
 
 
-@pytest.mark.parametrize("switched_off", ["fused_head", "all"])
+@pytest.mark.parametrize("switched_off", ["fused_head", "packed_tokens", "all"])
 def test_grouped_loss_with_a_speedup_switched_off_still_equals_two_passes(tokenizer, model, monkeypatch, switched_off):
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, switched_off)
     inputs = batch(tokenizer, "task_prefix")
@@ -443,6 +500,20 @@ def test_kernel_choices_are_timed_once_per_machine_and_read_by_later_runs(monkey
     monkeypatch.setattr(speedups, "KERNEL_CHOICES", {})  # as a new process starts
     monkeypatch.setattr(speedups, "best_time", no_timing)
     assert speedups.onednn_faster("forward", 128, 16, 8) is True
+
+
+@needs_onednn
+def test_timing_a_new_shape_leaves_the_runs_random_numbers_as_they_were(monkeypatch, tmp_path):
+    """Dropout masks come from torch's global generator: a first run on a machine (which times shapes) and a rerun
+    (which reads the choices) must draw the same ones."""
+    monkeypatch.setenv("DSS_CACHE", str(tmp_path))
+    monkeypatch.setattr(speedups, "KERNEL_CHOICES", {})
+    torch.manual_seed(3)
+    state = torch.random.get_rng_state()
+    for product in speedups.PRODUCTS:
+        speedups.onednn_faster(product, 24, 16, 8)
+    assert len(speedups.KERNEL_CHOICES) == 3, "each product timed"
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 @needs_onednn
