@@ -74,7 +74,7 @@ def packed_tokens_apply(model) -> bool:
         enabled("packed_tokens")
         and config.model_type in ("t5", "mt5")
         and getattr(config, "_attn_implementation", None) in ("sdpa", T5_ATTENTION)
-        and not model.is_gradient_checkpointing
+        and not model.is_activation_checkpointing
         and model.encoder.embed_tokens.weight.dtype != torch.float16
     )
 

@@ -155,7 +155,7 @@ def test_packed_tokens_repeat_with_dropout_and_step_aside_where_they_do_not_appl
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     assert not any(fast_loss.packed_tokens_apply(m) for m in (eager, checkpointed, copy.deepcopy(model).half()))
 
 
