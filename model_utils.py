@@ -27,7 +27,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from faithful_training import EpochOfStream, OriginalAdamW, OriginalBatchOrder
 from recovery import ReadableBest, fall_back_to_readable_best
-from speedups import enabled
+from speedups import enabled, return_freed_memory
 from views import VIEWS
 
 if TYPE_CHECKING:
@@ -254,8 +254,16 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
 
     def _load_best_model(self) -> None:
         """The selected model, from the best checkpoint or, where its weights cannot be read (damaged after it was
-        written), from the best evaluation whose checkpoint can be (recovery.fall_back_to_readable_best)."""
+        written), from the best evaluation whose checkpoint can be (recovery.fall_back_to_readable_best).
+
+        Training is over here (every checkpoint is written), so the optimizer's moments, two copies of the
+        weights' size, are freed first and the heap returned to the system: the checkpoint's weights, read in
+        beside the model, then stay under the training peak instead of adding to it. DeepSpeed and FSDP load
+        through their engines, which keep theirs."""
         self.unreadable_best += fall_back_to_readable_best(self.state, self.args, say=self.is_world_process_zero())
+        if self.optimizer is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            self.optimizer.state.clear()
+            return_freed_memory()
         super()._load_best_model()
 
     def train_batch_order(self) -> OriginalBatchOrder:

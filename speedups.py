@@ -318,6 +318,18 @@ def tune_cpu_allocator() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
+def return_freed_memory() -> bool:
+    """Give the heap's free memory back to the system now (glibc's malloc_trim), which malloc_reuse otherwise keeps
+    for the next step; for memory freed for good, such as the optimizer's state after training. Returns whether
+    anything was returned."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout (training) with its mask drawn by numpy's SFC64 generator, seeded from torch's.
 

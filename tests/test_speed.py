@@ -223,6 +223,35 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
 
 
+def test_optimizer_state_is_freed_before_the_best_checkpoint_is_read(tiny_t5, tokenizer, model, tmp_path,
+                                                                     monkeypatch):
+    """At the end of training the best checkpoint's weights are read in beside the model; the optimizer's moments
+    (two copies of the weights' size) are gone by then, and the heap handed back, so that reading stays under the
+    training peak."""
+    from transformers import Seq2SeqTrainer
+
+    from config import TrainingConfig
+    from train_utils import build_trainer, training_arguments
+
+    split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
+    tokenized = tokenize_seq2seq(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
+    args = TrainingConfig(
+        no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
+        max_steps=2, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False, model_type="task_prefix",
+        alpha=0.4, gen_max_len=4, output_rationale=False, deepspeed=None,
+    )
+    trainer, _ = build_trainer(args, training_arguments(args, tmp_path / "ckpt", tmp_path / "log"), model,
+                               tokenizer, tokenized, "text")
+    seen, trims = [], []
+    stock_load = Seq2SeqTrainer._load_best_model
+    monkeypatch.setattr(Seq2SeqTrainer, "_load_best_model",
+                        lambda self: seen.append(len(self.optimizer.state)) or stock_load(self))
+    monkeypatch.setattr("model_utils.return_freed_memory", lambda: trims.append(True))
+    trainer.train()
+    assert seen == [0] and trims == [True], "moments freed, heap returned, then the best checkpoint read"
+    assert trainer.state.best_model_checkpoint is not None
+
+
 @pytest.mark.parametrize("speedups_off", ["", "onednn_linear"])
 @pytest.mark.parametrize("vocabulary_block", [2048, 16])  # oneDNN's weight gradient: one block; 4 (the last short)
 @pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])  # one chunk; chunks of 7 rows (the last one short)
@@ -544,7 +573,11 @@ for _ in range(32):  # 48 MiB blocks: over glibc's largest default mmap threshol
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # Tuned, the heap grows for the first blocks (up to 8 of them in 60 runs here) and then serves every block from
 # memory it already holds; count the blocks faulted in afresh after that.
-print(tuned, sum(count > 1000 for count in faults[16:]))
+returned = speedups.return_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(12 << 20).fill_(1.0)
+print(tuned, sum(count > 1000 for count in faults[16:]), returned,
+      resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before > 1000)
 """
 
 
@@ -559,8 +592,9 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_in_fresh_pages(
     for mode in ("default", "tuned"):
         out = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP, mode], capture_output=True, text=True,
                              cwd=Path(speedups.__file__).parent, check=True).stdout.split()
-        runs[mode] = (out[0] == "True", int(out[1]))
+        runs[mode] = (out[0] == "True", int(out[1]), out[2:] == ["True", "True"])
     if not runs["tuned"][0]:
         pytest.skip("not glibc")
     assert runs["default"][1] == 16, "by default every 48 MiB block is faulted in afresh"
     assert runs["tuned"][1] == 0, f"{runs['tuned'][1]} of the last 16 blocks faulted in afresh with the allocator tuned"
+    assert runs["tuned"][2], "return_freed_memory hands the kept blocks back: the next one is faulted in afresh"
