@@ -190,20 +190,27 @@ def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
     assert not any(isinstance(m, GELUTanh) for m in fast.modules())
 
 
-def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5, tokenizer, model, tmp_path,
-                                                                         monkeypatch):
-    from dataclasses import replace
-
+def small_training(tokenizer, max_steps: int):
+    """The tokenised rows above as train and test splits, and a configuration that evaluates after every step."""
     from config import TrainingConfig
-    from train_utils import build_trainer, training_arguments
 
     split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
     tokenized = tokenize_seq2seq(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
     args = TrainingConfig(
         no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-        max_steps=1, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False, model_type="task_prefix",
-        alpha=0.4, gen_max_len=4, output_rationale=False, deepspeed=None,
+        max_steps=max_steps, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False,
+        model_type="task_prefix", alpha=0.4, gen_max_len=4, output_rationale=False, deepspeed=None,
     )
+    return tokenized, args
+
+
+def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5, tokenizer, model, tmp_path,
+                                                                         monkeypatch):
+    from dataclasses import replace
+
+    from train_utils import build_trainer, training_arguments
+
+    tokenized, args = small_training(tokenizer, max_steps=1)
     training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
     assert training_args.optim == "adamw_torch_fused"
     assert training_args.per_device_eval_batch_size == 8 * args.batch_size, "generation batches default to 8x on a CPU"
@@ -230,16 +237,9 @@ def test_optimizer_state_is_freed_before_the_best_checkpoint_is_read(tiny_t5, to
     training peak."""
     from transformers import Seq2SeqTrainer
 
-    from config import TrainingConfig
     from train_utils import build_trainer, training_arguments
 
-    split = Dataset.from_dict({"input": TEXTS, "label": LABELS, "rationale": RATIONALES})
-    tokenized = tokenize_seq2seq(DatasetDict({"train": split, "test": split}), tokenizer, "task_prefix", 64)
-    args = TrainingConfig(
-        no_log=True, eval_steps=1, save_total_limit=1, select_on="test", lr=1e-4, optimizer_name="AdamW",
-        max_steps=2, batch_size=3, eval_batch_size=None, grad_steps=1, seed=0, bf16=False, model_type="task_prefix",
-        alpha=0.4, gen_max_len=4, output_rationale=False, deepspeed=None,
-    )
+    tokenized, args = small_training(tokenizer, max_steps=2)
     trainer, _ = build_trainer(args, training_arguments(args, tmp_path / "ckpt", tmp_path / "log"), model,
                                tokenizer, tokenized, "text")
     seen, trims = [], []
