@@ -48,6 +48,15 @@ def seq2seq_fast_loss_applies(model) -> bool:
     return all(hasattr(model, name) for name in ("encoder", "decoder", "lm_head", "_shift_right"))
 
 
+def grouped_inputs(views: list[dict[str, torch.Tensor]]):
+    """(input_ids, attention_mask, input_lengths) of all views' rows in one batch, view after view, padded to the
+    widest view: what one encoder pass takes."""
+    width = max(view["input_ids"].shape[1] for view in views)
+    input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
+    attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
+    return input_ids, attention_mask, used_lengths(attention_mask.bool())
+
+
 class Packing:
     """Where the real tokens of a [rows, length] batch are (mask True), in row-major order: the packed layout keeps
     only them, [tokens, width], and the padded grid is [rows, length, width]."""
@@ -125,10 +134,7 @@ def packed_stack(stack, input_ids, packing: Packing, mask, source=None, source_p
 def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
     """seq2seq_target_states's passes on packed tokens (packed_stack): no projection, feed-forward layer or
     elementwise op runs on padding."""
-    width = max(view["input_ids"].shape[1] for view in views)
-    input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
-    attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
-    input_lengths = used_lengths(attention_mask.bool())
+    input_ids, attention_mask, input_lengths = grouped_inputs(views)
     real = attention_mask[:, : int(input_lengths.max())].bool()
     packing = Packing(real)
     encoded = packed_stack(model.encoder, input_ids[:, : packing.length].flatten()[packing.index], packing,
@@ -167,10 +173,7 @@ def seq2seq_target_states(model, views: list[dict[str, torch.Tensor]]):
     if packed_tokens_apply(model):
         hidden, targets, keeps = packed_target_states(model, views)
         return scaled_for_head(model, hidden), targets, keeps
-    width = max(view["input_ids"].shape[1] for view in views)
-    input_ids = torch.cat([F.pad(v["input_ids"], (0, width - v["input_ids"].shape[1])) for v in views])
-    attention_mask = torch.cat([F.pad(v["attention_mask"], (0, width - v["attention_mask"].shape[1])) for v in views])
-    input_lengths = used_lengths(attention_mask.bool())
+    input_ids, attention_mask, input_lengths = grouped_inputs(views)
     length = int(input_lengths.max())
     encoded = model.encoder(input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length]).last_hidden_state
 
