@@ -308,11 +308,8 @@ def tune_cpu_allocator() -> bool:
     takes almost none, for somewhat more working memory (the heap keeps what it freed). Process-wide, so only
     called for CPU training (train_utils.build_trainer); returns whether it took effect.
     """
-    if not enabled("malloc_reuse") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl: no mallopt)
+    libc = glibc()
+    if not enabled("malloc_reuse") or libc is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
@@ -322,12 +319,20 @@ def return_freed_memory() -> bool:
     """Give the heap's free memory back to the system now (glibc's malloc_trim), which malloc_reuse otherwise keeps
     for the next step; for memory freed for good, such as the optimizer's state after training. Returns whether
     anything was returned."""
+    libc = glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc on Linux (mallopt, malloc_trim); None elsewhere (macOS, musl)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:

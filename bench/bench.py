@@ -45,7 +45,6 @@ FLOPs by the measured time, next to the machine's dense fp32 matmul rate measure
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -180,15 +179,14 @@ def synchronize():
 
 def release_memory():
     """Collect garbage and hand freed heap back to the OS, so the next phase's peak starts from what is live."""
-    gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    from speedups import return_freed_memory
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return_freed_memory()
 
 
 def reset_peak_memory():
