@@ -275,11 +275,51 @@ def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
                                       position_bias=position_bias, **kwargs)
     is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
-    scores = torch.matmul(query, key.transpose(2, 3))
-    if scaling is not None and scaling != 1.0:
-        scores = scores * scaling
-    probabilities = cpu_dropout(torch.softmax(scores + bias, dim=-1), dropout)
-    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
+    scaling = 1.0 if scaling is None else scaling
+    return DroppedAttention.apply(query, key, value, bias, scaling, dropout).transpose(1, 2).contiguous(), None
+
+
+class DroppedAttention(torch.autograd.Function):
+    """cpu_dropout(softmax(query @ key.T * scaling + bias)) @ value, keeping for the backward pass only the
+    probabilities and the one-byte mask of kept values (autograd of the three ops would also keep the dropped
+    probabilities and a float mask: three score-sized tensors in all, where this keeps one and a quarter). The
+    dropped probabilities are recomputed in the backward pass, one product with the mask; the values and gradients
+    are those of the three ops with the same mask."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, scaling, p):
+        scores = torch.matmul(query, key.transpose(2, 3))
+        if scaling != 1.0:
+            scores.mul_(scaling)
+        probabilities = torch.softmax(scores.add_(bias), dim=-1)
+        del scores
+        keep, scale = dropout_keep(probabilities.shape, p)
+        output = torch.matmul(probabilities.mul(keep).mul_(scale), value)
+        ctx.save_for_backward(query, key, value, probabilities, keep)
+        ctx.scaling, ctx.scale, ctx.bias_shape = scaling, scale, bias.shape
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, probabilities, keep = ctx.saved_tensors
+        needs_query, needs_key, needs_value, needs_bias = ctx.needs_input_grad[:4]
+        grad_query = grad_key = grad_value = grad_bias = None
+        if needs_value:
+            dropped = probabilities.mul(keep).mul_(ctx.scale)
+            grad_value = torch.matmul(dropped.transpose(2, 3), grad_output)
+            del dropped
+        grad_probabilities = torch.matmul(grad_output, value.transpose(2, 3)).mul_(keep).mul_(ctx.scale)
+        grad_scores = torch._softmax_backward_data(grad_probabilities, probabilities, -1, probabilities.dtype)
+        del grad_probabilities
+        if needs_bias:
+            grad_bias = grad_scores.sum_to_size(ctx.bias_shape)
+        if ctx.scaling != 1.0:
+            grad_scores = grad_scores * ctx.scaling
+        if needs_query:
+            grad_query = torch.matmul(grad_scores, key)
+        if needs_key:
+            grad_key = torch.matmul(grad_scores.transpose(2, 3), query)
+        return grad_query, grad_key, grad_value, grad_bias, None, None
 
 
 T5_ATTENTION = "dss_t5_sdpa"
@@ -347,12 +387,18 @@ def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     comes from torch's default generator, so torch.manual_seed and the Trainer's saved RNG states make runs repeat
     and resume exactly.
     """
+    keep, scale = dropout_keep(x.shape, p)
+    return x * keep.to(x.dtype).mul_(scale)  # faster here than torch.where
+
+
+def dropout_keep(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
+    """cpu_dropout's mask (True: kept) for a tensor of this shape, and the survivors' scale."""
     seed = int(torch.randint(0, 2**62, ()))
-    n = x.numel()
+    n = shape.numel()
     draws = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw((n + 3) // 4).view(np.int16)[:n]
     dropped = min(round(p * 2**16), 2**16 - 1)  # draws below this (counted from the least) are dropped
-    keep = torch.from_numpy(draws >= dropped - 2**15).view(x.shape)  # the draws are signed: uniform on [-2^15, 2^15)
-    return x * keep.to(x.dtype).mul_(2**16 / (2**16 - dropped))  # faster here than torch.where
+    keep = torch.from_numpy(draws >= dropped - 2**15).view(shape)  # the draws are signed: uniform on [-2^15, 2^15)
+    return keep, 2**16 / (2**16 - dropped)
 
 
 class CPUDropout(torch.nn.Dropout):

@@ -368,6 +368,46 @@ def with_dropout(model, p):
     return variant
 
 
+def saved_bytes(function) -> tuple[torch.Tensor, int]:
+    """function()'s result, and the bytes of the tensors its autograd graph keeps for the backward pass."""
+    kept = []
+
+    def keep(tensor):
+        kept.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        result = function()
+    return result, sum(kept)
+
+
+@pytest.mark.parametrize("bias_batch, scaling", [(1, 1.0), (3, 0.125)])
+def test_dropped_attention_equals_the_three_ops_and_keeps_less(bias_batch, scaling):
+    """DroppedAttention: the values and every gradient of matmul, softmax, cpu_dropout and matmul with the same
+    mask, a bias broadcast over the batch or not, T5's unscaled scores or scaled ones; for the backward pass it
+    keeps q, k, v, the probabilities and a byte mask: 1.75 score-sized float tensors fewer than autograd keeps for
+    the three ops (their dropped probabilities and the float mask, less the byte mask)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 40, 16, generator=generator, requires_grad=True) for _ in range(3))
+    bias = torch.randn(bias_batch, 4, 40, 40, generator=generator, requires_grad=True)
+    grad_output = torch.randn(3, 4, 40, 16, generator=generator)
+
+    def three_ops():
+        scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+        return torch.matmul(speedups.cpu_dropout(torch.softmax(scores + bias, dim=-1), 0.2), v)
+
+    torch.manual_seed(5)
+    expected, expected_bytes = saved_bytes(three_ops)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, bias), grad_output)
+    torch.manual_seed(5)
+    fused, fused_bytes = saved_bytes(lambda: speedups.DroppedAttention.apply(q, k, v, bias, scaling, 0.2))
+    fused_grads = torch.autograd.grad(fused, (q, k, v, bias), grad_output)
+    assert torch.allclose(fused, expected, atol=1e-6)
+    for name, got, want in zip("qkvb", fused_grads, expected_grads):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), name
+    assert expected_bytes - fused_bytes >= 1.75 * fused.new_empty(3, 4, 40, 40).untyped_storage().nbytes()
+
+
 def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, model, monkeypatch, tmp_path):
     """In CPU training, t5_attention's own product (padding, causal and position-bias masks) equals SDPA's; with
     dropout drawn, training differs from evaluation and repeats under the same seed."""
@@ -388,11 +428,12 @@ def test_t5_attention_computes_sdpa_attention_and_drops_in_training(tokenizer, m
         assert (fast(**inputs).logits - dropped).abs().max() <= tolerance, "the same seed draws the same masks"
         assert (dropped - expected).abs().max() > 100 * tolerance
         calls = []
-        monkeypatch.setattr(speedups, "cpu_dropout", lambda x, p: calls.append(p) or x)
+        keep_all = lambda shape, p: calls.append(p) or (torch.ones(shape, dtype=torch.bool), 1.0)  # noqa: E731
+        monkeypatch.setattr(speedups, "dropout_keep", keep_all)
         # Its own softmax and products round differently from SDPA's kernel, in every layer: 10x the tolerance.
         assert (fast(**inputs).logits - expected).abs().max() <= 10 * tolerance
     layers = fast.config.num_layers + 2 * fast.config.num_decoder_layers
-    assert calls.count(0.3) >= 2 * layers, "hidden states and attention probabilities both go through cpu_dropout"
+    assert calls.count(0.3) >= 2 * layers, "hidden states and attention probabilities both draw cpu_dropout's masks"
     fast.save_pretrained(tmp_path)
     assert speedups.T5_ATTENTION not in (tmp_path / "config.json").read_text(), "nothing saved changes"
     speed_up_student(fast, enable=False)
