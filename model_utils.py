@@ -27,7 +27,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from faithful_training import EpochOfStream, OriginalAdamW, OriginalBatchOrder
 from recovery import ReadableBest, fall_back_to_readable_best
-from speedups import enabled, return_freed_memory
+from speedups import decoding_cache, enabled, return_freed_memory
 from views import VIEWS
 
 if TYPE_CHECKING:
@@ -303,6 +303,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             if isinstance(self.model, FullyShardedDataParallel)
             else nullcontext()
         )
+        cache = decoding_cache(self.model, width)
         with full_weights:
             tokens = self.model.generate(
                 input_ids=view["input_ids"],
@@ -313,6 +314,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
                 do_sample=False,
                 synced_gpus=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
                 **self.generation_overrides,
+                **({} if cache is None else {"cache": cache}),
             )
         if self.family.prompt_in_output:
             tokens = tokens[:, view["input_ids"].shape[1] :]  # decoder-only: score the continuation only

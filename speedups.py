@@ -16,7 +16,10 @@ switches of all of them. Each trick and where it applies (README's Speed section
 - cpu_eval_batch, eval_batch_factor (CPU evaluation): generation batches of 8x the training batch instead of 4x;
 - cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64, 16 bits an element, where torch draws a
   Bernoulli per element on AMD CPUs;
-- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout;
+- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout
+  (DroppedAttention, which keeps a byte mask for the backward pass);
+- reserved_cache, decoding_cache (evaluation, encoder-decoder students): the decoder's self-attention cache in
+  buffers reserved for the generation's length, written in place (ReservedLayer) instead of re-concatenated;
 - fused_adamw (CPU and CUDA; train_utils.training_arguments): torch's fused AdamW kernel, one pass over the weights
   instead of a dozen, given the original's eps before every step (faithful_training.OriginalAdamW).
 
@@ -40,12 +43,13 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
 SPEEDUPS = ("grouped_loss", "packed_tokens", "fused_head", "gelu_tanh", "onednn_linear",
-            "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch")
+            "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch", "reserved_cache")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
 
@@ -325,6 +329,53 @@ class DroppedAttention(torch.autograd.Function):
 T5_ATTENTION = "dss_t5_sdpa"
 AttentionInterface.register(T5_ATTENTION, t5_attention)
 AttentionMaskInterface.register(T5_ATTENTION, sdpa_mask)
+
+
+class ReservedLayer(DynamicLayer):
+    """A decoder layer's key/value cache whose keys and values are views of buffers reserved for `capacity`
+    positions (twice the length when a call needs more): each decoding step writes its token's states in place,
+    where DynamicLayer concatenates, copying the whole cache every step (quadratic in the generated length: a tenth
+    of a tiny T5's decoding step at 256 tokens on a CPU). Keys and values replaced from outside (crop, beam
+    reordering) are copied into new buffers at the next update."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cached = self.get_seq_length()
+        length = cached + key_states.shape[-2]
+        if self.buffers is None or length > self.buffers[0].shape[-2] or self.keys is not self.buffer_views[0]:
+            positions = self.capacity if length <= self.capacity else 2 * length
+            self.buffers = tuple(
+                states.new_empty(*states.shape[:-2], positions, states.shape[-1]) for states in (key_states, value_states)
+            )
+            if cached:
+                self.buffers[0][..., :cached, :].copy_(self.keys)
+                self.buffers[1][..., :cached, :].copy_(self.values)
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[..., cached:length, :].copy_(states)
+        self.keys, self.values = (buffer[..., :length, :] for buffer in self.buffers)
+        self.buffer_views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self.buffers = None
+        super().reset()
+
+
+def decoding_cache(model, capacity: int) -> Cache | None:
+    """reserved_cache: the cache for generating up to `capacity` decoder positions with an encoder-decoder student,
+    its self-attention layers ReservedLayers (its cross-attention cache, written once, generate's own). None, for
+    generate's default, when switched off and for decoder-only students (whose layers may be sliding-window or
+    linear-attention caches)."""
+    if not enabled("reserved_cache") or not model.config.is_encoder_decoder:
+        return None
+    return EncoderDecoderCache(Cache(layer_class_to_replicate=functools.partial(ReservedLayer, capacity)),
+                               DynamicCache())
 
 
 def eval_batch_factor(factor: int, on_gpu: bool) -> int:

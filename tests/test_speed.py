@@ -190,6 +190,60 @@ def test_speed_up_student_keeps_outputs_and_generations(tokenizer, model):
     assert not any(isinstance(m, GELUTanh) for m in fast.modules())
 
 
+def test_reserved_layer_holds_what_dynamic_layer_holds_and_writes_in_place():
+    """ReservedLayer against DynamicLayer through a prefill, steps past its capacity, a crop and a batch
+    selection: the same keys and values after every call, and within the capacity no new buffer."""
+    from transformers.cache_utils import DynamicLayer
+
+    generator = torch.Generator().manual_seed(0)
+    reserved, dynamic = speedups.ReservedLayer(capacity=6), DynamicLayer()
+    buffers = []
+    for length in (3, 1, 1, 1, 1, 1, 1):  # 3 + 3 fill the capacity, the 7th position needs more
+        k, v = torch.randn(2, 4, length, 8, generator=generator), torch.randn(2, 4, length, 5, generator=generator)
+        for layer in (reserved, dynamic):
+            keys, values = layer.update(k, v)
+        assert torch.equal(keys, dynamic.keys) and torch.equal(values, dynamic.values)
+        assert reserved.get_seq_length() == dynamic.get_seq_length()
+        buffers.append(reserved.buffers[0].data_ptr())
+    assert len(set(buffers[:4])) == 1 and buffers[4] != buffers[3], "written in place until the capacity is passed"
+    assert reserved.buffers[0].shape[-2] == 14, "then twice the length"
+    for layer in (reserved, dynamic):
+        layer.crop(-2)
+        layer.batch_select_indices(torch.tensor([1]))
+        keys, values = layer.update(torch.ones(1, 4, 1, 8), torch.ones(1, 4, 1, 5))
+    assert torch.equal(keys, dynamic.keys) and torch.equal(values, dynamic.values) and keys.shape[-2] == 8
+
+
+def test_generation_with_the_reserved_cache_equals_generate_and_the_trainer_uses_it(tiny_t5, tokenizer, model,
+                                                                                   tmp_path, monkeypatch):
+    """Greedy decoding with decoding_cache gives generate's own tokens, within the reserved length and past it
+    (padded rows among them); the trainer's evaluation passes the cache, none where it is switched off."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from train_utils import build_trainer, training_arguments
+
+    inputs = batch(tokenizer, "task_prefix")["pred"]
+    settings = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=12,
+                    num_beams=1, do_sample=False)
+    model.eval()
+    with torch.no_grad():
+        expected = model.generate(**settings)
+        for capacity in (13, 5):
+            assert torch.equal(model.generate(**settings, cache=speedups.decoding_cache(model, capacity)), expected)
+    decoder_only = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50))
+    assert speedups.decoding_cache(decoder_only, 8) is None, "decoder-only students keep generate's cache"
+    tokenized, args = small_training(tokenizer, max_steps=1)
+    trainer, _ = build_trainer(args, training_arguments(args, tmp_path / "ckpt", tmp_path / "log"), model,
+                               tokenizer, tokenized, "text")
+    caches = []
+    stock_generate = trainer.model.generate
+    monkeypatch.setattr(trainer.model, "generate", lambda **kw: caches.append(kw.get("cache")) or stock_generate(**kw))
+    trainer._generate(inputs)
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "reserved_cache")
+    trainer._generate(inputs)
+    assert isinstance(caches[0].self_attention_cache.layers[0], speedups.ReservedLayer) and caches[1] is None
+
+
 def small_training(tokenizer, max_steps: int):
     """The tokenised rows above as train and test splits, and a configuration that evaluates after every step."""
     from config import TrainingConfig
