@@ -27,7 +27,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from faithful_training import EpochOfStream, OriginalAdamW, OriginalBatchOrder
 from recovery import ReadableBest, fall_back_to_readable_best
-from speedups import decoding_cache, enabled, return_freed_memory
+from speedups import decoding_cache, drop_finished_applies, enabled, generate_dropping_finished, return_freed_memory
 from views import VIEWS
 
 if TYPE_CHECKING:
@@ -304,18 +304,18 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             else nullcontext()
         )
         cache = decoding_cache(self.model, width)
+        sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
+        # gen_max_len counts the decoder's start token, as the original's generation_max_length did.
+        settings = dict(max_new_tokens=width - 1, num_beams=1, do_sample=False, **self.generation_overrides)
         with full_weights:
-            tokens = self.model.generate(
-                input_ids=view["input_ids"],
-                attention_mask=view["attention_mask"],
-                # gen_max_len counts the decoder's start token, as the original's generation_max_length did.
-                max_new_tokens=width - 1,
-                num_beams=1,
-                do_sample=False,
-                synced_gpus=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
-                **self.generation_overrides,
-                **({} if cache is None else {"cache": cache}),
-            )
+            if cache is not None and drop_finished_applies(self.model, sharded):
+                tokens = generate_dropping_finished(self.model, view["input_ids"], view["attention_mask"],
+                                                    cache=cache, **settings)
+            else:
+                tokens = self.model.generate(
+                    input_ids=view["input_ids"], attention_mask=view["attention_mask"], synced_gpus=sharded,
+                    **settings, **({} if cache is None else {"cache": cache}),
+                )
         if self.family.prompt_in_output:
             tokens = tokens[:, view["input_ids"].shape[1] :]  # decoder-only: score the continuation only
         # Pad to a fixed width so batches can be concatenated and gathered across processes.

@@ -20,6 +20,8 @@ switches of all of them. Each trick and where it applies (README's Speed section
   (DroppedAttention, which keeps a byte mask for the backward pass);
 - reserved_cache, decoding_cache (evaluation, encoder-decoder students): the decoder's self-attention cache in
   buffers reserved for the generation's length, written in place (ReservedLayer) instead of re-concatenated;
+- drop_finished, generate_dropping_finished (the same): once half of a batch's rows have ended, the rest go on
+  alone, so that a batch stops paying for rows that are done;
 - fused_adamw (CPU and CUDA; train_utils.training_arguments): torch's fused AdamW kernel, one pass over the weights
   instead of a dozen, given the original's eps before every step (faithful_training.OriginalAdamW).
 
@@ -43,13 +45,16 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.activations import GELUTanh, NewGELUActivation
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.generation import StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Every switchable trick, by the name DSS_DISABLE_SPEEDUPS takes.
 SPEEDUPS = ("grouped_loss", "packed_tokens", "fused_head", "gelu_tanh", "onednn_linear",
-            "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch", "reserved_cache")
+            "cpu_dropout", "t5_attention", "fused_adamw", "malloc_reuse", "cpu_eval_batch", "reserved_cache",
+            "drop_finished")
 DISABLE_VARIABLE = "DSS_DISABLE_SPEEDUPS"
 
 
@@ -350,9 +355,8 @@ class ReservedLayer(DynamicLayer):
         length = cached + key_states.shape[-2]
         if self.buffers is None or length > self.buffers[0].shape[-2] or self.keys is not self.buffer_views[0]:
             positions = self.capacity if length <= self.capacity else 2 * length
-            self.buffers = tuple(
-                states.new_empty(*states.shape[:-2], positions, states.shape[-1]) for states in (key_states, value_states)
-            )
+            self.buffers = tuple(states.new_empty(*states.shape[:-2], positions, states.shape[-1])
+                                 for states in (key_states, value_states))
             if cached:
                 self.buffers[0][..., :cached, :].copy_(self.keys)
                 self.buffers[1][..., :cached, :].copy_(self.values)
@@ -367,15 +371,70 @@ class ReservedLayer(DynamicLayer):
         super().reset()
 
 
-def decoding_cache(model, capacity: int) -> Cache | None:
+def decoding_cache(model, capacity: int) -> EncoderDecoderCache | None:
     """reserved_cache: the cache for generating up to `capacity` decoder positions with an encoder-decoder student,
     its self-attention layers ReservedLayers (its cross-attention cache, written once, generate's own). None, for
     generate's default, when switched off and for decoder-only students (whose layers may be sliding-window or
     linear-attention caches)."""
     if not enabled("reserved_cache") or not model.config.is_encoder_decoder:
         return None
-    return EncoderDecoderCache(Cache(layer_class_to_replicate=functools.partial(ReservedLayer, capacity)),
-                               DynamicCache())
+    self_attention = DynamicCache()  # a DynamicCache, for generate and batch_select_indices; its layers reserved
+    self_attention.layer_class_to_replicate = functools.partial(ReservedLayer, capacity)
+    return EncoderDecoderCache(self_attention, DynamicCache())
+
+
+class EndedShare(StoppingCriteria):
+    """Stops generate for every row once at least `share` of the rows have ended (an end token among the tokens after
+    the first `start`), so that the rows still going can go on in a smaller batch."""
+
+    def __init__(self, start: int, ends: torch.Tensor, share: float):
+        self.start, self.ends, self.share = start, ends, share
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        ended = torch.isin(input_ids[:, self.start:], self.ends).any(dim=1)
+        return torch.full_like(ended, bool(ended.sum() >= self.share * len(ended)))
+
+
+# A batch stops for all its rows once this share of them have ended; the others then go on alone.
+ENDED_SHARE = 0.5
+
+
+def drop_finished_applies(model, sharded: bool) -> bool:
+    """Whether generate_dropping_finished gives this student's greedy tokens: switched on, weights not sharded, and
+    no generation setting counted from a call's start."""
+    config = model.generation_config
+    return enabled("drop_finished") and not sharded and not config.min_new_tokens and not config.begin_suppress_tokens
+
+
+def generate_dropping_finished(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                               cache: EncoderDecoderCache, **settings) -> torch.Tensor:
+    """drop_finished: greedy generation by an encoder-decoder student (with decoding_cache's cache) in rounds: each
+    round stops once half of its rows have ended, and the next continues the others from their tokens, their encoder
+    states and their part of the cache, until every row has ended or reached max_new_tokens. generate pays for every
+    row of a batch until its longest row ends; this pays for the rows still going. Each row takes the tokens generate
+    would give it (each round continues a row's own decoding, one token a step); the result is padded to
+    1 + max_new_tokens. Where drop_finished_applies."""
+    config = model.generation_config
+    ends = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
+    encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    tokens = input_ids.new_full((len(input_ids), 1 + max_new_tokens), config.pad_token_id)
+    rows, decoded = torch.arange(len(input_ids)), None
+    while True:
+        start = 1 if decoded is None else decoded.shape[1]
+        out = model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded[rows]), attention_mask=attention_mask[rows],
+            decoder_input_ids=decoded, cache=cache, max_new_tokens=1 + max_new_tokens - start,
+            # A decoder mask as long as the tokens tells generate that the cache holds all but the last one.
+            **({} if decoded is None else {"decoder_attention_mask": torch.ones_like(decoded)}),
+            stopping_criteria=StoppingCriteriaList([EndedShare(1, ends, ENDED_SHARE)]), **settings,
+        )
+        tokens[rows, : out.shape[1]] = out
+        going = ~torch.isin(out[:, 1:], ends).any(dim=1)
+        if out.shape[1] > max_new_tokens or not going.any():
+            return tokens
+        keep = going.nonzero().squeeze(1)
+        rows, decoded = rows[keep], out[keep]
+        cache.batch_select_indices(keep)
 
 
 def eval_batch_factor(factor: int, on_gpu: bool) -> int:

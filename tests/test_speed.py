@@ -241,7 +241,39 @@ def test_generation_with_the_reserved_cache_equals_generate_and_the_trainer_uses
     trainer._generate(inputs)
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, "reserved_cache")
     trainer._generate(inputs)
-    assert isinstance(caches[0].self_attention_cache.layers[0], speedups.ReservedLayer) and caches[1] is None
+    assert isinstance(caches[0].self_attention_cache.layers[0], speedups.ReservedLayer) and caches[-1] is None
+
+
+def test_generation_dropping_finished_rows_gives_generates_tokens(tokenizer, model, monkeypatch):
+    """Rows that end at different lengths (the end token made likelier): generate_dropping_finished goes on in
+    smaller batches and gives every row generate's own tokens; it applies unless switched off, sharded, or asked
+    for settings counted from a call's start."""
+    model.eval()
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] *= 40
+    inputs = batch(tokenizer, "task_prefix")["expl"]
+    rows = torch.cat([inputs["input_ids"]] * 3), torch.cat([inputs["attention_mask"]] * 3)
+    rows = rows[0].roll(1, dims=1) * rows[1].roll(1, dims=1), rows[1].roll(1, dims=1)  # distinct rows
+    rows = torch.cat([rows[0], inputs["input_ids"]]), torch.cat([rows[1], inputs["attention_mask"]])
+    settings = dict(max_new_tokens=30, num_beams=1, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(input_ids=rows[0], attention_mask=rows[1], **settings)
+        calls = []
+        stock_generate = model.generate
+        monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["attention_mask"].shape[0])
+                            or stock_generate(**kw))
+        got = speedups.generate_dropping_finished(model, rows[0], rows[1], cache=speedups.decoding_cache(model, 31),
+                                                  **settings)
+    lengths = (expected == model.config.eos_token_id).int().argmax(dim=1)
+    assert len(set(lengths.tolist())) > 2 and len(calls) > 1 and calls == sorted(calls, reverse=True), calls
+    assert torch.equal(got, torch.nn.functional.pad(expected, (0, got.shape[1] - expected.shape[1])))
+    assert got.shape[1] == 31
+    assert speedups.drop_finished_applies(model, sharded=False) and not speedups.drop_finished_applies(model, True)
+    model.generation_config.min_new_tokens = 2
+    assert not speedups.drop_finished_applies(model, sharded=False)
+    model.generation_config.min_new_tokens = None
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "drop_finished")
+    assert not speedups.drop_finished_applies(model, sharded=False)
 
 
 def small_training(tokenizer, max_steps: int):
