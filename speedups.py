@@ -347,6 +347,7 @@ class ReservedLayer(DynamicLayer):
         super().__init__()
         self.capacity = capacity
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.buffer_views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys and values last handed out
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -400,10 +401,11 @@ ENDED_SHARE = 0.5
 
 
 def drop_finished_applies(model, sharded: bool) -> bool:
-    """Whether generate_dropping_finished gives this student's greedy tokens: switched on, weights not sharded, and
-    no generation setting counted from a call's start."""
+    """Whether generate_dropping_finished gives this student's greedy tokens: switched on, weights not sharded, an
+    end token to end rows, and no generation setting counted from a call's start."""
     config = model.generation_config
-    return enabled("drop_finished") and not sharded and not config.min_new_tokens and not config.begin_suppress_tokens
+    return (enabled("drop_finished") and not sharded and config.eos_token_id is not None
+            and not config.min_new_tokens and not config.begin_suppress_tokens)
 
 
 def generate_dropping_finished(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,

@@ -272,6 +272,9 @@ def test_generation_dropping_finished_rows_gives_generates_tokens(tokenizer, mod
     model.generation_config.min_new_tokens = 2
     assert not speedups.drop_finished_applies(model, sharded=False)
     model.generation_config.min_new_tokens = None
+    ends, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    assert not speedups.drop_finished_applies(model, sharded=False), "no end token: nothing ends early"
+    model.generation_config.eos_token_id = ends
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, "drop_finished")
     assert not speedups.drop_finished_applies(model, sharded=False)
 
