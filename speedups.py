@@ -384,15 +384,20 @@ def decoding_cache(model, capacity: int) -> EncoderDecoderCache | None:
     return EncoderDecoderCache(self_attention, DynamicCache())
 
 
-class EndedShare(StoppingCriteria):
-    """Stops generate for every row once at least `share` of the rows have ended (an end token among the tokens after
-    the first `start`), so that the rows still going can go on in a smaller batch."""
+def ended_rows(tokens: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Which rows of generated decoder tokens have ended: an end token after the start token."""
+    return torch.isin(tokens[:, 1:], ends).any(dim=1)
 
-    def __init__(self, start: int, ends: torch.Tensor, share: float):
-        self.start, self.ends, self.share = start, ends, share
+
+class EndedShare(StoppingCriteria):
+    """Stops generate for every row once at least `share` of the rows have ended, so that the rows still going can
+    go on in a smaller batch."""
+
+    def __init__(self, ends: torch.Tensor, share: float):
+        self.ends, self.share = ends, share
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        ended = torch.isin(input_ids[:, self.start:], self.ends).any(dim=1)
+        ended = ended_rows(input_ids, self.ends)
         return torch.full_like(ended, bool(ended.sum() >= self.share * len(ended)))
 
 
@@ -428,10 +433,10 @@ def generate_dropping_finished(model, input_ids: torch.Tensor, attention_mask: t
             decoder_input_ids=decoded, cache=cache, max_new_tokens=1 + max_new_tokens - start,
             # A decoder mask as long as the tokens tells generate that the cache holds all but the last one.
             **({} if decoded is None else {"decoder_attention_mask": torch.ones_like(decoded)}),
-            stopping_criteria=StoppingCriteriaList([EndedShare(1, ends, ENDED_SHARE)]), **settings,
+            stopping_criteria=StoppingCriteriaList([EndedShare(ends, ENDED_SHARE)]), **settings,
         )
         tokens[rows, : out.shape[1]] = out
-        going = ~torch.isin(out[:, 1:], ends).any(dim=1)
+        going = ~ended_rows(out, ends)
         if out.shape[1] > max_new_tokens or not going.any():
             return tokens
         keep = going.nonzero().squeeze(1)
