@@ -17,6 +17,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+def share_cores_among_workers() -> None:
+    """Under pytest-xdist (pyproject's addopts run `-n auto`), each worker and the processes its tests start get an
+    equal share of the cores: torch's OpenMP threads spin while they wait, so workers that each took every core
+    would slow each other down. Set before torch is imported anywhere in the worker."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+
+
+share_cores_among_workers()
+
 SHARED_HIDDEN = os.environ.get("DSS_HIDE_SHARED", "0") not in ("", "0")
 SHARED = ROOT.parent / ("shared (hidden by DSS_HIDE_SHARED)" if SHARED_HIDDEN else "shared")
 SHARED_DATA = SHARED / "datasets"
@@ -106,6 +119,12 @@ def build_tiny_t5(directory: Path, vocabulary: Path | None = None) -> Path:
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
     model.save_pretrained(str(directory))
     return directory
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests (marked slow) first: pytest-xdist hands tests out one at a time (pyproject's addopts), so its
+    workers share the long ones out from the start instead of one worker ending the session alone with one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

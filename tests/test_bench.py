@@ -17,6 +17,7 @@ TRAIN_FIELDS = {"examples_per_s", "tokens_per_s", "median_step_s", "cpu_s_per_st
                 "padded_flops_per_step", "achieved_flops_per_s", "fraction_of_matmul_peak", "peak_memory_bytes"}
 
 
+@pytest.mark.slow
 def test_bench_small_configuration(tiny_t5, shared_data, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH / "bench.py"), "--from_pretrained", str(tiny_t5), "--data_dir", str(shared_data),
