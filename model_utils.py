@@ -308,7 +308,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         # gen_max_len counts the decoder's start token, as the original's generation_max_length did.
         settings = dict(max_new_tokens=width - 1, num_beams=1, do_sample=False, **self.generation_overrides)
         with full_weights:
-            if cache is not None and drop_finished_applies(self.model, sharded):
+            if drop_finished_applies(self.model, sharded):
                 tokens = generate_dropping_finished(self.model, view["input_ids"], view["attention_mask"],
                                                     cache=cache, **settings)
             else:

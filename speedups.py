@@ -406,21 +406,23 @@ ENDED_SHARE = 0.5
 
 
 def drop_finished_applies(model, sharded: bool) -> bool:
-    """Whether generate_dropping_finished gives this student's greedy tokens: switched on, weights not sharded, an
-    end token to end rows, and no generation setting counted from a call's start."""
+    """Whether generate_dropping_finished gives this student's greedy tokens: switched on, an encoder-decoder
+    student, weights not sharded, an end token to end rows, and no generation setting counted from a call's start."""
     config = model.generation_config
-    return (enabled("drop_finished") and not sharded and config.eos_token_id is not None
-            and not config.min_new_tokens and not config.begin_suppress_tokens)
+    return (enabled("drop_finished") and model.config.is_encoder_decoder and not sharded
+            and config.eos_token_id is not None and not config.min_new_tokens and not config.begin_suppress_tokens)
 
 
 def generate_dropping_finished(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                               cache: EncoderDecoderCache, **settings) -> torch.Tensor:
-    """drop_finished: greedy generation by an encoder-decoder student (with decoding_cache's cache) in rounds: each
-    round stops once half of its rows have ended, and the next continues the others from their tokens, their encoder
-    states and their part of the cache, until every row has ended or reached max_new_tokens. generate pays for every
-    row of a batch until its longest row ends; this pays for the rows still going. Each row takes the tokens generate
-    would give it (each round continues a row's own decoding, one token a step); the result is padded to
-    1 + max_new_tokens. Where drop_finished_applies."""
+                               cache: EncoderDecoderCache | None, **settings) -> torch.Tensor:
+    """drop_finished: greedy generation by an encoder-decoder student in rounds: each round stops once half of its
+    rows have ended, and the next continues the others from their tokens, their encoder states and their part of the
+    cache, until every row has ended or reached max_new_tokens. generate pays for every row of a batch until its
+    longest row ends; this pays for the rows still going. Each row takes the tokens generate would give it (each
+    round continues a row's own decoding, one token a step); the result is padded to 1 + max_new_tokens. cache:
+    decoding_cache's, or None (reserved_cache off) for generate's own kind. Where drop_finished_applies."""
+    if cache is None:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     config = model.generation_config
     ends = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
     encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

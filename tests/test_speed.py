@@ -239,15 +239,21 @@ def test_generation_with_the_reserved_cache_equals_generate_and_the_trainer_uses
     stock_generate = trainer.model.generate
     monkeypatch.setattr(trainer.model, "generate", lambda **kw: caches.append(kw.get("cache")) or stock_generate(**kw))
     trainer._generate(inputs)
-    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "reserved_cache")
+    assert isinstance(caches[0].self_attention_cache.layers[0], speedups.ReservedLayer)
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "reserved_cache")  # drop_finished on: generate's kind of cache
     trainer._generate(inputs)
-    assert isinstance(caches[0].self_attention_cache.layers[0], speedups.ReservedLayer) and caches[-1] is None
+    assert not any(isinstance(layer, speedups.ReservedLayer) for layer in caches[-1].self_attention_cache.layers)
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "reserved_cache,drop_finished")
+    trainer._generate(inputs)
+    assert caches[-1] is None
 
 
 def test_generation_dropping_finished_rows_gives_generates_tokens(tokenizer, model, monkeypatch):
     """Rows that end at different lengths (the end token made likelier): generate_dropping_finished goes on in
     smaller batches and gives every row generate's own tokens; it applies unless switched off, sharded, or asked
     for settings counted from a call's start."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     model.eval()
     with torch.no_grad():
         model.lm_head.weight[model.config.eos_token_id] *= 40
@@ -268,7 +274,14 @@ def test_generation_dropping_finished_rows_gives_generates_tokens(tokenizer, mod
     assert len(set(lengths.tolist())) > 2 and len(calls) > 1 and calls == sorted(calls, reverse=True), calls
     assert torch.equal(got, torch.nn.functional.pad(expected, (0, got.shape[1] - expected.shape[1])))
     assert got.shape[1] == 31
+    with torch.no_grad():  # reserved_cache switched off: generate's own kind of cache, the same tokens
+        assert torch.equal(speedups.generate_dropping_finished(model, rows[0], rows[1], cache=None, **settings), got)
     assert speedups.drop_finished_applies(model, sharded=False) and not speedups.drop_finished_applies(model, True)
+    decoder_only = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, eos_token_id=1))
+    assert not speedups.drop_finished_applies(decoder_only, sharded=False), "encoder-decoder students only"
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "reserved_cache")
+    assert speedups.drop_finished_applies(model, sharded=False), "each trick switched off on its own"
+    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
     model.generation_config.min_new_tokens = 2
     assert not speedups.drop_finished_applies(model, sharded=False)
     model.generation_config.min_new_tokens = None
