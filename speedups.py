@@ -13,7 +13,8 @@ switches of all of them. Each trick and where it applies (README's Speed section
   AVX-512, and on others is as fast;
 - malloc_reuse, tune_cpu_allocator (CPU training, glibc): freed heap blocks are kept for reuse instead of being
   returned to the kernel and faulted in afresh every step;
-- cpu_eval_batch, eval_batch_factor (CPU evaluation): generation batches of 8x the training batch instead of 4x;
+- cpu_eval_batch, cpu_eval_batch_size (CPU evaluation): generation batches of at least 128 rows and 8x the training
+  batch instead of 4x, as the available memory allows;
 - cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64, 16 bits an element, where torch draws a
   Bernoulli per element on AMD CPUs;
 - t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout
@@ -446,15 +447,67 @@ def generate_dropping_finished(model, input_ids: torch.Tensor, attention_mask: t
         cache.batch_select_indices(keep)
 
 
-def eval_batch_factor(factor: int, on_gpu: bool) -> int:
-    """cpu_eval_batch (CPU): evaluation batches twice the default factor of the training batch.
+# CPU evaluation batches hold at least this many rows: a decoding step's products (the vocabulary-sized lm_head's
+# most) run faster per row up to about this batch on a CPU, and its Python work is shared by more rows.
+CPU_EVAL_ROWS = 128
+# The share of the memory available when the trainer is built that one CPU evaluation batch's generation may take.
+CPU_EVAL_MEMORY_SHARE = 0.25
 
-    Each greedy decoding step multiplies the whole batch by the vocabulary-sized lm_head; on a CPU that product runs
-    faster per row for more rows, and the per-step Python overhead is shared by twice the rows, for a little more
-    peak memory. GPUs keep the factor, where memory for the caches of longer inputs and bigger students is the
-    limit.
+
+def cpu_eval_batch_size(default: int, config, input_length: int, gen_max_len: int, element_bytes: int = 4,
+                        available_bytes: int | None = None) -> int:
+    """cpu_eval_batch (CPU): the evaluation batch for default rows a batch (4 x the training batch) on a CPU.
+
+    Each greedy decoding step multiplies the whole batch by every decoder weight and the lm_head; on a CPU those
+    products run faster per row for more rows, and the per-step Python overhead is shared by more rows. So CPU
+    batches take at least CPU_EVAL_ROWS rows and twice the default, as many as CPU_EVAL_MEMORY_SHARE of the
+    available memory holds at generation_row_bytes a row, and never fewer than the default (GPUs keep it: there
+    memory for the caches of longer inputs and bigger students is the limit).
     """
-    return factor if on_gpu or not enabled("cpu_eval_batch") else 2 * factor
+    if not enabled("cpu_eval_batch"):
+        return default
+    if available_bytes is None:
+        available_bytes = available_memory_bytes()
+    fits = int(CPU_EVAL_MEMORY_SHARE * available_bytes) // generation_row_bytes(config, input_length, gen_max_len,
+                                                                                  element_bytes)
+    return max(default, min(max(CPU_EVAL_ROWS, 2 * default), fits))
+
+
+def generation_row_bytes(config, input_length: int, gen_max_len: int, element_bytes: int = 4) -> int:
+    """An upper estimate of the memory one row of a generation batch takes: keys and values of every decoder layer
+    for the input and the generated tokens (the cross-attention's and the decoder's cache of an encoder-decoder
+    student, the prompt's and the answer's of a decoder-only one), one layer's attention scores over the input, a
+    few activations of the input's width, and the step's logits.
+
+    Widths are the model's hidden size (T5's attention is narrower, grouped-query caches are smaller: an upper
+    estimate).
+    """
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) \
+        or config.num_hidden_layers
+    cache = layers * 2 * (input_length + gen_max_len) * hidden
+    transient = heads * input_length ** 2 + 8 * input_length * hidden + 2 * config.vocab_size
+    return element_bytes * (cache + transient)
+
+
+def available_memory_bytes() -> int:
+    """The memory this process may still take: the kernel's MemAvailable, within the cgroup's limit (Slurm jobs,
+    containers), shared among the launch's processes on this machine; the physical memory where neither is known."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(0, available) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def tune_cpu_allocator() -> bool:

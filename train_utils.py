@@ -44,7 +44,7 @@ from recovery import (
     run_folder,
     stop_together,
 )
-from speedups import disabled_speedups, enabled, eval_batch_factor, speed_up_student, tune_cpu_allocator
+from speedups import cpu_eval_batch_size, disabled_speedups, enabled, speed_up_student, tune_cpu_allocator
 from students import family_of, load_student, parameter_counts, save_best, student_record
 from teacher_cost import run_budget
 from token_cache import cached_tokenize, default_cache_dir
@@ -63,7 +63,7 @@ SAVED_GENERATIONS = "test_generations.json"
 # Evaluation generates: it keeps no activations for a backward pass, no gradients and no optimizer state, so a row
 # costs it a fraction of the memory a training row does. Each decoding step streams every decoder and lm_head weight
 # once for the whole batch, so bigger batches share that cost: by default evaluation batches are this many times the
-# training batch, and twice that on a CPU (speedups.eval_batch_factor).
+# training batch, and on a CPU more, as memory allows (speedups.cpu_eval_batch_size).
 EVAL_BATCH_FACTOR = 4
 
 
@@ -294,8 +294,7 @@ def training_arguments(training: TrainingConfig, ckpt_dir: Path, log_dir: Path) 
         tf32=True if is_torch_tf32_available() else None,
         max_steps=training.max_steps,
         per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.eval_batch_size
-        or eval_batch_factor(EVAL_BATCH_FACTOR, on_gpu=torch.cuda.is_available()) * training.batch_size,
+        per_device_eval_batch_size=training.eval_batch_size or EVAL_BATCH_FACTOR * training.batch_size,
         gradient_accumulation_steps=training.grad_steps,
         predict_with_generate=True,
         seed=training.seed,
@@ -332,6 +331,11 @@ def build_trainer(
     speed_up_student(model)
     if training_args.device.type == "cpu":
         tune_cpu_allocator()
+        if training.eval_batch_size is None:
+            longest = max((len(rows[0]["input_ids"]) for rows in eval_sets.values() if len(rows)), default=1)
+            training_args.per_device_eval_batch_size = cpu_eval_batch_size(
+                training_args.per_device_eval_batch_size, model.config, longest, training.gen_max_len,
+                next(model.parameters()).element_size())
     trainer = trainer_class(
         model=model,
         args=training_args,

@@ -315,14 +315,18 @@ def test_trainer_takes_the_grouped_path_and_keeps_two_passes_for_outputs(tiny_t5
     tokenized, args = small_training(tokenizer, max_steps=1)
     training_args = training_arguments(args, tmp_path / "ckpt", tmp_path / "log")
     assert training_args.optim == "adamw_torch_fused"
-    assert training_args.per_device_eval_batch_size == 8 * args.batch_size, "generation batches default to 8x on a CPU"
-    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "cpu_eval_batch")
-    assert training_arguments(args, tmp_path / "c", tmp_path / "l").per_device_eval_batch_size == 4 * args.batch_size
-    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
-    assert speedups.eval_batch_factor(4, on_gpu=True) == 4, "GPUs keep the factor"
+    assert training_args.per_device_eval_batch_size == 4 * args.batch_size, "generation batches default to 4x"
     explicit = replace(args, eval_batch_size=5)
-    assert training_arguments(explicit, tmp_path / "ckpt", tmp_path / "log").per_device_eval_batch_size == 5
+    explicit_args = training_arguments(explicit, tmp_path / "ckpt", tmp_path / "log")
+    build_trainer(explicit, explicit_args, model, tokenizer, tokenized, "text")
+    assert explicit_args.per_device_eval_batch_size == 5, "an asked batch is kept on a CPU too"
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "cpu_eval_batch")
+    off_args = training_arguments(args, tmp_path / "c", tmp_path / "l")
+    build_trainer(args, off_args, model, tokenizer, tokenized, "text")
+    assert off_args.per_device_eval_batch_size == 4 * args.batch_size
+    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
     trainer, _ = build_trainer(args, training_args, model, tokenizer, tokenized, "text")
+    assert trainer.args.per_device_eval_batch_size == speedups.CPU_EVAL_ROWS, "CPU generation batches take more rows"
     assert trainer.fast_loss_applies(trainer.model) and type(trainer.model.lm_head) is OneDNNLinear
     inputs = batch(tokenizer, "task_prefix")
     with torch.no_grad():
@@ -741,3 +745,53 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_in_fresh_pages(
     assert runs["default"][1] == 16, "by default every 48 MiB block is faulted in afresh"
     assert runs["tuned"][1] == 0, f"{runs['tuned'][1]} of the last 16 blocks faulted in afresh with the allocator tuned"
     assert runs["tuned"][2], "return_freed_memory hands the kept blocks back: the next one is faulted in afresh"
+
+
+def cache_bytes(cache) -> int:
+    """The bytes of every key and value a generation's cache holds (both caches of an encoder-decoder model)."""
+    caches = [cache.self_attention_cache, cache.cross_attention_cache] if hasattr(cache, "cross_attention_cache") \
+        else [cache]
+    return sum(t.numel() * t.element_size() for c in caches for layer in c.layers
+               for t in (layer.keys, layer.values) if t is not None)
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "gpt2", "llama"])
+def test_generation_row_bytes_bounds_what_a_generation_caches(tiny_students, kind):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(tiny_students[kind])
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(tiny_students[kind]).eval()
+    rows, length, new_tokens = 3, 40, 12
+    input_ids = torch.randint(5, config.vocab_size, (rows, length))
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, return_dict_in_generate=True,
+                             pad_token_id=config.pad_token_id or config.eos_token_id)
+    held = cache_bytes(out.past_key_values) / rows
+    estimate = speedups.generation_row_bytes(config, length, new_tokens + 1)
+    assert held > 0 and held <= estimate, f"{kind}: {held:.0f} bytes a row cached, estimated {estimate}"
+    transient = 4 * (config.num_attention_heads * length ** 2 + 8 * length * config.hidden_size + 2 * config.vocab_size)
+    assert estimate - transient < 2.5 * held, "the caches' estimate is an upper one, not a wild one"
+
+
+def test_cpu_eval_batches_grow_as_far_as_memory_allows(monkeypatch):
+    from transformers import T5Config
+
+    base = T5Config(d_model=768, d_ff=2048, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128)
+    row = speedups.generation_row_bytes(base, 1024, 256)
+    assert 100e6 < row < 250e6, "T5 v1.1 Base at input 1024 keeps over 100 MB a row while it generates"
+    plenty = 1 << 50
+    assert speedups.cpu_eval_batch_size(32, base, 1024, 256, available_bytes=plenty) == speedups.CPU_EVAL_ROWS
+    assert speedups.cpu_eval_batch_size(256, base, 1024, 256, available_bytes=plenty) == 512, "twice a large default"
+    fifty_rows = int(50 * row / speedups.CPU_EVAL_MEMORY_SHARE) + 1
+    assert speedups.cpu_eval_batch_size(32, base, 1024, 256, available_bytes=fifty_rows) == 50, "as memory holds"
+    assert speedups.cpu_eval_batch_size(32, base, 1024, 256, available_bytes=row) == 32, "never below the default"
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "cpu_eval_batch")
+    assert speedups.cpu_eval_batch_size(32, base, 1024, 256, available_bytes=plenty) == 32
+    monkeypatch.delenv(speedups.DISABLE_VARIABLE)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = speedups.available_memory_bytes()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert 0 < speedups.available_memory_bytes() <= alone // 4 + (64 << 20), "processes on one machine share it"
+
