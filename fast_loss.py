@@ -131,6 +131,17 @@ def packed_stack(stack, input_ids, packing: Packing, mask, source=None, source_p
     return stack.dropout(stack.final_layer_norm(hidden))
 
 
+def encoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states [rows, length, d_model] for generation: with packed_tokens (packed_stack),
+    computed on the rows' real tokens only and zeros at padding, which cross-attention masks; otherwise the
+    encoder's own forward. Length-sorted evaluation batches still pad their shorter rows to the longest."""
+    if not packed_tokens_apply(model):
+        return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    real = attention_mask.bool()
+    packing = Packing(real)
+    return packing.pad(packed_stack(model.encoder, input_ids.flatten()[packing.index], packing, real[:, None, None, :]))
+
+
 def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
     """seq2seq_target_states's passes on packed tokens (packed_stack): no projection, feed-forward layer or
     elementwise op runs on padding."""

@@ -5,7 +5,7 @@ implementations of its loss; this module holds the rest of what only makes train
 switches of all of them. Each trick and where it applies (README's Speed section has each one's measured gain):
 
 - grouped_loss, packed_tokens, fused_head (fast_loss.py): the loss's fast implementations, T5's stacks run on real
-  tokens only (attention alone on the padded grid), and the fused lm_head;
+  tokens only (attention alone on the padded grid; the encoder at evaluation too), and the fused lm_head;
 - gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
 - onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): each of a linear layer's three products on
   oneDNN's GEMM or torch's (MKL) sgemm, whichever this machine runs faster at that shape (timed once per machine,
@@ -420,13 +420,16 @@ def generate_dropping_finished(model, input_ids: torch.Tensor, attention_mask: t
     rows have ended, and the next continues the others from their tokens, their encoder states and their part of the
     cache, until every row has ended or reached max_new_tokens. generate pays for every row of a batch until its
     longest row ends; this pays for the rows still going. Each row takes the tokens generate would give it (each
-    round continues a row's own decoding, one token a step); the result is padded to 1 + max_new_tokens. cache:
+    round continues a row's own decoding, one token a step); the result is padded to 1 + max_new_tokens. The encoder
+    runs once, before the first round (fast_loss.encoder_states: on real tokens only, with packed_tokens). cache:
     decoding_cache's, or None (reserved_cache off) for generate's own kind. Where drop_finished_applies."""
     if cache is None:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     config = model.generation_config
     ends = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id])
-    encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    from fast_loss import encoder_states  # fast_loss imports this module
+
+    encoded = encoder_states(model, input_ids, attention_mask)
     tokens = input_ids.new_full((len(input_ids), 1 + max_new_tokens), config.pad_token_id)
     rows, decoded = torch.arange(len(input_ids)), None
     while True:

@@ -795,3 +795,19 @@ def test_cpu_eval_batches_grow_as_far_as_memory_allows(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert 0 < speedups.available_memory_bytes() <= alone // 4 + (64 << 20), "processes on one machine share it"
 
+
+def test_encoder_states_for_generation_run_on_real_tokens_only(tokenizer, model, monkeypatch):
+    """fast_loss.encoder_states: the encoder's own states at every real token (up to float rounding), zeros at
+    padding, and the encoder's forward itself where packed_tokens is off."""
+    inputs = batch(tokenizer, "task_prefix")["expl"]
+    real = inputs["attention_mask"].bool()
+    assert not real.all(), "rows of different lengths: padding to skip"
+    model.eval()
+    with torch.no_grad():
+        expected = model.get_encoder()(**inputs).last_hidden_state
+        packed = fast_loss.encoder_states(model, inputs["input_ids"], inputs["attention_mask"])
+        assert fast_loss.packed_tokens_apply(model)
+        torch.testing.assert_close(packed[real], expected[real], rtol=1e-5, atol=1e-5)
+        assert not packed[~real].any()
+        monkeypatch.setenv(speedups.DISABLE_VARIABLE, "packed_tokens")
+        assert torch.equal(fast_loss.encoder_states(model, inputs["input_ids"], inputs["attention_mask"]), expected)
