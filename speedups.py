@@ -17,8 +17,9 @@ switches of all of them. Each trick and where it applies (README's Speed section
   batch instead of 4x, as the available memory allows;
 - cpu_dropout, CPUDropout (CPU training): dropout masks from numpy's SFC64, 16 bits an element, where torch draws a
   Bernoulli per element on AMD CPUs;
-- t5_attention (CPU training): SDPA attention but for the dropout of its probabilities, which becomes cpu_dropout
-  (DroppedAttention, which keeps a byte mask for the backward pass);
+- t5_attention (CPU): SDPA attention but for the dropout of its probabilities in training, which becomes cpu_dropout
+  (DroppedAttention, which keeps a byte mask for the backward pass), and in evaluation the additive mask of
+  position bias and padding made once for a stack's layers (StackBias);
 - reserved_cache, decoding_cache (evaluation, encoder-decoder students): the decoder's self-attention cache in
   buffers reserved for the generation's length, written in place (ReservedLayer) instead of re-concatenated;
 - drop_finished, generate_dropping_finished (the same): once half of a batch's rows have ended, the rest go on
@@ -276,15 +277,52 @@ class OneDNNLinear(torch.nn.Linear):
         return linear_forward(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
 
 
+class StackBias:
+    """create_position_bias_mask's additive mask for a padding mask, made once for all the layers of a stack's
+    forward instead of once a layer: T5Stack (and fast_loss.packed_stack) give every layer the same position_bias
+    and attention_mask tensors, and the mask, rows x heads x queries x keys floats, costs a pass over memory each
+    time it is made. The last mask is reused while it is asked for from the very same tensors, which this holds, so
+    that neither can be freed and a new one take its place."""
+
+    def __init__(self):
+        self.made_from: tuple | None = None
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, position_bias: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor,
+                 key: torch.Tensor) -> torch.Tensor:
+        made_from = (position_bias, attention_mask, query.shape[2], key.shape[2])
+        last = self.made_from
+        if last is None or last[0] is not position_bias or last[1] is not attention_mask or last[2:] != made_from[2:]:
+            self.made_from = self.bias = None  # the old tensors go before the new mask is made
+            self.bias = create_position_bias_mask(position_bias, attention_mask, False, query, key)
+            self.made_from = made_from
+        return self.bias
+
+
+stack_bias = StackBias()
+
+
 def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
-    """T5's SDPA attention, except in CPU training, where SDPA would drop attention probabilities with torch's
-    per-element Bernoulli; there the same product runs as three ops with cpu_dropout, on the very additive mask
-    (position bias, padding, causality) that SDPA would be given."""
-    if dropout == 0.0 or query.device.type != "cpu" or position_bias is None:
+    """T5's SDPA attention, on a CPU with two changes: in evaluation the additive mask of position bias and padding
+    is made once for a stack's layers (StackBias; in training each layer makes its own, as gradient checkpointing
+    recomputes them, and sharing it gained nothing measurable), and in training, where SDPA would drop attention
+    probabilities with torch's per-element Bernoulli, the same product runs as three ops with cpu_dropout, on the
+    very additive mask (position bias, padding, causality) that SDPA would be given."""
+    if query.device.type != "cpu" or position_bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_bias=position_bias, **kwargs)
-    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+    if attention_mask is None:
+        if dropout == 0.0:  # sdpa_attention_forward's own handling of causality (it may crop the keys)
+            return sdpa_attention_forward(module, query, key, value, None, scaling=scaling,
+                                          position_bias=position_bias, **kwargs)
+        is_causal = query.shape[2] > 1 and getattr(module, "is_causal", True)
+        bias = create_position_bias_mask(position_bias, None, is_causal, query, key)
+    elif not torch.is_grad_enabled():
+        bias = stack_bias(position_bias, attention_mask, query, key)
+    else:
+        bias = create_position_bias_mask(position_bias, attention_mask, False, query, key)
+    if dropout == 0.0:
+        return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
     scaling = 1.0 if scaling is None else scaling
     return DroppedAttention.apply(query, key, value, bias, scaling, dropout).transpose(1, 2).contiguous(), None
 

@@ -811,3 +811,29 @@ def test_encoder_states_for_generation_run_on_real_tokens_only(tokenizer, model,
         assert not packed[~real].any()
         monkeypatch.setenv(speedups.DISABLE_VARIABLE, "packed_tokens")
         assert torch.equal(fast_loss.encoder_states(model, inputs["input_ids"], inputs["attention_mask"]), expected)
+
+
+def test_t5_attention_makes_a_stacks_mask_once_in_evaluation(tokenizer, model, monkeypatch):
+    """In evaluation the additive mask of position bias and padding is made once for the encoder's layers (also on
+    packed tokens), with SDPA's outputs; in training each layer makes its own (gradient checkpointing recomputes
+    layers one by one)."""
+    inputs = batch(tokenizer, "task_prefix")["expl"]
+    made = []
+    stock = speedups.create_position_bias_mask
+    monkeypatch.setattr(speedups, "create_position_bias_mask", lambda *a: made.append(a[1]) or stock(*a))
+    layers = model.config.num_layers
+    assert layers > 1
+    reference = copy.deepcopy(model).eval()
+    speed_up_student(model.eval())
+    with torch.no_grad():
+        expected = reference.get_encoder()(**inputs).last_hidden_state
+        got = model.get_encoder()(**inputs).last_hidden_state
+        assert len(made) == 1, f"one mask for {layers} layers, {len(made)} made"
+        real = inputs["attention_mask"].bool()
+        packed = fast_loss.encoder_states(model, inputs["input_ids"], inputs["attention_mask"])
+        assert len(made) == 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[real], expected[real], rtol=1e-5, atol=1e-5)
+    made.clear()
+    torch.testing.assert_close(model.get_encoder()(**inputs).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
+    assert len(made) == layers, "in training, each layer its own"
