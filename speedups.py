@@ -503,14 +503,18 @@ def cpu_eval_batch_size(default: int, config, input_length: int, gen_max_len: in
     products run faster per row for more rows, and the per-step Python overhead is shared by more rows. So CPU
     batches take at least CPU_EVAL_ROWS rows and twice the default, as many as CPU_EVAL_MEMORY_SHARE of the
     available memory holds at generation_row_bytes a row, and never fewer than the default (GPUs keep it: there
-    memory for the caches of longer inputs and bigger students is the limit).
+    memory for the caches of longer inputs and bigger students is the limit). A configuration whose shape cannot
+    be read keeps the default.
     """
     if not enabled("cpu_eval_batch"):
         return default
+    try:
+        row = generation_row_bytes(config.get_text_config(decoder=True), input_length, gen_max_len, element_bytes)
+    except (AttributeError, TypeError):
+        return default
     if available_bytes is None:
         available_bytes = available_memory_bytes()
-    fits = int(CPU_EVAL_MEMORY_SHARE * available_bytes) // generation_row_bytes(config, input_length, gen_max_len,
-                                                                                  element_bytes)
+    fits = int(CPU_EVAL_MEMORY_SHARE * available_bytes) // row
     return max(default, min(max(CPU_EVAL_ROWS, 2 * default), fits))
 
 

@@ -787,6 +787,10 @@ def test_cpu_eval_batches_grow_as_far_as_memory_allows(monkeypatch):
     fifty_rows = int(50 * row / speedups.CPU_EVAL_MEMORY_SHARE) + 1
     assert speedups.cpu_eval_batch_size(32, base, 1024, 256, available_bytes=fifty_rows) == 50, "as memory holds"
     assert speedups.cpu_eval_batch_size(32, base, 1024, 256, available_bytes=row) == 32, "never below the default"
+    from transformers import PretrainedConfig
+
+    assert speedups.cpu_eval_batch_size(32, PretrainedConfig(), 1024, 256, available_bytes=plenty) == 32, \
+        "a shape it cannot read: the default"
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, "cpu_eval_batch")
     assert speedups.cpu_eval_batch_size(32, base, 1024, 256, available_bytes=plenty) == 32
     monkeypatch.delenv(speedups.DISABLE_VARIABLE)
