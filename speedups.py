@@ -311,18 +311,14 @@ def t5_attention(module, query, key, value, attention_mask, dropout=0.0, scaling
     if query.device.type != "cpu" or position_bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_bias=position_bias, **kwargs)
-    if attention_mask is None:
-        if dropout == 0.0:  # sdpa_attention_forward's own handling of causality (it may crop the keys)
-            return sdpa_attention_forward(module, query, key, value, None, scaling=scaling,
-                                          position_bias=position_bias, **kwargs)
-        is_causal = query.shape[2] > 1 and getattr(module, "is_causal", True)
-        bias = create_position_bias_mask(position_bias, None, is_causal, query, key)
-    elif not torch.is_grad_enabled():
-        bias = stack_bias(position_bias, attention_mask, query, key)
-    else:
-        bias = create_position_bias_mask(position_bias, attention_mask, False, query, key)
     if dropout == 0.0:
-        return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
+        if attention_mask is not None and not torch.is_grad_enabled():  # evaluation: one mask for the stack's layers
+            bias = stack_bias(position_bias, attention_mask, query, key)
+            return sdpa_attention_forward(module, query, key, value, bias, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      position_bias=position_bias, **kwargs)
+    is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
     scaling = 1.0 if scaling is None else scaling
     return DroppedAttention.apply(query, key, value, bias, scaling, dropout).transpose(1, 2).contiguous(), None
 
