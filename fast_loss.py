@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from model_utils import LABEL_PAD
-from speedups import T5_ATTENTION, enabled, onednn_applies, onednn_mm_t
+from speedups import (T5_ATTENTION, blocked_weight_grad, enabled, gradient_product, onednn_applies, onednn_faster,
+                      onednn_mm_t)
 
 
 def used_lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -110,15 +111,16 @@ def packed_attention(attention, hidden, packing: Packing, mask, position_bias, s
     return attention.o(packing.pack(output))  # output: [rows, length, heads, width]
 
 
-def packed_stack(stack, input_ids, packing: Packing, mask, source=None, source_packing=None, source_mask=None):
+def packed_stack(stack, embedded, packing: Packing, mask, source=None, source_packing=None, source_mask=None):
     """T5Stack.forward in training, without cache, on packed tokens: the last hidden states [tokens, d_model] of the
-    rows' real tokens. Embeddings, layer norms, feed-forward layers, dropout and residual sums are per token, so they
-    run on real tokens only; attention runs on the padded grid, where padding is masked (encoder and cross-attention:
-    mask [rows, 1, 1, length] True at real tokens) or comes after every real query (decoder: causal, mask None).
-    Each real token's value is the padded forward's up to float rounding (padding never reaches a real token)."""
-    hidden = stack.dropout(stack.embed_tokens(input_ids))
+    rows' real tokens, from their embeddings (embedded: [tokens, d_model]). Embeddings, layer norms, feed-forward
+    layers, dropout and residual sums are per token, so they run on real tokens only; attention runs on the padded
+    grid, where padding is masked (encoder and cross-attention: mask [rows, 1, 1, length] True at real tokens) or
+    comes after every real query (decoder: causal, mask None). Each real token's value is the padded forward's up to
+    float rounding (padding never reaches a real token)."""
+    hidden = stack.dropout(embedded)
     first = stack.block[0].layer[0].SelfAttention
-    position_bias = first.compute_bias(packing.length, packing.length, device=input_ids.device)
+    position_bias = first.compute_bias(packing.length, packing.length, device=embedded.device)
     for block in stack.block:
         attention = block.layer[0]
         hidden = hidden + attention.dropout(packed_attention(
@@ -139,7 +141,21 @@ def encoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
         return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     real = attention_mask.bool()
     packing = Packing(real)
-    return packing.pad(packed_stack(model.encoder, input_ids.flatten()[packing.index], packing, real[:, None, None, :]))
+    embedded = model.encoder.embed_tokens(input_ids.flatten()[packing.index])
+    return packing.pad(packed_stack(model.encoder, embedded, packing, real[:, None, None, :]))
+
+
+def embedded_tokens(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The encoder's embeddings of ids[0] and the decoder's of the rest: where the two stacks' embeddings are alike
+    and share their weight (T5's `shared`), in one lookup, whose backward is one vocabulary-sized gradient instead of
+    one a lookup, each zero-filled and then summed into the weight's."""
+    encoder, decoder = model.encoder.embed_tokens, model.decoder.embed_tokens
+    alike = (type(encoder) is type(decoder) and encoder.weight is decoder.weight
+             and encoder.extra_repr() == decoder.extra_repr() and not decoder._forward_hooks
+             and not decoder._forward_pre_hooks)
+    if not alike:
+        return [encoder(ids[0])] + [decoder(tokens) for tokens in ids[1:]]
+    return list(encoder(torch.cat(ids)).split([len(tokens) for tokens in ids]))
 
 
 def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
@@ -148,25 +164,25 @@ def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
     input_ids, attention_mask, input_lengths = grouped_inputs(views)
     real = attention_mask[:, : int(input_lengths.max())].bool()
     packing = Packing(real)
-    encoded = packed_stack(model.encoder, input_ids[:, : packing.length].flatten()[packing.index], packing,
-                           real[:, None, None, :])
+    labels = [view["labels"][:, : int(used_lengths(view["labels"] != LABEL_PAD).max())] for view in views]
+    keeps = [view_labels != LABEL_PAD for view_labels in labels]
+    decoded = [Packing(keep) for keep in keeps]
+    shifted = [model._shift_right(view_labels).flatten()[view_packing.index]
+               for view_labels, view_packing in zip(labels, decoded)]
+    embedded = embedded_tokens(model, [input_ids[:, : packing.length].flatten()[packing.index], *shifted])
+    encoded = packed_stack(model.encoder, embedded[0], packing, real[:, None, None, :])
 
-    hidden, targets, keeps = [], [], []
+    hidden = []
     row, token = 0, 0
-    for view in views:
-        rows = slice(row, row + view["labels"].shape[0])
-        labels = view["labels"][:, : int(used_lengths(view["labels"] != LABEL_PAD).max())]
-        keep = labels != LABEL_PAD
+    for view_labels, view_embedded, view_packing in zip(labels, embedded[1:], decoded):
+        rows = slice(row, row + view_labels.shape[0])
         source_mask = real[rows, : int(input_lengths[rows].max())]
         source_tokens = int(source_mask.sum())
-        decoded = Packing(keep)
-        hidden.append(packed_stack(
-            model.decoder, model._shift_right(labels).flatten()[decoded.index], decoded, None,
-            encoded[token : token + source_tokens], Packing(source_mask), source_mask[:, None, None, :]))
-        targets.append(labels[keep])
-        keeps.append(keep)
+        hidden.append(packed_stack(model.decoder, view_embedded, view_packing, None,
+                                   encoded[token : token + source_tokens], Packing(source_mask),
+                                   source_mask[:, None, None, :]))
         row, token = rows.stop, token + source_tokens
-    return torch.cat(hidden), torch.cat(targets), keeps
+    return torch.cat(hidden), torch.cat([view_labels[keep] for view_labels, keep in zip(labels, keeps)]), keeps
 
 
 def seq2seq_target_states(model, views: list[dict[str, torch.Tensor]]):
@@ -278,8 +294,6 @@ TARGET_STATES = {True: seq2seq_target_states, False: causal_target_states}
 # The most fp32 logits lm_head_loss holds at once: a tiny-T5 batch of rationales in one chunk, a large GPU batch in
 # a few, instead of several copies of a [tokens, vocabulary] tensor.
 LOGIT_CHUNK_BYTES = 64 << 20
-# Vocabulary rows per oneDNN product of the fused head's weight gradient (a few MB of a chunk's logit gradient).
-VOCABULARY_BLOCK = 2048
 
 
 class LMHeadLoss(torch.autograd.Function):
@@ -315,22 +329,27 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool, 
     loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if grads else None
     grad_weight = None  # the first chunk's product allocates it: no separate zero-filling pass over the weight's size
-    rows = max(16, LOGIT_CHUNK_BYTES // (4 * weight.shape[0]))
+    vocabulary, width = weight.shape
+    rows = max(16, LOGIT_CHUNK_BYTES // (4 * vocabulary))
+    # fp32 on a CPU: each of the three products on oneDNN's GEMM or torch's, whichever this machine runs faster at
+    # the chunk's shape (speedups.onednn_faster), as OneDNNLinear does for the other layers.
     onednn = onednn_applies(hidden_c, weight_c)
-    # Without oneDNN, every [rows, vocabulary] step writes into this one buffer: fresh tensors this size cost a page
+    # Every [rows, vocabulary] product torch runs writes into this one buffer: fresh tensors this size cost a page
     # fault per 4 KiB on a CPU (a third of the product's time) and add to the peak.
-    buffer = None if onednn else torch.empty(min(rows, hidden.shape[0]), weight.shape[0], device=hidden.device,
-                                             dtype=torch.float32)
+    buffer = None  # made at the first chunk that needs it, the largest
     with torch.autocast(device, enabled=False):  # dtypes are set explicitly here
         for start in range(0, hidden.shape[0], rows):
             chunk = hidden_c[start : start + rows]
             target, token_weight = targets[start : start + rows, None], token_weights[start : start + rows]
-            if onednn:
+            if onednn and onednn_faster("forward", len(chunk), width, vocabulary):
                 logits = onednn_mm_t(chunk, weight_c)
-            elif compute_dtype == torch.float32:
-                logits = torch.mm(chunk, weight_c.T, out=buffer[: len(chunk)])
             else:
-                logits = buffer[: len(chunk)].copy_(chunk @ weight_c.T)
+                if buffer is None:
+                    buffer = torch.empty(len(chunk), vocabulary, device=hidden.device, dtype=torch.float32)
+                if compute_dtype == torch.float32:
+                    logits = torch.mm(chunk, weight_c.T, out=buffer[: len(chunk)])
+                else:
+                    logits = buffer[: len(chunk)].copy_(chunk @ weight_c.T)
             if kd is not None:  # before the softmax below overwrites the logits
                 kd_loss, kd_grad = kd.chunk_loss_and_grad(logits, start, token_weight, grads)
                 loss += kd_loss
@@ -349,22 +368,13 @@ def lm_head_loss_and_grads(hidden, weight, targets, token_weights, grads: bool, 
                 probabilities.add_(kd_grad)
             grad_logits = probabilities.to(compute_dtype)
             if onednn:
-                grad_hidden[start : start + rows] = onednn_mm_t(grad_logits, weight_c.T)
-                first = grad_weight is None
-                if first:
-                    grad_weight = torch.empty_like(weight)
-                # grad_logits.T @ chunk, a block of vocabulary rows at a time, each transposed into a contiguous copy
-                # that stays in cache: half the time of one whole transposed copy, or of oneDNN reading it strided.
-                for column in range(0, weight.shape[0], VOCABULARY_BLOCK):
-                    block = grad_logits[:, column : column + VOCABULARY_BLOCK].T.contiguous()
-                    rows_of_weight = grad_weight[column : column + VOCABULARY_BLOCK]
-                    if first:
-                        rows_of_weight.copy_(onednn_mm_t(block, chunk.T))
-                    else:
-                        rows_of_weight.add_(onednn_mm_t(block, chunk.T))
-                continue
-            grad_hidden[start : start + rows] = grad_logits @ weight_c
-            if grad_weight is None:
+                grad_hidden[start : start + rows] = gradient_product("input_grad", grad_logits, weight_c.T, len(chunk),
+                                                                     width, vocabulary)
+            else:
+                grad_hidden[start : start + rows] = grad_logits @ weight_c
+            if onednn and onednn_faster("head_weight_grad", len(chunk), width, vocabulary):
+                grad_weight = blocked_weight_grad(grad_logits, chunk, grad_weight)
+            elif grad_weight is None:
                 grad_weight = (grad_logits.T @ chunk).to(weight.dtype)
             elif grad_logits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(grad_logits.T, chunk)

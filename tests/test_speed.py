@@ -131,6 +131,29 @@ def test_packed_tokens_skip_padding_and_keep_the_padded_values(tokenizer, model,
         assert (grad - expected_grads[name]).norm() / expected_grads[name].norm() < 1e-5, name
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_packed_passes_look_up_a_shared_embedding_once(tokenizer, model, monkeypatch, shared):
+    """Encoder and decoders sharing T5's embedding: one lookup for all three passes' tokens, so its backward makes one
+    vocabulary-sized gradient; with separate embeddings, one lookup a pass. The loss and every gradient equal the
+    padded passes' either way."""
+    if not shared:
+        model.decoder.embed_tokens = copy.deepcopy(model.shared)
+    lookups, stock_embedding = [], F.embedding
+    monkeypatch.setattr(F, "embedding", lambda ids, weight, *args: lookups.append(weight) or stock_embedding(ids, weight, *args))
+    views, weights = (lambda inputs: [inputs["pred"], inputs["expl"]])(batch(tokenizer, "task_prefix")), [0.3, 0.7]
+    got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
+    encoder, decoder = model.encoder.embed_tokens.weight, model.decoder.embed_tokens.weight
+    token_lookups = [id(weight) for weight in lookups if id(weight) in (id(encoder), id(decoder))]  # not the biases'
+    assert token_lookups == ([id(encoder)] if shared else [id(encoder)] + 2 * [id(decoder)])
+    monkeypatch.setattr(F, "embedding", stock_embedding)
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "packed_tokens")
+    expected, expected_grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    assert grads.keys() == expected_grads.keys() and ("decoder.embed_tokens.weight" in grads) == (not shared)
+    for name, grad in grads.items():
+        assert (grad - expected_grads[name]).norm() / expected_grads[name].norm() < 1e-5, name
+
+
 def test_packed_tokens_repeat_with_dropout_and_step_aside_where_they_do_not_apply(tokenizer, model):
     """In training (dropout on) the same seed gives the same loss; eager attention (float masks), gradient
     checkpointing and fp16 weights take the padded passes."""
@@ -358,13 +381,21 @@ def test_optimizer_state_is_freed_before_the_best_checkpoint_is_read(tiny_t5, to
     assert trainer.state.best_model_checkpoint is not None
 
 
-@pytest.mark.parametrize("speedups_off", ["", "onednn_linear"])
+# The fused head's products: all on oneDNN, all on torch's GEMM (each as onednn_faster would pick on some machine), or
+# oneDNN switched off.
+@pytest.mark.parametrize("kernels", ["onednn", "torch", "onednn_linear off"])
 @pytest.mark.parametrize("vocabulary_block", [2048, 16])  # oneDNN's weight gradient: one block; 4 (the last short)
 @pytest.mark.parametrize("chunk_bytes", [16 << 20, 4 * 50 * 7])  # one chunk; chunks of 7 rows (the last one short)
-def test_lm_head_loss_equals_unfused_cross_entropy(monkeypatch, chunk_bytes, vocabulary_block, speedups_off):
+def test_lm_head_loss_equals_unfused_cross_entropy(monkeypatch, chunk_bytes, vocabulary_block, kernels):
+    if kernels == "onednn" and not speedups.onednn_available():
+        pytest.skip("this torch build has no oneDNN GEMM")
     monkeypatch.setattr(fast_loss, "LOGIT_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(fast_loss, "VOCABULARY_BLOCK", vocabulary_block)
-    monkeypatch.setenv(speedups.DISABLE_VARIABLE, speedups_off)
+    monkeypatch.setattr(speedups, "VOCABULARY_BLOCK", vocabulary_block)
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, "onednn_linear" if kernels == "onednn_linear off" else "")
+    for module in (speedups, fast_loss):
+        monkeypatch.setattr(module, "onednn_faster", lambda product, rows, k, n: kernels == "onednn")
+    blocked = []
+    monkeypatch.setattr(fast_loss, "blocked_weight_grad", lambda *args: blocked.append(1) or speedups.blocked_weight_grad(*args))
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -384,6 +415,7 @@ def test_lm_head_loss_equals_unfused_cross_entropy(monkeypatch, chunk_bytes, voc
     with torch.no_grad():
         torch.testing.assert_close(lm_head_loss(hidden, weight, targets, token_weights), expected.detach(), rtol=1e-6,
                                    atol=0)
+    assert bool(blocked) == (kernels == "onednn"), "the weight gradient by blocks exactly where oneDNN is picked"
 
 
 def test_lm_head_loss_where_targets_are_far_below_the_top_logit():
@@ -688,7 +720,7 @@ def test_timing_a_new_shape_leaves_the_runs_random_numbers_as_they_were(monkeypa
     state = torch.random.get_rng_state()
     for product in speedups.PRODUCTS:
         speedups.onednn_faster(product, 24, 16, 8)
-    assert len(speedups.KERNEL_CHOICES) == 3, "each product timed"
+    assert len(speedups.KERNEL_CHOICES) == len(speedups.PRODUCTS), "each product timed"
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
