@@ -8,7 +8,7 @@ rounding, with less work:
 
 - grouped_loss (seq2seq students with T5's layout): one encoder pass for both views' rows, one decoder pass per
   view, each trimmed to the rows' real length; for T5 and mT5 (packed_tokens), each pass on the rows' real tokens
-  only, packed, with attention alone on the padded grid;
+  only, packed, with attention alone on the padded grid, and the passes' tokens embedded in one lookup;
 - causal_grouped_loss (decoder-only students): one pass per view, trimmed likewise;
 - lm_head_loss / LMHeadLoss (both): the lm_head and the cross-entropy fused and chunked, at target positions only,
   the gradients computed in the forward pass, so no [tokens, vocabulary] tensor is kept.

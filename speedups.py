@@ -7,10 +7,10 @@ switches of all of them. Each trick and where it applies (README's Speed section
 - grouped_loss, packed_tokens, fused_head (fast_loss.py): the loss's fast implementations, T5's stacks run on real
   tokens only (attention alone on the padded grid; the encoder at evaluation too), and the fused lm_head;
 - gelu_tanh (all devices): one fused GELUTanh kernel for T5 v1.1's gelu_new (seven elementwise passes);
-- onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): each of a linear layer's three products on
-  oneDNN's GEMM or torch's (MKL) sgemm, whichever this machine runs faster at that shape (timed once per machine,
-  onednn_faster), and the fused head's on oneDNN's: MKL takes AVX2 paths on some AMD CPUs where oneDNN uses
-  AVX-512, and on others is as fast;
+- onednn_linear, OneDNNLinear (CPU, fp32; training and evaluation): each of a linear layer's three products, and
+  of the fused head's, on oneDNN's GEMM or torch's (MKL) sgemm, whichever this machine runs faster at that shape
+  (timed once per machine, onednn_faster; the head's weight gradient on oneDNN by blocks, blocked_weight_grad):
+  MKL takes AVX2 paths on some AMD CPUs where oneDNN uses AVX-512, and on others is as fast or faster;
 - malloc_reuse, tune_cpu_allocator (CPU training, glibc): freed heap blocks are kept for reuse instead of being
   returned to the kernel and faulted in afresh every step;
 - cpu_eval_batch, cpu_eval_batch_size (CPU evaluation): generation batches of at least 128 rows and 8x the training
