@@ -142,7 +142,10 @@ def blocked_weight_grad(grad: torch.Tensor, x: torch.Tensor, into: torch.Tensor 
     for column in range(0, grad.shape[1], VOCABULARY_BLOCK):
         product = onednn_mm_t(grad[:, column : column + VOCABULARY_BLOCK].T.contiguous(), x.T)
         rows = result[column : column + VOCABULARY_BLOCK]
-        rows.copy_(product) if into is None else rows.add_(product)
+        if into is None:
+            rows.copy_(product)
+        else:
+            rows.add_(product)
     return result
 
 

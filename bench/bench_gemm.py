@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=2 python bench/bench_gemm.py [--threads 2]
 
 Prints the square-product rate of both (512, 1024, 2048) and, for each T5 v1.1 shape of bench.RANDOM_CONFIGS
-(tiny, the reference student; small; base) at 256, 1024 and 2048 rows, the milliseconds of a linear layer's three
-products (forward, input gradient, weight gradient) on each library: the best of 5 calls after 2 (2 calls for the
-largest). This is what speedups.onednn_faster decides from, shape by shape, on the machine a run trains on.
+(tiny, the reference student; small; base) at 256, 1024 and 2048 rows, the milliseconds of each product of
+speedups.PRODUCTS (a linear layer's forward, input gradient and weight gradient, and the fused head's weight gradient,
+on oneDNN by blocks) on each library: the best of 5 calls after 2 (2 calls for the largest). This is what
+speedups.onednn_faster decides from, shape by shape, on the machine a run trains on.
 """
 
 from __future__ import annotations
