@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         mkl = best_time(lambda: a @ b.T, 5, WARMUPS)
         onednn = best_time(lambda: onednn_mm_t(a, b), 5, WARMUPS)
         print(f"  {n}: MKL {2 * n**3 / mkl / 1e9:.1f}, oneDNN {2 * n**3 / onednn / 1e9:.1f}")
-    print("| shape | rows | in | out | " + " | ".join(f"{p} MKL · oneDNN ms" for p in PRODUCTS) + " | MKL / oneDNN, all three |")
+    print("| shape | rows | in | out | " + " | ".join(f"{p} MKL · oneDNN ms" for p in PRODUCTS) + " | MKL / oneDNN, all products |")
     print("|---|---|---|---|" + "---|" * (len(PRODUCTS) + 1))
     for name, shape in RANDOM_CONFIGS.items():
         d_model, d_ff, inner = shape["d_model"], shape["d_ff"], shape["num_heads"] * shape["d_kv"]
