@@ -41,6 +41,7 @@ import platform
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -303,8 +304,9 @@ class StackBias:
     """create_position_bias_mask's additive mask for a padding mask, made once for all the layers of a stack's
     forward instead of once a layer: T5Stack (and fast_loss.packed_stack) give every layer the same position_bias
     and attention_mask tensors, and the mask, rows x heads x queries x keys floats, costs a pass over memory each
-    time it is made. The last mask is reused while it is asked for from the very same tensors, which this holds, so
-    that neither can be freed and a new one take its place."""
+    time it is made. The last mask is reused while it is asked for from the very same tensors, which this refers to
+    weakly: once the stack's forward drops either, the mask goes too (it is not held into training after an
+    evaluation), and a new tensor never passes for a freed one."""
 
     def __init__(self):
         self.made_from: tuple | None = None
@@ -312,13 +314,19 @@ class StackBias:
 
     def __call__(self, position_bias: torch.Tensor, attention_mask: torch.Tensor, query: torch.Tensor,
                  key: torch.Tensor) -> torch.Tensor:
-        made_from = (position_bias, attention_mask, query.shape[2], key.shape[2])
         last = self.made_from
-        if last is None or last[0] is not position_bias or last[1] is not attention_mask or last[2:] != made_from[2:]:
-            self.made_from = self.bias = None  # the old tensors go before the new mask is made
+        if (last is None or last[0]() is not position_bias or last[1]() is not attention_mask
+                or last[2:] != (query.shape[2], key.shape[2])):
+            self.forget()  # the old mask goes before the new one is made
             self.bias = create_position_bias_mask(position_bias, attention_mask, False, query, key)
-            self.made_from = made_from
+            self.made_from = (weakref.ref(position_bias, self.forget), weakref.ref(attention_mask, self.forget),
+                              query.shape[2], key.shape[2])
         return self.bias
+
+    def forget(self, freed: weakref.ref | None = None) -> None:
+        """Drop the mask: asked for, or as one of the tensors it was made from is freed (not an older one's)."""
+        if freed is None or (self.made_from is not None and any(freed is ref for ref in self.made_from[:2])):
+            self.made_from = self.bias = None
 
 
 stack_bias = StackBias()

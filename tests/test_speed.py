@@ -869,8 +869,9 @@ def test_t5_attention_makes_a_stacks_mask_once_in_evaluation(tokenizer, model, m
         got = model.get_encoder()(**inputs).last_hidden_state
         assert len(made) == 1, f"one mask for {layers} layers, {len(made)} made"
         real = inputs["attention_mask"].bool()
+        assert speedups.stack_bias.bias is None, "nothing held once the stack's forward has returned"
         packed = fast_loss.encoder_states(model, inputs["input_ids"], inputs["attention_mask"])
-        assert len(made) == 2
+        assert len(made) == 2 and speedups.stack_bias.bias is None
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[real], expected[real], rtol=1e-5, atol=1e-5)
     made.clear()
