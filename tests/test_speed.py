@@ -140,7 +140,8 @@ def test_packed_passes_look_up_a_shared_embedding_once(tokenizer, model, monkeyp
         model.decoder.embed_tokens = copy.deepcopy(model.shared)
     lookups, stock_embedding = [], F.embedding
     monkeypatch.setattr(F, "embedding", lambda ids, weight, *args: lookups.append(weight) or stock_embedding(ids, weight, *args))
-    views, weights = (lambda inputs: [inputs["pred"], inputs["expl"]])(batch(tokenizer, "task_prefix")), [0.3, 0.7]
+    inputs = batch(tokenizer, "task_prefix")
+    views, weights = [inputs["pred"], inputs["expl"]], [0.3, 0.7]
     got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
     encoder, decoder = model.encoder.embed_tokens.weight, model.decoder.embed_tokens.weight
     token_lookups = [id(weight) for weight in lookups if id(weight) in (id(encoder), id(decoder))]  # not the biases'
