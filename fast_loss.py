@@ -7,8 +7,9 @@ own longest row, and keeps [tokens, vocabulary] logits for backward. These compu
 rounding, with less work:
 
 - grouped_loss (seq2seq students with T5's layout): one encoder pass for both views' rows, one decoder pass per
-  view, each trimmed to the rows' real length; for T5 and mT5 (packed_tokens), each pass on the rows' real tokens
-  only, packed, with attention alone on the padded grid, and the passes' tokens embedded in one lookup;
+  view, each trimmed to the rows' real length; for T5 and mT5 (packed_tokens), on the rows' real tokens only,
+  packed, with attention alone on the padded grid, the views' decoder passes in one (each view attending on a grid
+  of its own), and the passes' tokens embedded in one lookup;
 - causal_grouped_loss (decoder-only students): one pass per view, trimmed likewise;
 - lm_head_loss / LMHeadLoss (both): the lm_head and the cross-entropy fused and chunked, at target positions only,
   the gradients computed in the forward pass, so no [tokens, vocabulary] tensor is kept.
@@ -65,6 +66,7 @@ class Packing:
     def __init__(self, mask: torch.Tensor):
         self.rows, self.length = mask.shape
         self.index = mask.flatten().nonzero().squeeze(1)
+        self.tokens = len(self.index)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         return padded.reshape(self.rows * self.length, -1).index_select(0, self.index)
@@ -89,46 +91,60 @@ def packed_tokens_apply(model) -> bool:
     )
 
 
-def packed_attention(attention, hidden, packing: Packing, mask, position_bias, source=None, source_packing=None):
-    """A T5Attention module's output for packed rows: its four projections on real tokens only, the scores on the
-    padded grid, by the attention function the model is configured with (as T5Attention.forward calls it).
-    source (packed) and source_packing: the encoder states a cross-attention attends to."""
+def packed_attention(attention, hidden, groups: list[Packing], masks: list, position_biases: list, source=None,
+                     source_groups: list[Packing] | None = None):
+    """A T5Attention module's output for packed tokens: its four projections on all real tokens at once, the scores
+    on each group's padded grid, by the attention function the model is configured with (as T5Attention.forward
+    calls it). hidden's tokens are groups' tokens one group after another; each group attends within itself, with
+    its mask and position bias (None: none, as cross-attention, whose zeros T5Attention makes). source (packed,
+    grouped alike by source_groups): the encoder states a cross-attention attends to, group by group."""
     heads, width = attention.n_heads, attention.key_value_proj_dim
     if source is None:
-        source, source_packing = hidden, packing
+        source, source_groups = hidden, groups
 
     def grid(states, layout):  # [tokens, heads * width] -> [rows, heads, length, width]
         return layout.pad(states).view(layout.rows, layout.length, heads, width).transpose(1, 2)
 
-    query = grid(attention.q(hidden), packing)
-    key, value = grid(attention.k(source), source_packing), grid(attention.v(source), source_packing)
-    if position_bias is None:  # no relative bias (cross-attention): zeros, as T5Attention makes
-        position_bias = torch.zeros((1, heads, packing.length, source_packing.length), device=query.device,
-                                    dtype=query.dtype)
+    source_tokens = [group.tokens for group in source_groups]
+    queries = attention.q(hidden).split([group.tokens for group in groups])
+    keys, values = attention.k(source).split(source_tokens), attention.v(source).split(source_tokens)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, None)
-    output, _ = interface(attention, query, key, value, mask, dropout=attention.dropout if attention.training else 0.0,
-                          scaling=attention.scaling, position_bias=position_bias)
-    return attention.o(packing.pack(output))  # output: [rows, length, heads, width]
+    outputs = []
+    for query, key, value, packing, source_packing, mask, position_bias in zip(
+            queries, keys, values, groups, source_groups, masks, position_biases):
+        query, key, value = grid(query, packing), grid(key, source_packing), grid(value, source_packing)
+        if position_bias is None:
+            position_bias = torch.zeros((1, heads, packing.length, source_packing.length), device=query.device,
+                                        dtype=query.dtype)
+        output, _ = interface(attention, query, key, value, mask,
+                              dropout=attention.dropout if attention.training else 0.0, scaling=attention.scaling,
+                              position_bias=position_bias)
+        outputs.append(packing.pack(output))  # output: [rows, length, heads, width]
+    return attention.o(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
 
 
-def packed_stack(stack, embedded, packing: Packing, mask, source=None, source_packing=None, source_mask=None):
+def packed_stack(stack, embedded, groups: list[Packing], masks: list, source=None,
+                 source_groups: list[Packing] | None = None, source_masks: list | None = None):
     """T5Stack.forward in training, without cache, on packed tokens: the last hidden states [tokens, d_model] of the
-    rows' real tokens, from their embeddings (embedded: [tokens, d_model]). Embeddings, layer norms, feed-forward
-    layers, dropout and residual sums are per token, so they run on real tokens only; attention runs on the padded
-    grid, where padding is masked (encoder and cross-attention: mask [rows, 1, 1, length] True at real tokens) or
-    comes after every real query (decoder: causal, mask None). Each real token's value is the padded forward's up to
-    float rounding (padding never reaches a real token)."""
+    rows' real tokens, from their embeddings (embedded: [tokens, d_model], groups' tokens one group after another).
+    Embeddings, layer norms, feed-forward layers, dropout, residual sums and the attention projections are per
+    token, so they run on real tokens only, all groups at once; attention runs on each group's padded grid, where
+    padding is masked (encoder and cross-attention: mask [rows, 1, 1, length] True at real tokens) or comes after
+    every real query (decoder: causal, mask None). Groups let rows of different shapes share one pass: the
+    decoder's views, each with its own target length and its own encoder rows (source_groups). Each real token's
+    value is the padded forward's up to float rounding (padding never reaches a real token)."""
     hidden = stack.dropout(embedded)
     first = stack.block[0].layer[0].SelfAttention
-    position_bias = first.compute_bias(packing.length, packing.length, device=embedded.device)
+    position_biases = [first.compute_bias(group.length, group.length, device=embedded.device) for group in groups]
     for block in stack.block:
         attention = block.layer[0]
         hidden = hidden + attention.dropout(packed_attention(
-            attention.SelfAttention, attention.layer_norm(hidden), packing, mask, position_bias))
+            attention.SelfAttention, attention.layer_norm(hidden), groups, masks, position_biases))
         if source is not None:
             cross = block.layer[1]
             hidden = hidden + cross.dropout(packed_attention(
-                cross.EncDecAttention, cross.layer_norm(hidden), packing, source_mask, None, source, source_packing))
+                cross.EncDecAttention, cross.layer_norm(hidden), groups, source_masks, [None] * len(groups), source,
+                source_groups))
         hidden = block.layer[-1](hidden)  # T5LayerFF: layer norm, feed-forward, dropout, residual
     return stack.dropout(stack.final_layer_norm(hidden))
 
@@ -142,7 +158,7 @@ def encoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     real = attention_mask.bool()
     packing = Packing(real)
     embedded = model.encoder.embed_tokens(input_ids.flatten()[packing.index])
-    return packing.pad(packed_stack(model.encoder, embedded, packing, real[:, None, None, :]))
+    return packing.pad(packed_stack(model.encoder, embedded, [packing], [real[:, None, None, :]]))
 
 
 def embedded_tokens(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -160,29 +176,28 @@ def embedded_tokens(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
     """seq2seq_target_states's passes on packed tokens (packed_stack): no projection, feed-forward layer or
-    elementwise op runs on padding."""
+    elementwise op runs on padding, and the views' decoder passes are one, each view a group of its own (its target
+    length, its rows' encoder states): one product a layer for all views' target tokens, whose weight gradient sums
+    over them, instead of a product a view and a sum of the views' weight gradients."""
     input_ids, attention_mask, input_lengths = grouped_inputs(views)
     real = attention_mask[:, : int(input_lengths.max())].bool()
     packing = Packing(real)
     labels = [view["labels"][:, : int(used_lengths(view["labels"] != LABEL_PAD).max())] for view in views]
     keeps = [view_labels != LABEL_PAD for view_labels in labels]
     decoded = [Packing(keep) for keep in keeps]
-    shifted = [model._shift_right(view_labels).flatten()[view_packing.index]
-               for view_labels, view_packing in zip(labels, decoded)]
-    embedded = embedded_tokens(model, [input_ids[:, : packing.length].flatten()[packing.index], *shifted])
-    encoded = packed_stack(model.encoder, embedded[0], packing, real[:, None, None, :])
-
-    hidden = []
-    row, token = 0, 0
-    for view_labels, view_embedded, view_packing in zip(labels, embedded[1:], decoded):
+    shifted = torch.cat([model._shift_right(view_labels).flatten()[view_packing.index]
+                         for view_labels, view_packing in zip(labels, decoded)])
+    embedded, decoder_embedded = embedded_tokens(model, [input_ids[:, : packing.length].flatten()[packing.index],
+                                                         shifted])
+    encoded = packed_stack(model.encoder, embedded, [packing], [real[:, None, None, :]])
+    source_masks, row = [], 0
+    for view_labels in labels:  # each view's rows, trimmed to their longest input
         rows = slice(row, row + view_labels.shape[0])
-        source_mask = real[rows, : int(input_lengths[rows].max())]
-        source_tokens = int(source_mask.sum())
-        hidden.append(packed_stack(model.decoder, view_embedded, view_packing, None,
-                                   encoded[token : token + source_tokens], Packing(source_mask),
-                                   source_mask[:, None, None, :]))
-        row, token = rows.stop, token + source_tokens
-    return torch.cat(hidden), torch.cat([view_labels[keep] for view_labels, keep in zip(labels, keeps)]), keeps
+        source_masks.append(real[rows, : int(input_lengths[rows].max())])
+        row = rows.stop
+    hidden = packed_stack(model.decoder, decoder_embedded, decoded, [None] * len(views), encoded,
+                          [Packing(mask) for mask in source_masks], [mask[:, None, None, :] for mask in source_masks])
+    return hidden, torch.cat([view_labels[keep] for view_labels, keep in zip(labels, keeps)]), keeps
 
 
 def seq2seq_target_states(model, views: list[dict[str, torch.Tensor]]):

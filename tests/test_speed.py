@@ -131,11 +131,23 @@ def test_packed_tokens_skip_padding_and_keep_the_padded_values(tokenizer, model,
         assert (grad - expected_grads[name]).norm() / expected_grads[name].norm() < 1e-5, name
 
 
+def test_packed_decoder_runs_both_views_in_one_pass(tokenizer, model):
+    """The views' decoder passes are one: each decoder layer runs once on both views' target tokens, though the
+    views differ in target length and attend to different encoder rows (their values: the test above)."""
+    views = [batch(tokenizer, "task_prefix")[view] for view in ("pred", "expl")]
+    calls = []
+    model.decoder.block[0].layer[-1].register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    hidden, targets, keeps = fast_loss.packed_target_states(model, views)
+    assert keeps[0].shape[1] != keeps[1].shape[1]
+    assert calls == [(len(targets), model.config.d_model)] == [tuple(hidden.shape)]
+    assert len(targets) == sum(int(keep.sum()) for keep in keeps)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_packed_passes_look_up_a_shared_embedding_once(tokenizer, model, monkeypatch, shared):
-    """Encoder and decoders sharing T5's embedding: one lookup for all three passes' tokens, so its backward makes one
-    vocabulary-sized gradient; with separate embeddings, one lookup a pass. The loss and every gradient equal the
-    padded passes' either way."""
+    """Encoder and decoder sharing T5's embedding: one lookup for both passes' tokens (the decoder's pass takes both
+    views), so its backward makes one vocabulary-sized gradient; with separate embeddings, one lookup a stack. The
+    loss and every gradient equal the padded passes' either way."""
     if not shared:
         model.decoder.embed_tokens = copy.deepcopy(model.shared)
     lookups, stock_embedding = [], F.embedding
@@ -145,7 +157,7 @@ def test_packed_passes_look_up_a_shared_embedding_once(tokenizer, model, monkeyp
     got, grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
     encoder, decoder = model.encoder.embed_tokens.weight, model.decoder.embed_tokens.weight
     token_lookups = [id(weight) for weight in lookups if id(weight) in (id(encoder), id(decoder))]  # not the biases'
-    assert token_lookups == ([id(encoder)] if shared else [id(encoder)] + 2 * [id(decoder)])
+    assert token_lookups == ([id(encoder)] if shared else [id(encoder), id(decoder)])
     monkeypatch.setattr(F, "embedding", stock_embedding)
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, "packed_tokens")
     expected, expected_grads = loss_and_grads(model, lambda: grouped_loss(model, views, weights))
