@@ -161,17 +161,17 @@ def encoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return packing.pad(packed_stack(model.encoder, embedded, [packing], [real[:, None, None, :]]))
 
 
-def embedded_tokens(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The encoder's embeddings of ids[0] and the decoder's of the rest: where the two stacks' embeddings are alike
-    and share their weight (T5's `shared`), in one lookup, whose backward is one vocabulary-sized gradient instead of
-    one a lookup, each zero-filled and then summed into the weight's."""
+def embedded_tokens(model, encoder_ids: torch.Tensor, decoder_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's embeddings of encoder_ids and the decoder's of decoder_ids: where the two stacks' embeddings are
+    alike and share their weight (T5's `shared`), in one lookup, whose backward is one vocabulary-sized gradient
+    instead of two, each zero-filled and then summed into the weight's."""
     encoder, decoder = model.encoder.embed_tokens, model.decoder.embed_tokens
     alike = (type(encoder) is type(decoder) and encoder.weight is decoder.weight
              and encoder.extra_repr() == decoder.extra_repr() and not decoder._forward_hooks
              and not decoder._forward_pre_hooks)
     if not alike:
-        return [encoder(ids[0])] + [decoder(tokens) for tokens in ids[1:]]
-    return list(encoder(torch.cat(ids)).split([len(tokens) for tokens in ids]))
+        return encoder(encoder_ids), decoder(decoder_ids)
+    return encoder(torch.cat([encoder_ids, decoder_ids])).split([len(encoder_ids), len(decoder_ids)])
 
 
 def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
@@ -187,8 +187,8 @@ def packed_target_states(model, views: list[dict[str, torch.Tensor]]):
     decoded = [Packing(keep) for keep in keeps]
     shifted = torch.cat([model._shift_right(view_labels).flatten()[view_packing.index]
                          for view_labels, view_packing in zip(labels, decoded)])
-    embedded, decoder_embedded = embedded_tokens(model, [input_ids[:, : packing.length].flatten()[packing.index],
-                                                         shifted])
+    embedded, decoder_embedded = embedded_tokens(model, input_ids[:, : packing.length].flatten()[packing.index],
+                                                 shifted)
     encoded = packed_stack(model.encoder, embedded, [packing], [real[:, None, None, :]])
     source_masks, row = [], 0
     for view_labels in labels:  # each view's rows, trimmed to their longest input
