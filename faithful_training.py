@@ -118,6 +118,15 @@ class OriginalAdamW(torch.optim.AdamW):
     a gradient). Weight decay (0 in the original and here) would still differ: 4.30 decays the updated weights.
     """
 
+    def divide_next_step_gradients(self, divisor: torch.Tensor) -> None:
+        """Have the next step divide every gradient by divisor (a one-element tensor) before its update, in the fused
+        kernel's own pass over them: its grad_scale, which the kernel divides by and writes back, as it does for
+        GradScaler's unscaling. The trainer's clipping (model_utils.TaskPrefixTrainer._clip_grad_norm) uses it
+        instead of a pass of its own. Fused kernel only, and not beside a GradScaler, which sets grad_scale itself."""
+        if not self.defaults.get("fused"):
+            raise ValueError("only the fused AdamW kernel divides the gradients in its step")
+        self._next_divisor = divisor
+
     def step(self, closure=None):
         for group in self.param_groups:
             eps = group.setdefault(EPS_ON_RAW_MOMENT, group["eps"])
@@ -125,4 +134,11 @@ class OriginalAdamW(torch.optim.AdamW):
                 group[STEPS_TAKEN] = next((int(self.state[p]["step"]) for p in group["params"] if self.state[p]), 0)
             group[STEPS_TAKEN] += 1
             group["eps"] = eps / math.sqrt(1.0 - group["betas"][1] ** group[STEPS_TAKEN])
-        return super().step(closure)
+        divisor = self.__dict__.pop("_next_divisor", None)
+        if divisor is None:
+            return super().step(closure)
+        self.grad_scale = divisor  # torch's Adam.step hands the attribute to the fused kernel
+        try:
+            return super().step(closure)
+        finally:
+            del self.grad_scale

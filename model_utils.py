@@ -27,7 +27,8 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from faithful_training import EpochOfStream, OriginalAdamW, OriginalBatchOrder
 from recovery import ReadableBest, fall_back_to_readable_best
-from speedups import decoding_cache, drop_finished_applies, enabled, generate_dropping_finished, return_freed_memory
+from speedups import (decoding_cache, drop_finished_applies, enabled, generate_dropping_finished, gradient_norm,
+                      return_freed_memory)
 from views import VIEWS
 
 if TYPE_CHECKING:
@@ -251,6 +252,22 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
             and len(set(getattr(model, "hf_device_map", {}).values())) <= 1
             and enabled("grouped_loss")
         )
+
+    def _clip_grad_norm(self, model) -> torch.Tensor:
+        """The Trainer's clipping, each gradient times min(1, max_grad_norm / (norm + 1e-6)) as clip_grad_norm_
+        computes it, with the scaling left to the fused AdamW step that follows (fused_clip): it divides the gradients
+        by the inverse in the pass over them it makes anyway, instead of a pass of their own. Callbacks between the
+        two (on_pre_optimizer_step) see the gradients unclipped; the step writes them back clipped. Where the step
+        cannot do it (another optimizer, a GradScaler, DeepSpeed, FSDP, gradients on several device meshes) or
+        fused_clip is off, the Trainer's own. Returns the norm before clipping."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's AcceleratedOptimizer
+        if not (enabled("fused_clip") and isinstance(optimizer, OriginalAdamW) and optimizer.defaults.get("fused")
+                and self.accelerator.scaler is None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+                and not self._has_mixed_mesh_grads(model)):
+            return super()._clip_grad_norm(model)
+        norm = gradient_norm([p.grad for p in model.parameters() if p.grad is not None])
+        optimizer.divide_next_step_gradients(((norm.float() + 1e-6) / self.args.max_grad_norm).clamp(min=1.0))
+        return norm
 
     def _load_best_model(self) -> None:
         """The selected model, from the best checkpoint or, where its weights cannot be read (damaged after it was

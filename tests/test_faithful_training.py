@@ -114,6 +114,34 @@ def test_adamw_does_the_originals_arithmetic(kernel):
     assert (torch_adamw[0] - expected[0]).abs().max() > 0.05 * moved[0], "the test must tell the two eps apart"
 
 
+def test_adamw_divides_the_next_steps_gradients_in_its_own_pass():
+    generator = torch.Generator().manual_seed(1)
+    weights = [torch.randn(64, 32, generator=generator), torch.randn(300, generator=generator)]
+    gradients = [[torch.randn(w.shape, generator=generator) for w in weights] for _ in range(3)]
+    settings = dict(lr=5e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
+    divisor = torch.tensor(7.0)
+    divided = [[g / divisor if t == 1 else g for g in step] for t, step in enumerate(gradients)]
+    expected = run_optimizer(OriginalAdamW, weights, divided, **settings)
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    optimizer = OriginalAdamW(params, **settings)
+    for t, step_gradients in enumerate(gradients):
+        for p, g in zip(params, step_gradients):
+            p.grad = g.clone()
+        if t == 1:  # the second step only: the divisor is not kept for the third
+            optimizer.divide_next_step_gradients(divisor)
+        optimizer.step()
+        if t == 1:
+            assert all(torch.allclose(p.grad, g / divisor) for p, g in zip(params, step_gradients)), \
+                "the step writes the divided gradients back, as clipping leaves them"
+            assert not hasattr(optimizer, "grad_scale")
+    for got, want in zip(params, expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+    plain = [run_optimizer(OriginalAdamW, weights, gradients, **settings)[0]]
+    assert (plain[0] - expected[0]).abs().max() > 1e-4, "the test must tell a divided step from a plain one"
+    with pytest.raises(ValueError, match="fused"):
+        OriginalAdamW(params, foreach=True).divide_next_step_gradients(divisor)
+
+
 def tiny_args(**overrides) -> TrainingConfig:
     defaults = dict(no_log=True, report_to=["none"], eval_steps=1000, save_total_limit=2, select_on="test", lr=1e-3,
                     optimizer_name="AdamW", max_steps=2, batch_size=4, eval_batch_size=None, grad_steps=1, seed=0,
@@ -197,6 +225,65 @@ def test_accumulation_averages_micro_batch_gradients_across_an_epoch_end(tiny_t5
             # The trainer's fused loss rounds otherwise than one_pass_per_view: a few 1e-7 of the largest entries.
             scale = summed.abs().max().item() / 2
             torch.testing.assert_close(accumulated, summed / 2, rtol=1e-4, atol=1e-5 * scale)
+
+
+class KeepStepNorms(TrainerCallback):
+    """The gradients' norm as each optimizer step leaves them, and the weights after the run."""
+
+    def __init__(self):
+        self.norms: list[float] = []
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+
+
+def clipped_run(tiny_t5, tiny_rows, folder, monkeypatch, max_grad_norm: float, disabled: str = ""):
+    """Three steps of the tiny trainer at max_grad_norm: the norms the trainer clipped by, the gradients' norms after
+    each step, the weights after the run, and how often accelerate's clip_grad_norm_ (the Trainer's own) ran."""
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, disabled)
+    trainer, _ = tiny_trainer(tiny_t5, tiny_rows, folder, max_steps=3, lr=1e-2)
+    trainer.args.max_grad_norm = max_grad_norm
+    clipped_by, stock_calls, after = [], [], KeepStepNorms()
+    clip = trainer._clip_grad_norm
+    trainer._clip_grad_norm = lambda model: clipped_by.append(clip(model)) or clipped_by[-1]
+    stock = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: stock_calls.append(1) or stock(*a, **k)
+    trainer.add_callback(after)
+    trainer.train()
+    return ([float(n) for n in clipped_by], after.norms, [p.detach().clone() for p in trainer.model.parameters()],
+            len(stock_calls))
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-2, 1e4])  # clipping at every step, and never
+def test_clipping_in_the_adamw_step_trains_as_the_trainers_own_clipping(max_grad_norm, tiny_t5, tiny_rows, tmp_path,
+                                                                      monkeypatch):
+    norms, after, weights, stock_calls = clipped_run(tiny_t5, tiny_rows, tmp_path / "a", monkeypatch, max_grad_norm)
+    assert stock_calls == 0, "fused_clip: the Trainer's clip_grad_norm_ does not run"
+    want_norms, want_after, want_weights, want_calls = clipped_run(tiny_t5, tiny_rows, tmp_path / "b", monkeypatch,
+                                                                   max_grad_norm, disabled="fused_clip")
+    assert want_calls == 3
+    assert norms == pytest.approx(want_norms, rel=1e-5)
+    assert after == pytest.approx(want_after, rel=1e-5)
+    assert after == pytest.approx([min(n, max_grad_norm) for n in norms], rel=1e-5)
+    for got, want in zip(weights, want_weights):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if max_grad_norm < 1:
+        assert all(n > 10 * max_grad_norm for n in norms), "every step clipped"
+        _, _, unclipped, _ = clipped_run(tiny_t5, tiny_rows, tmp_path / "c", monkeypatch, 0.0)
+        assert max((a - b).abs().max() for a, b in zip(unclipped, weights)) > 1e-4, \
+            "the test must tell clipped training from unclipped"
+
+
+@pytest.mark.parametrize("optimizer_name, disabled", [("AdamW", "fused_adamw"), ("Adafactor", "")])
+def test_clipping_stays_the_trainers_where_the_step_cannot_scale(optimizer_name, disabled, tiny_t5, tiny_rows,
+                                                                   tmp_path, monkeypatch):
+    monkeypatch.setenv(speedups.DISABLE_VARIABLE, disabled)
+    trainer, _ = tiny_trainer(tiny_t5, tiny_rows, tmp_path, max_steps=1, optimizer_name=optimizer_name)
+    stock_calls = []
+    stock = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: stock_calls.append(1) or stock(*a, **k)
+    trainer.train()
+    assert stock_calls == [1]
 
 
 def losses_and_weights(tiny_t5, tiny_rows, folder, run: int):
