@@ -136,8 +136,8 @@ def test_adamw_divides_the_next_steps_gradients_in_its_own_pass():
             assert not hasattr(optimizer, "grad_scale")
     for got, want in zip(params, expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
-    plain = [run_optimizer(OriginalAdamW, weights, gradients, **settings)[0]]
-    assert (plain[0] - expected[0]).abs().max() > 1e-4, "the test must tell a divided step from a plain one"
+    plain = run_optimizer(OriginalAdamW, weights, gradients, **settings)[0]
+    assert (plain - expected[0]).abs().max() > 1e-4, "the test must tell a divided step from a plain one"
     with pytest.raises(ValueError, match="fused"):
         OriginalAdamW(params, foreach=True).divide_next_step_gradients(divisor)
 
@@ -228,7 +228,7 @@ def test_accumulation_averages_micro_batch_gradients_across_an_epoch_end(tiny_t5
 
 
 class KeepStepNorms(TrainerCallback):
-    """The gradients' norm as each optimizer step leaves them, and the weights after the run."""
+    """The gradients' norm as each optimizer step leaves them."""
 
     def __init__(self):
         self.norms: list[float] = []
@@ -237,17 +237,23 @@ class KeepStepNorms(TrainerCallback):
         self.norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
 
 
+def count_stock_clipping(trainer) -> list:
+    """A list that grows by one at every call of accelerate's clip_grad_norm_, the Trainer's own clipping."""
+    calls = []
+    stock = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: calls.append(1) or stock(*a, **k)
+    return calls
+
+
 def clipped_run(tiny_t5, tiny_rows, folder, monkeypatch, max_grad_norm: float, disabled: str = ""):
     """Three steps of the tiny trainer at max_grad_norm: the norms the trainer clipped by, the gradients' norms after
     each step, the weights after the run, and how often accelerate's clip_grad_norm_ (the Trainer's own) ran."""
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, disabled)
     trainer, _ = tiny_trainer(tiny_t5, tiny_rows, folder, max_steps=3, lr=1e-2)
     trainer.args.max_grad_norm = max_grad_norm
-    clipped_by, stock_calls, after = [], [], KeepStepNorms()
+    clipped_by, stock_calls, after = [], count_stock_clipping(trainer), KeepStepNorms()
     clip = trainer._clip_grad_norm
     trainer._clip_grad_norm = lambda model: clipped_by.append(clip(model)) or clipped_by[-1]
-    stock = trainer.accelerator.clip_grad_norm_
-    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: stock_calls.append(1) or stock(*a, **k)
     trainer.add_callback(after)
     trainer.train()
     return ([float(n) for n in clipped_by], after.norms, [p.detach().clone() for p in trainer.model.parameters()],
@@ -279,9 +285,7 @@ def test_clipping_stays_the_trainers_where_the_step_cannot_scale(optimizer_name,
                                                                    tmp_path, monkeypatch):
     monkeypatch.setenv(speedups.DISABLE_VARIABLE, disabled)
     trainer, _ = tiny_trainer(tiny_t5, tiny_rows, tmp_path, max_steps=1, optimizer_name=optimizer_name)
-    stock_calls = []
-    stock = trainer.accelerator.clip_grad_norm_
-    trainer.accelerator.clip_grad_norm_ = lambda *a, **k: stock_calls.append(1) or stock(*a, **k)
+    stock_calls = count_stock_clipping(trainer)
     trainer.train()
     assert stock_calls == [1]
 
