@@ -118,12 +118,17 @@ class OriginalAdamW(torch.optim.AdamW):
     a gradient). Weight decay (0 in the original and here) would still differ: 4.30 decays the updated weights.
     """
 
+    @property
+    def divides_in_step(self) -> bool:
+        """Whether divide_next_step_gradients applies: the fused kernel, which takes a grad_scale."""
+        return bool(self.defaults.get("fused"))
+
     def divide_next_step_gradients(self, divisor: torch.Tensor) -> None:
         """Have the next step divide every gradient by divisor (a one-element tensor) before its update, in the fused
         kernel's own pass over them: its grad_scale, which the kernel divides by and writes back, as it does for
         GradScaler's unscaling. The trainer's clipping (model_utils.TaskPrefixTrainer._clip_grad_norm) uses it
         instead of a pass of its own. Fused kernel only, and not beside a GradScaler, which sets grad_scale itself."""
-        if not self.defaults.get("fused"):
+        if not self.divides_in_step:
             raise ValueError("only the fused AdamW kernel divides the gradients in its step")
         self._next_divisor = divisor
 

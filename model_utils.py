@@ -261,7 +261,7 @@ class TaskPrefixTrainer(Seq2SeqTrainer):
         cannot do it (another optimizer, a GradScaler, DeepSpeed, FSDP, gradients on several device meshes) or
         fused_clip is off, the Trainer's own. Returns the norm before clipping."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's AcceleratedOptimizer
-        if not (enabled("fused_clip") and isinstance(optimizer, OriginalAdamW) and optimizer.defaults.get("fused")
+        if not (enabled("fused_clip") and isinstance(optimizer, OriginalAdamW) and optimizer.divides_in_step
                 and self.accelerator.scaler is None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
                 and not self._has_mixed_mesh_grads(model)):
             return super()._clip_grad_norm(model)
